@@ -1,0 +1,195 @@
+"""Build small random-weight reward checkpoints in the Hugging Face layout.
+
+The demo checkpoint lets `make serve` and the tests run without downloading weights: a
+Llama (or Qwen2) decoder with a reward head, a byte-level BPE tokenizer trained here on a
+generated corpus, and a chat template in the style of the architecture's instruct models.
+Its scores are meaningless; only the plumbing is real.
+
+Everything is deterministic for a given seed, so two builds with the same arguments write
+the same weights and the same tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+_LOGGER = logging.getLogger(__name__)
+
+# Llama-3 style: BOS comes from the template, every turn ends with <|eot_id|>.
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{{ message['content'] | trim }}<|eot_id|>"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                   "<|end_header_id|>", "<|eot_id|>", "<|pad|>"]
+
+# ChatML, as Qwen2 uses it: no BOS token at all.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CHATML_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """Transformer dimensions of one demo size."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+
+
+SIZES = {
+    "tiny": ModelSize(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=2048),
+    # ~25M non-embedding parameters: the benchmark model of DESIGN.md.
+    "small": ModelSize(hidden=512, layers=8, heads=8, kv_heads=8, intermediate=1408, vocab=32000),
+}
+
+ARCHITECTURES = ("llama", "qwen2")
+HEADS = ("sequence_classification", "lm_logits")
+
+_SYLLABLES = ["ka", "ri", "to", "mel", "sa", "un", "pe", "lo", "vi", "dra", "ne", "sho", "qu",
+              "am", "bor", "ti", "ex", "ga", "lu", "fen", "or", "is", "zy", "wa", "che", "mo"]
+_EXTRA_TEXT = ["Grüße aus München", "naïve café", "日本語のテキスト", "Привет, мир",
+               "emoji 🙂 ok", "x = f(y) + 2", "def score(r): return r", "1, 2, 3... 42!"]
+
+
+def _corpus(seed: int, lines: int) -> list[str]:
+    """Deterministic pseudo-text with a Zipf-like word distribution and some non-ASCII."""
+    rng = random.Random(seed)
+    words = ["".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 4))) for _ in range(6000)]
+    weights = [1.0 / (rank + 1) for rank in range(len(words))]
+    out = []
+    for _ in range(lines):
+        sentence = " ".join(rng.choices(words, weights, k=rng.randint(4, 24)))
+        if rng.random() < 0.1:
+            sentence += " " + rng.choice(_EXTRA_TEXT)
+        out.append(sentence.capitalize() + rng.choice([".", "?", "!", ":"]))
+    return out
+
+
+def build_tokenizer(arch: str, vocab_size: int, seed: int, pad_token: str | None = None):
+    """Train a byte-level BPE tokenizer and wrap it as a `PreTrainedTokenizerFast`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = LLAMA3_SPECIALS if arch == "llama" else CHATML_SPECIALS
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(_corpus(seed, 20000 if vocab_size > 4096 else 4000), trainer)
+
+    if arch == "llama":
+        bos = "<|begin_of_text|>"
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token="<|eot_id|>",
+                                       pad_token=pad_token or "<|pad|>")
+        fast.chat_template = LLAMA3_TEMPLATE
+    else:
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                       pad_token=pad_token or "<|endoftext|>")
+        fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def build_checkpoint(out_dir: str | Path, size: str = "tiny", arch: str = "llama",
+                     head: str = "sequence_classification", num_labels: int = 1,
+                     pad_token: str | None = None, seed: int = 0) -> Path:
+    """Write a random-weight reward checkpoint to `out_dir` and return its path.
+
+    Args:
+        out_dir: directory to create (or overwrite files in).
+        size: a key of `SIZES`.
+        arch: "llama" or "qwen2".
+        head: "sequence_classification" (a `score` head with `num_labels` outputs) or
+            "lm_logits" (a causal LM whose reward is read from logits at the final token).
+        num_labels: outputs of the classification head.
+        pad_token: override of the pad token (e.g. "<|eot_id|>" to mimic Llama-3 reward models
+            whose pad equals the end-of-turn token).
+        seed: seed for the corpus, the tokenizer and the weights.
+
+    Raises:
+        ValueError: for an unknown size, architecture or head.
+    """
+    import torch
+    import transformers
+
+    if size not in SIZES or arch not in ARCHITECTURES or head not in HEADS:
+        raise ValueError(f"unknown size/arch/head {size!r}/{arch!r}/{head!r}; "
+                         f"choose from {sorted(SIZES)}, {ARCHITECTURES}, {HEADS}")
+    dims = SIZES[size]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = build_tokenizer(arch, dims.vocab, seed, pad_token)
+    vocab = max(dims.vocab, len(tokenizer))
+    common = dict(vocab_size=vocab, hidden_size=dims.hidden, num_hidden_layers=dims.layers,
+                  num_attention_heads=dims.heads, num_key_value_heads=dims.kv_heads,
+                  intermediate_size=dims.intermediate, max_position_embeddings=4096,
+                  pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+                  num_labels=num_labels)
+    config_cls = transformers.LlamaConfig if arch == "llama" else transformers.Qwen2Config
+    config = config_cls(**common)
+    prefix = "Llama" if arch == "llama" else "Qwen2"
+    suffix = "ForSequenceClassification" if head == "sequence_classification" else "ForCausalLM"
+    model_cls = getattr(transformers, prefix + suffix)
+
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        # Default init gives rewards near 0.01; a wider head makes scores easier to read.
+        head_module = model.score if head == "sequence_classification" else model.lm_head
+        head_module.weight.normal_(0.0, 1.0 / dims.hidden ** 0.5)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    _LOGGER.info("wrote %s %s %s checkpoint (%d params) to %s", size, arch, head,
+                 sum(p.numel() for p in model.parameters()), out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry: `reward-server demo-checkpoint OUT_DIR [--size tiny|small]`."""
+    parser = argparse.ArgumentParser(prog="reward-server demo-checkpoint", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    run(parser.parse_args(argv))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the builder's options to `parser`."""
+    parser.add_argument("out_dir")
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--arch", choices=ARCHITECTURES, default="llama")
+    parser.add_argument("--head", choices=HEADS, default="sequence_classification")
+    parser.add_argument("--num-labels", type=int, default=1)
+    parser.add_argument("--pad-token", default=None)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Build the checkpoint described by parsed `args`."""
+    return build_checkpoint(args.out_dir, size=args.size, arch=args.arch, head=args.head,
+                            num_labels=args.num_labels, pad_token=args.pad_token, seed=args.seed)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    main()
