@@ -1,0 +1,214 @@
+"""Conversations to token ids: validation, the checkpoint's chat template, the length policy.
+
+This is the one place where a conversation becomes tokens. The server's preprocessing model,
+the benchmarks and the tests' reference checks all call `ChatEncoder`, so a score computed
+anywhere in the project starts from the same ids.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+ROLES = ("system", "user", "assistant")
+TRUNCATION_POLICIES = ("reject", "truncate_left")
+DEFAULT_MAX_LENGTH = 4096
+
+
+class ConversationError(ValueError):
+    """One conversation is invalid; `str(err)` says what and where, without the index."""
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids of one conversation, after the length policy."""
+
+    token_ids: list[int]
+    truncated: bool
+
+
+def parse_messages(raw: bytes | str | list) -> list[dict[str, str]]:
+    """Parse and validate one conversation: a JSON array of {"role", "content"} messages.
+
+    Raises:
+        ConversationError: malformed JSON, not a list, empty, a message that is not an object,
+            an unknown role, non-string content, or a last message not from the assistant.
+    """
+    if isinstance(raw, (bytes, bytearray)):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ConversationError(f"messages is not valid UTF-8 ({err.reason} at byte {err.start})") from None
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise ConversationError(f"messages is not valid JSON: {err.msg} at line {err.lineno} "
+                                    f"column {err.colno}") from None
+    if not isinstance(raw, list):
+        raise ConversationError(f"messages must be a JSON array of messages, got {type(raw).__name__}")
+    if not raw:
+        raise ConversationError("messages is empty: at least the assistant response is needed")
+    messages = []
+    for i, message in enumerate(raw):
+        if not isinstance(message, dict):
+            raise ConversationError(f"message {i} must be an object with role and content, "
+                                    f"got {type(message).__name__}")
+        role = message.get("role")
+        if role not in ROLES:
+            raise ConversationError(f"message {i} has unknown role {role!r}; expected one of {', '.join(ROLES)}")
+        content = message.get("content")
+        if not isinstance(content, str):
+            raise ConversationError(f"message {i} content must be a string, got {type(content).__name__}")
+        messages.append({"role": role, "content": content})
+    if messages[-1]["role"] != "assistant":
+        raise ConversationError(f"the last message (message {len(messages) - 1}) must be the assistant "
+                                f"response being scored, got role {messages[-1]['role']!r}")
+    return messages
+
+
+@dataclass(frozen=True)
+class LengthPolicy:
+    """What to do with a conversation longer than `max_length` tokens.
+
+    "reject" fails it with the token count and the limit; "truncate_left" drops the oldest
+    tokens (keeping a leading BOS) as long as the whole response still fits.
+    """
+
+    max_length: int = DEFAULT_MAX_LENGTH
+    truncation: str = "reject"
+
+    def __post_init__(self):
+        if self.truncation not in TRUNCATION_POLICIES:
+            raise ValueError(f"truncation must be one of {TRUNCATION_POLICIES}, got {self.truncation!r}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be at least 2, got {self.max_length}")
+
+    def apply(self, ids: list[int], keep_head: int, response_tokens: int | None) -> Encoded:
+        """Fit `ids` to the limit.
+
+        Args:
+            ids: the conversation's token ids.
+            keep_head: leading tokens that truncation must keep (1 for a BOS, else 0).
+            response_tokens: tokens at the end that must survive truncation (None: unknown,
+                only the length limit applies).
+
+        Raises:
+            ConversationError: the conversation is too long and cannot be truncated.
+        """
+        if len(ids) <= self.max_length:
+            return Encoded(ids, False)
+        if self.truncation == "reject":
+            raise ConversationError(f"conversation is {len(ids)} tokens, over the maximum length of "
+                                    f"{self.max_length} (truncation policy: reject)")
+        tail = self.max_length - keep_head
+        if response_tokens is not None and response_tokens > tail:
+            raise ConversationError(f"the response alone is {response_tokens} tokens; with the maximum length "
+                                    f"of {self.max_length} it cannot be kept whole by truncate_left")
+        return Encoded(ids[:keep_head] + ids[len(ids) - tail:], True)
+
+
+class ChatEncoder:
+    """Turns conversations into token ids with a checkpoint's tokenizer and chat template.
+
+    The template is rendered with `add_generation_prompt=False` (the response is part of the
+    conversation) and tokenised without the tokenizer's own special tokens; a BOS is then
+    ensured exactly once when the tokenizer would normally add one.
+    """
+
+    def __init__(self, tokenizer: Any, policy: LengthPolicy, chat_template: str | None = None):
+        self.tokenizer = tokenizer
+        self.policy = policy
+        if chat_template:
+            tokenizer.chat_template = chat_template
+        if not tokenizer.chat_template:
+            raise ValueError("the checkpoint's tokenizer has no chat template; pass one with chat_template")
+        self.vocab_size = len(tokenizer)
+        bos = tokenizer.bos_token_id
+        adds_bos = bos is not None and tokenizer("x", add_special_tokens=True).input_ids[:1] == [bos]
+        self._bos = bos if adds_bos else None
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | Path, max_length: int | None = None,
+                        truncation: str = "reject", chat_template: str | None = None) -> "ChatEncoder":
+        """Load the tokenizer of a local Hugging Face checkpoint.
+
+        Args:
+            checkpoint: checkpoint directory.
+            max_length: token limit; defaults to min(4096, the model's max_position_embeddings).
+            truncation: "reject" or "truncate_left".
+            chat_template: Jinja template overriding the checkpoint's.
+        """
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+        if max_length is None:
+            max_length = min(DEFAULT_MAX_LENGTH, _max_positions(checkpoint) or DEFAULT_MAX_LENGTH)
+        return cls(tokenizer, LengthPolicy(max_length, truncation), chat_template)
+
+    def _render(self, conversations: Sequence[list[dict]], generation_prompt: bool = False) -> list[list[int]]:
+        texts = self.tokenizer.apply_chat_template(list(conversations), tokenize=False,
+                                                   add_generation_prompt=generation_prompt)
+        batch = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        if self._bos is None:
+            return batch
+        out = []
+        for ids in batch:
+            start = 0
+            while start < len(ids) and ids[start] == self._bos:
+                start += 1
+            out.append([self._bos] + ids[start:])
+        return out
+
+    def encode(self, messages: list[dict]) -> list[int]:
+        """Token ids of one validated conversation, before the length policy."""
+        return self._render([messages])[0]
+
+    def encode_batch(self, conversations: Sequence[list[dict]]) -> list[Encoded | ConversationError]:
+        """Encode many validated conversations in one tokenizer call, applying the length policy.
+
+        Returns one `Encoded` or `ConversationError` per conversation, in order.
+        """
+        if not conversations:
+            return []
+        rendered = self._render(conversations)
+        results: list[Encoded | ConversationError] = []
+        for messages, ids in zip(conversations, rendered):
+            try:
+                results.append(self._fit(messages, ids))
+            except ConversationError as err:
+                results.append(err)
+        return results
+
+    def _fit(self, messages: list[dict], ids: list[int]) -> Encoded:
+        response_tokens = None
+        if len(ids) > self.policy.max_length and self.policy.truncation == "truncate_left":
+            # Only over-long conversations pay for rendering the prompt alone.
+            prompt = self._render([messages[:-1]], generation_prompt=True)[0] if len(messages) > 1 else []
+            response_tokens = len(ids) - len(prompt)
+        return self.policy.apply(ids, int(self._bos is not None), response_tokens)
+
+    def check_ids(self, ids: Sequence[int]) -> Encoded:
+        """Validate pre-tokenised ids (vocabulary range) and apply the length policy.
+
+        Raises:
+            ConversationError: empty, an id outside the vocabulary, or too long.
+        """
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise ConversationError("input_ids is empty")
+        bad = [i for i in ids if i < 0 or i >= self.vocab_size]
+        if bad:
+            raise ConversationError(f"input_ids holds {bad[0]}, outside the vocabulary [0, {self.vocab_size})")
+        return self.policy.apply(ids, int(self._bos is not None and ids[0] == self._bos), None)
+
+
+def _max_positions(checkpoint: str | Path) -> int | None:
+    config_path = Path(checkpoint) / "config.json"
+    if not config_path.exists():
+        return None
+    config = json.loads(config_path.read_text())
+    config = config.get("text_config", config)
+    return config.get("max_position_embeddings")
