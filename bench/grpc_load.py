@@ -1,0 +1,139 @@
+"""Closed-loop gRPC load against the `reward` ensemble with `tritonclient.grpc`.
+
+`concurrency` client threads, each with its own connection, take the next request from the
+workload (requests of `request_size` consecutive conversations, so a GRPO group travels
+together), send it, wait for the answer, and take the next one, until the workload is done.
+The pass's wall time gives throughput; each request's round trip gives latency.
+
+This talks the wire contract directly (input `messages` BYTES [B, 1], one JSON message list
+per row; outputs `score`, `num_tokens`, `truncated`) instead of using the project's client
+SDK, so that the benchmark measures the server and not a client library.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+_LOGGER = logging.getLogger(__name__)
+
+MODEL_NAME = "reward"
+MAX_ROWS_PER_REQUEST = 256
+
+
+class LoadError(RuntimeError):
+    """A request failed or the server answered with the wrong shape."""
+
+
+@dataclass
+class LoadRun:
+    """One pass over the workload.
+
+    Attributes:
+        seconds: wall time from the first send to the last answer.
+        latencies: round-trip seconds per request, in request order.
+        scores: float32 [N] `score` per conversation, in workload order.
+        num_tokens: int [N] server-side token counts.
+        truncated: bool [N].
+    """
+
+    seconds: float
+    latencies: list[float]
+    scores: np.ndarray
+    num_tokens: np.ndarray
+    truncated: np.ndarray
+
+
+def encode_rows(conversations: Sequence[list[dict]]) -> np.ndarray:
+    """The `messages` input tensor: object array [B, 1] of UTF-8 JSON message lists."""
+    rows = [json.dumps(messages, ensure_ascii=False).encode("utf-8") for messages in conversations]
+    return np.array(rows, dtype=np.object_).reshape(-1, 1)
+
+
+def split_requests(count: int, request_size: int) -> list[range]:
+    """Consecutive index ranges of at most `request_size` (and the wire limit of 256)."""
+    if not 0 < request_size <= MAX_ROWS_PER_REQUEST:
+        raise ValueError(f"request_size must be in 1..{MAX_ROWS_PER_REQUEST}, got {request_size}")
+    return [range(start, min(start + request_size, count)) for start in range(0, count, request_size)]
+
+
+def run_load(url: str, conversations: Sequence[list[dict]], concurrency: int, request_size: int = 8,
+             model: str = MODEL_NAME, timeout_s: float = 600.0) -> LoadRun:
+    """Score every conversation through the server with `concurrency` closed-loop clients.
+
+    Args:
+        url: gRPC address "host:port".
+        conversations: message lists in arrival order.
+        concurrency: client threads, each with one request in flight.
+        request_size: conversations per request.
+        model: ensemble name.
+        timeout_s: per-request client timeout.
+
+    Returns:
+        A `LoadRun`.
+
+    Raises:
+        LoadError: any request failed (the first error is re-raised with its request index).
+    """
+    import tritonclient.grpc as grpcclient
+
+    requests = split_requests(len(conversations), request_size)
+    payloads = [encode_rows([conversations[i] for i in r]) for r in requests]
+    latencies = [float("nan")] * len(requests)
+    scores = np.full(len(conversations), np.nan, dtype=np.float32)
+    num_tokens = np.zeros(len(conversations), dtype=np.int64)
+    truncated = np.zeros(len(conversations), dtype=bool)
+    next_request = iter(range(len(requests)))
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+    clients = [grpcclient.InferenceServerClient(url=url) for _ in range(max(1, concurrency))]
+    start_gate = threading.Barrier(len(clients) + 1)
+
+    def worker(client) -> None:
+        start_gate.wait()
+        while not errors:
+            with lock:
+                index = next(next_request, None)
+            if index is None:
+                return
+            rows = requests[index]
+            tensor = grpcclient.InferInput("messages", [len(rows), 1], "BYTES")
+            tensor.set_data_from_numpy(payloads[index])
+            outputs = [grpcclient.InferRequestedOutput(name) for name in ("score", "num_tokens", "truncated")]
+            t0 = time.perf_counter()
+            try:
+                result = client.infer(model, [tensor], outputs=outputs, client_timeout=timeout_s)
+            except Exception as err:  # noqa: BLE001 - any client error ends the pass
+                errors.append(LoadError(f"request {index} failed: {err}"))
+                return
+            latencies[index] = time.perf_counter() - t0
+            score = result.as_numpy("score")
+            if score is None or score.shape[0] != len(rows):
+                errors.append(LoadError(f"request {index}: expected {len(rows)} scores, got "
+                                        f"{None if score is None else score.shape}"))
+                return
+            scores[rows.start:rows.stop] = score.reshape(len(rows), -1)[:, 0]
+            num_tokens[rows.start:rows.stop] = result.as_numpy("num_tokens").reshape(-1)
+            truncated[rows.start:rows.stop] = result.as_numpy("truncated").reshape(-1)
+
+    threads = [threading.Thread(target=worker, args=(c,), daemon=True) for c in clients]
+    for thread in threads:
+        thread.start()
+    start_gate.wait()
+    t_start = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - t_start
+    for client in clients:
+        client.close()
+    if errors:
+        raise errors[0]
+    _LOGGER.debug("c=%d: %d requests in %.2fs", concurrency, len(requests), seconds)
+    return LoadRun(seconds=seconds, latencies=latencies, scores=scores, num_tokens=num_tokens,
+                   truncated=truncated)

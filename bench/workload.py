@@ -1,0 +1,213 @@
+"""RLHF-shaped scoring workloads: K prompts x n sampled responses, chat formatted.
+
+A GRPO-style trainer scores groups of responses that share one prompt; best-of-n sampling
+looks the same. `generate` builds such a workload deterministically from a seed:
+
+- `shared_prompt=True` (the "grpo" workload): K prompts, each followed by n different
+  assistant responses, the n conversations of a group adjacent in arrival order;
+- `shared_prompt=False` (the "no-sharing" workload): K x n conversations, each with its own
+  prompt drawn from the same length distribution, so no two conversations share more than the
+  chat template's first tokens.
+
+Prompt and response lengths are log-normal in words. The text is pseudo-words built from the
+syllables the demo tokenizer was trained on (about 2 tokens per word with
+punctuation); the defaults give about 45-55k tokens for K=16, n=8 on the `small`
+demo checkpoint (see `bench/README.md`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+_LOGGER = logging.getLogger(__name__)
+
+Message = dict[str, str]
+Conversation = list[Message]
+
+try:
+    # The demo tokenizer was trained on words built from these syllables, so text made of
+    # them tokenises at a realistic ~2 tokens per word (arbitrary syllables give ~7).
+    from reward_server.demo_checkpoint import _SYLLABLES as _DEMO_SYLLABLES
+except ImportError:  # pragma: no cover - the project package is always there in this repo
+    _DEMO_SYLLABLES = ["ka", "ri", "to", "mel", "sa", "un", "pe", "lo", "vi", "dra"]
+_PUNCTUATION = [".", ".", ".", "?", "!", ":", ";"]
+_SYSTEM_PROMPTS = [
+    "You are a helpful, honest and harmless assistant.",
+    "You are a careful math tutor. Show your reasoning step by step.",
+    "Answer concisely and cite your assumptions.",
+    "You are a coding assistant. Prefer short, correct programs.",
+]
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    """Shape of a workload.
+
+    Attributes:
+        prompts: K, the number of distinct prompts (groups).
+        responses_per_prompt: n, responses sampled per prompt.
+        shared_prompt: True for GRPO groups; False gives every conversation its own prompt.
+        prompt_words_median: median prompt length in words (log-normal).
+        prompt_words_sigma: log-space standard deviation of the prompt length.
+        response_words_median: median response length in words (log-normal).
+        response_words_sigma: log-space standard deviation of the response length.
+        min_words: lower clip of both lengths.
+        max_words: upper clip of both lengths (keeps conversations under the model's context).
+        system_prompt_probability: chance that a prompt starts with a system message.
+        seed: seed of everything random here.
+    """
+
+    prompts: int = 16
+    responses_per_prompt: int = 8
+    shared_prompt: bool = True
+    prompt_words_median: float = 50.0
+    prompt_words_sigma: float = 0.6
+    response_words_median: float = 105.0
+    response_words_sigma: float = 0.6
+    min_words: int = 3
+    max_words: int = 1200
+    system_prompt_probability: float = 0.5
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        """Short workload name used in reports: "grpo" or "no-sharing"."""
+        return "grpo" if self.shared_prompt else "no-sharing"
+
+
+@dataclass
+class Workload:
+    """Generated conversations in arrival order.
+
+    Attributes:
+        spec: the spec that generated them.
+        conversations: one message list per conversation; the last message is the assistant
+            response to score.
+        group_ids: the prompt index of each conversation (all distinct without sharing).
+    """
+
+    spec: WorkloadSpec
+    conversations: list[Conversation]
+    group_ids: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.conversations)
+
+
+class _TextSampler:
+    """Pseudo-text with a Zipf-like word distribution, driven by one numpy generator."""
+
+    def __init__(self, rng: np.random.Generator, vocabulary: int = 4000):
+        self._rng = rng
+        words = []
+        for _ in range(vocabulary):
+            syllables = rng.integers(1, 4, endpoint=True)
+            words.append("".join(_DEMO_SYLLABLES[i]
+                                 for i in rng.integers(len(_DEMO_SYLLABLES), size=syllables)))
+        self._words = np.array(words, dtype=object)
+        weights = 1.0 / np.arange(1, vocabulary + 1)
+        self._p = weights / weights.sum()
+
+    def text(self, n_words: int) -> str:
+        """Return `n_words` words in sentences of 5 to 20 words."""
+        words = self._rng.choice(self._words, size=n_words, p=self._p)
+        sentences, start = [], 0
+        while start < n_words:
+            end = min(n_words, start + int(self._rng.integers(5, 21)))
+            sentence = " ".join(words[start:end])
+            sentences.append(sentence[:1].upper() + sentence[1:]
+                             + _PUNCTUATION[self._rng.integers(len(_PUNCTUATION))])
+            start = end
+        return " ".join(sentences)
+
+
+def _lognormal_words(rng: np.random.Generator, median: float, sigma: float, size: int,
+                     lo: int, hi: int) -> np.ndarray:
+    """Integer word counts from a log-normal with the given median, clipped to [lo, hi]."""
+    raw = rng.lognormal(mean=np.log(median), sigma=sigma, size=size)
+    return np.clip(np.rint(raw), lo, hi).astype(int)
+
+
+def generate(spec: WorkloadSpec = WorkloadSpec()) -> Workload:
+    """Generate the conversations of `spec`, deterministically for its seed.
+
+    Args:
+        spec: workload shape.
+
+    Returns:
+        A `Workload` with K x n conversations in arrival order (group members adjacent).
+
+    Raises:
+        ValueError: for non-positive K or n.
+    """
+    if spec.prompts <= 0 or spec.responses_per_prompt <= 0:
+        raise ValueError(f"prompts and responses_per_prompt must be positive, got {spec}")
+    rng = np.random.default_rng(spec.seed)
+    sampler = _TextSampler(rng)
+    total = spec.prompts * spec.responses_per_prompt
+    n_prompts = spec.prompts if spec.shared_prompt else total
+    prompt_words = _lognormal_words(rng, spec.prompt_words_median, spec.prompt_words_sigma,
+                                    n_prompts, spec.min_words, spec.max_words)
+    response_words = _lognormal_words(rng, spec.response_words_median, spec.response_words_sigma,
+                                      total, spec.min_words, spec.max_words)
+    prompts: list[Conversation] = []
+    for words in prompt_words:
+        messages: Conversation = []
+        if rng.random() < spec.system_prompt_probability:
+            messages.append({"role": "system",
+                             "content": _SYSTEM_PROMPTS[rng.integers(len(_SYSTEM_PROMPTS))]})
+        messages.append({"role": "user", "content": sampler.text(int(words))})
+        prompts.append(messages)
+
+    conversations, group_ids = [], []
+    for index, words in enumerate(response_words):
+        group = index // spec.responses_per_prompt if spec.shared_prompt else index
+        response = {"role": "assistant", "content": sampler.text(int(words))}
+        conversations.append([dict(m) for m in prompts[group]] + [response])
+        group_ids.append(group)
+    _LOGGER.info("generated %s workload: %d conversations, %d prompts, seed %d",
+                 spec.name, total, n_prompts, spec.seed)
+    return Workload(spec=spec, conversations=conversations, group_ids=group_ids)
+
+
+def load_encoder(checkpoint: str | Path):
+    """Return a callable `messages -> list[int]` tokenising exactly as the server does.
+
+    Uses the project's `reward_server.chat.ChatEncoder` when it exists, else the checkpoint
+    tokenizer's chat template (`apply_chat_template(messages, tokenize=True)`).
+    """
+    try:
+        from reward_server.chat import ChatEncoder
+    except ImportError:
+        ChatEncoder = None
+    if ChatEncoder is not None:
+        encoder = ChatEncoder.from_checkpoint(str(checkpoint))
+        return encoder.encode
+    _LOGGER.warning("reward_server.chat.ChatEncoder not available; tokenising with the "
+                    "checkpoint's chat template directly")
+    return template_encoder(checkpoint)
+
+
+def template_encoder(checkpoint: str | Path):
+    """Return a `messages -> list[int]` callable using the tokenizer's own chat template."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+
+    def encode(messages: Conversation) -> list[int]:
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
+        if hasattr(ids, "keys"):  # some transformers versions return a BatchEncoding
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+
+    return encode
+
+
+def tokenize(conversations: Sequence[Conversation], encode) -> list[list[int]]:
+    """Token ids of every conversation, in order, using `encode` (see `load_encoder`)."""
+    return [list(encode(messages)) for messages in conversations]
