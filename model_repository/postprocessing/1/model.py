@@ -1,0 +1,18 @@
+"""Triton adapter: raw reward outputs -> score, via reward_server.stages.postprocess."""
+
+try:  # written by `reward-server serve`: the stub runs Python isolated, ignoring PYTHONPATH
+    import reward_server_paths  # noqa: F401
+except ImportError:  # a tritonserver whose own Python has the packages installed
+    pass
+
+from reward_server import settings, stages
+from reward_server.triton_io import guarded, input_array
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.spec = settings.score_spec_from_parameters(settings.parameters_of(args))
+
+    def execute(self, requests):
+        inputs = [input_array(r, "rewards") for r in requests]
+        return guarded(stages.postprocess, requests, self.spec, inputs)

@@ -1,0 +1,18 @@
+"""Triton adapter: token ids -> raw reward outputs, via reward_server.stages.score_requests."""
+
+try:  # written by `reward-server serve`: the stub runs Python isolated, ignoring PYTHONPATH
+    import reward_server_paths  # noqa: F401
+except ImportError:  # a tritonserver whose own Python has the packages installed
+    pass
+
+from reward_server import settings, stages
+from reward_server.triton_io import guarded, input_array
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.engine = settings.engine_from_parameters(settings.parameters_of(args))
+
+    def execute(self, requests):
+        inputs = [(input_array(r, "input_ids"), input_array(r, "input_lengths")) for r in requests]
+        return guarded(stages.score_requests, requests, self.engine, inputs)

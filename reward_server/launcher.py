@@ -1,0 +1,386 @@
+"""Start a real tritonserver on a checkpoint: find the binary, prepare the Python backend,
+render a runtime copy of model_repository/ with overrides, start, wait until ready, stop.
+
+The checked-in configs stay complete and valid; overrides are applied to the parsed
+`ModelConfig` protobufs and written to a runtime directory, never by text templating.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from reward_server import settings
+from reward_server.heads import detect_head_type, num_outputs, parse_indices
+from reward_server.scoring import ScoreSpec, parse_floats
+
+_LOGGER = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+MODEL_REPOSITORY = PROJECT_ROOT / "model_repository"
+ENGINE_MODEL = "reward_engine"
+# APIs a scoring client never needs; restricted because the bundled 2.51 server predates the
+# Python-backend shared-memory fixes (DESIGN.md). Calls need this header with the admin token.
+RESTRICTED_APIS = "shared-memory,model-repository,logging,trace"
+ADMIN_HEADER = "reward-server-admin"
+
+
+class ServerStartError(RuntimeError):
+    """tritonserver exited or did not become ready; the message ends with its log tail."""
+
+
+@dataclass
+class ServeOptions:
+    """What to serve and how. Ports of 0 pick free ports (tests); the CLI passes 8001/8000/8002."""
+
+    checkpoint: str | Path | None = None
+    demo_size: str = "small"
+    engine: str = "torch"
+    host: str = "127.0.0.1"
+    grpc_port: int = 0
+    http_port: int = 0
+    metrics_port: int = 0
+    instances: int = 1
+    max_length: int | None = None
+    truncation: str = "reject"
+    chat_template: str | None = None
+    head_type: str = "auto"
+    reward_indices: str | None = None
+    attribute_names: str | None = None
+    attribute_weights: str | None = None
+    score_mean: float = 0.0
+    score_std: float = 1.0
+    device: str = "auto"
+    torch_threads: int | None = None
+    token_budget: int | None = None
+    max_queue_size: int | None = None
+    max_queue_delay_us: int | None = None
+    model_repository: Path = MODEL_REPOSITORY
+    workdir: Path | None = None
+    log_to_console: bool = False
+    log_verbose: int = 0
+    startup_timeout_s: float = 300.0
+    exit_timeout_s: int = 30
+    admin_token: str = field(default_factory=lambda: secrets.token_hex(16))
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago on `host`."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def find_tritonserver() -> tuple[Path, Path | None]:
+    """(tritonserver binary, bundled backend dir or None to use the server's own).
+
+    PATH first (an NGC container), else the server shipped in the nvidia-pytriton wheel.
+
+    Raises:
+        FileNotFoundError: neither is present.
+    """
+    on_path = shutil.which("tritonserver")
+    if on_path:
+        return Path(on_path), None
+    try:
+        import pytriton
+    except ImportError:
+        raise FileNotFoundError("tritonserver is not on PATH and nvidia-pytriton is not installed "
+                                "(pip install nvidia-pytriton==0.7.0)") from None
+    root = Path(pytriton.__file__).parent / "tritonserver"
+    return root / "bin" / "tritonserver", root
+
+
+def prepare_backends(bundle: Path, dest: Path) -> Path:
+    """Lay out backends/python with the stub built for the running Python."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = bundle / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise FileNotFoundError(f"no Python backend stub for Python {version} in {bundle}")
+    python_dir = dest / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    for source in [stub, *(bundle / "backends" / "python").glob("*")]:
+        if source.is_file():
+            shutil.copy2(source, python_dir / source.name)
+    return dest
+
+
+def server_environment(bundle: Path | None) -> dict[str, str]:
+    """Environment for tritonserver and its Python stubs.
+
+    The interpreter's own libdir goes first on LD_LIBRARY_PATH: otherwise the stub can load
+    the system libpython and `import transformers` fails (DESIGN.md).
+    """
+    env = dict(os.environ)
+    libs = [sysconfig.get_config_var("LIBDIR") or ""]
+    if bundle is not None:
+        libs.append(str(bundle.parent.parent / "nvidia_pytriton.libs"))
+    libs.append(env.get("LD_LIBRARY_PATH", ""))
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in libs if p)
+    return env
+
+
+def python_paths_module() -> str:
+    """Source of `reward_server_paths`, which each model.py imports first.
+
+    The Python backend stub runs its interpreter isolated (PYTHONPATH is ignored), so this
+    module, written next to each runtime model, puts this environment's packages and the
+    project on `sys.path`.
+    """
+    import site
+
+    paths = [str(PROJECT_ROOT), *site.getsitepackages()]
+    return ("import sys\n\n"
+            f"for _path in reversed({paths!r}):\n"
+            "    if _path not in sys.path:\n"
+            "        sys.path.insert(0, _path)\n")
+
+
+def demo_checkpoint_dir(size: str) -> Path:
+    """Where the demo checkpoint of `size` lives (built on first use)."""
+    cache = Path(os.environ.get("REWARD_SERVER_CACHE", Path.home() / ".cache" / "reward-server"))
+    return cache / f"demo-{size}"
+
+
+def ensure_demo_checkpoint(size: str) -> Path:
+    """Build the demo checkpoint once; a finished build is renamed into place atomically."""
+    target = demo_checkpoint_dir(size)
+    if (target / "config.json").exists():
+        return target
+    from reward_server.demo_checkpoint import build_checkpoint
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".demo-{size}-", dir=target.parent))
+    _LOGGER.info("building the %s demo checkpoint in %s", size, target)
+    build_checkpoint(staging, size=size)
+    try:
+        staging.rename(target)
+    except OSError:  # another process won the race
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def model_parameters(options: ServeOptions, checkpoint: Path) -> tuple[dict[str, dict[str, str]], int]:
+    """Per-model parameter overrides and K, checked against the checkpoint.
+
+    Raises:
+        ValueError: inconsistent options (head, indices, weights, names).
+    """
+    config = json.loads((checkpoint / "config.json").read_text())
+    head = detect_head_type(config.get("architectures"), options.head_type)
+    indices = parse_indices(options.reward_indices)
+    k = num_outputs(config, head, indices)
+    ScoreSpec(parse_floats(options.attribute_weights), options.score_mean, options.score_std).check(k)
+    names = [n.strip() for n in (options.attribute_names or "").split(",") if n.strip()]
+    if names and len(names) != k:
+        raise ValueError(f"{len(names)} attribute names given for a model with {k} outputs")
+    cores = os.cpu_count() or 1
+    threads = options.torch_threads or max(1, cores // max(1, options.instances))
+    optional = lambda value: "" if value is None else str(value)  # noqa: E731
+    params = {
+        "preprocessing": {settings.CHECKPOINT: str(checkpoint), settings.MAX_LENGTH: optional(options.max_length),
+                          settings.TRUNCATION: options.truncation,
+                          settings.CHAT_TEMPLATE: options.chat_template or ""},
+        ENGINE_MODEL: {settings.CHECKPOINT: str(checkpoint), settings.HEAD_TYPE: head,
+                       settings.REWARD_INDICES: ",".join(map(str, indices)), settings.DEVICE: options.device,
+                       settings.TORCH_THREADS: str(threads)},
+        "postprocessing": {settings.ATTRIBUTE_NAMES: ",".join(names or [f"reward_{i}" for i in range(k)]),
+                           settings.ATTRIBUTE_WEIGHTS: options.attribute_weights or "",
+                           settings.SCORE_MEAN: str(options.score_mean),
+                           settings.SCORE_STD: str(options.score_std)},
+    }
+    if options.token_budget:
+        params[ENGINE_MODEL][settings.TOKEN_BUDGET] = str(options.token_budget)
+    return params, k
+
+
+def render_repository(options: ServeOptions, checkpoint: Path, dest: Path) -> Path:
+    """Write the runtime model repository: parsed configs with overrides, model files copied."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    params, k = model_parameters(options, checkpoint)
+    dest.mkdir(parents=True, exist_ok=True)
+    for model_dir in sorted(p for p in options.model_repository.iterdir() if (p / "config.pbtxt").exists()):
+        config = text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        for key, value in params.get(config.name, {}).items():
+            config.parameters[key].string_value = value
+        for tensor in [*config.input, *config.output]:
+            if tensor.name in ("rewards", "attributes"):
+                tensor.dims[:] = [k]
+        if config.name == ENGINE_MODEL:
+            config.instance_group[0].count = options.instances
+            if options.max_queue_size is not None:
+                config.dynamic_batching.default_queue_policy.max_queue_size = options.max_queue_size
+            if options.max_queue_delay_us is not None:
+                config.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_us
+        shutil.copytree(model_dir, dest / model_dir.name, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "config.pbtxt"))
+        (dest / model_dir.name / "config.pbtxt").write_text(text_format.MessageToString(config))
+        if config.backend == "python":
+            (dest / model_dir.name / "reward_server_paths.py").write_text(python_paths_module())
+    return dest
+
+
+class TritonServer:
+    """A tritonserver process serving the reward ensembles; a context manager.
+
+    Example:
+        with TritonServer(ServeOptions(checkpoint="ckpt")) as server:
+            print(server.grpc_url)
+    """
+
+    def __init__(self, options: ServeOptions | None = None):
+        self.options = options or ServeOptions()
+        self.process: subprocess.Popen | None = None
+        self.workdir: Path | None = None
+        self.log_path: Path | None = None
+        self.checkpoint: Path | None = None
+        self._own_workdir = False
+
+    @property
+    def _client_host(self) -> str:
+        return "127.0.0.1" if self.options.host in ("0.0.0.0", "") else self.options.host
+
+    @property
+    def grpc_url(self) -> str:
+        """host:port of the gRPC endpoint."""
+        return f"{self._client_host}:{self.options.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        """host:port of the HTTP endpoint."""
+        return f"{self._client_host}:{self.options.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        """URL of the Prometheus metrics endpoint."""
+        return f"http://{self._client_host}:{self.options.metrics_port}/metrics"
+
+    def command(self, binary: Path, repository: Path, backends: Path | None) -> list[str]:
+        """The tritonserver command line (safe defaults: loopback, no repository control)."""
+        o = self.options
+        restricted = f"{RESTRICTED_APIS}:{ADMIN_HEADER}={o.admin_token}"
+        cmd = [str(binary), f"--model-repository={repository}",
+               f"--http-address={o.host}", f"--http-port={o.http_port}",
+               f"--grpc-address={o.host}", f"--grpc-port={o.grpc_port}",
+               f"--metrics-address={o.host}", f"--metrics-port={o.metrics_port}",
+               "--model-control-mode=none", "--strict-readiness=true", "--exit-on-error=true",
+               "--disable-auto-complete-config", f"--exit-timeout-secs={o.exit_timeout_s}",
+               f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}",
+               # A per-server prefix keeps concurrent servers' shared-memory regions apart.
+               f"--backend-config=python,shm-region-prefix-name=reward{os.getpid()}x{secrets.token_hex(3)}",
+               f"--log-verbose={o.log_verbose}"]
+        if backends is not None:
+            cmd.append(f"--backend-directory={backends}")
+        return cmd
+
+    def start(self) -> "TritonServer":
+        """Prepare everything, start tritonserver and wait until it is ready.
+
+        Raises:
+            ServerStartError: the server exited or was not ready in time.
+            FileNotFoundError: no tritonserver, stub or checkpoint.
+            ValueError: inconsistent options.
+        """
+        o = self.options
+        if o.engine != "torch":
+            raise ValueError(f"engine {o.engine!r} is not available here: the tensorrt_llm engine needs a "
+                             "GPU host with TensorRT-LLM (see docs/tensorrt_llm.md)")
+        self.checkpoint = Path(o.checkpoint) if o.checkpoint else ensure_demo_checkpoint(o.demo_size)
+        if not (self.checkpoint / "config.json").exists():
+            raise FileNotFoundError(f"{self.checkpoint} is not a Hugging Face checkpoint (no config.json)")
+        for name in ("grpc_port", "http_port", "metrics_port"):
+            if getattr(o, name) == 0:
+                setattr(o, name, free_port(self._client_host))
+        self._own_workdir = o.workdir is None
+        self.workdir = Path(o.workdir or tempfile.mkdtemp(prefix="reward-server-"))
+        binary, bundle = find_tritonserver()
+        backends = prepare_backends(bundle, self.workdir / "backends") if bundle else None
+        repository = render_repository(o, self.checkpoint, self.workdir / "models")
+        self.log_path = self.workdir / "tritonserver.log"
+        output = None if o.log_to_console else open(self.log_path, "wb")
+        started = time.monotonic()
+        self.process = subprocess.Popen(self.command(binary, repository, backends), env=server_environment(bundle),
+                                        stdout=output, stderr=subprocess.STDOUT if output else None,
+                                        start_new_session=True)
+        if output:
+            output.close()
+        try:
+            self.wait_ready(o.startup_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        _LOGGER.info("tritonserver ready in %.1fs (gRPC %s, HTTP %s)", time.monotonic() - started,
+                     self.grpc_url, self.http_url)
+        return self
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last lines of the server log (empty when logging to the console)."""
+        if not self.log_path or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def is_ready(self) -> bool:
+        """True when the server answers ready on HTTP."""
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as reply:
+                return reply.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Block until ready.
+
+        Raises:
+            ServerStartError: the process exited, or `timeout_s` passed.
+        """
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerStartError(f"tritonserver exited with code {self.process.returncode}:\n{self.log_tail()}")
+            if self.is_ready():
+                return
+            time.sleep(0.25)
+        raise ServerStartError(f"tritonserver was not ready after {timeout_s:.0f}s:\n{self.log_tail()}")
+
+    def stop(self) -> int | None:
+        """Graceful stop: SIGTERM lets in-flight requests finish, then SIGKILL after the exit timeout."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(self.options.exit_timeout_s + 15)
+            except subprocess.TimeoutExpired:
+                _LOGGER.warning("tritonserver did not stop in time; killing it")
+        try:  # stubs left behind by a killed server share its process group
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        code = self.process.wait()
+        if self._own_workdir and self.workdir and not self.options.log_to_console and code not in (0, None):
+            _LOGGER.warning("tritonserver exited with %s; log kept at %s", code, self.log_path)
+        elif self._own_workdir and self.workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        return code
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,77 @@
+"""Model-level settings: the `parameters` of each Triton model's config.pbtxt, in one place.
+
+The checked-in configs carry defaults; `reward-server serve` overrides them by editing the
+parsed protobuf (see `launcher.render_repository`). Inside Triton, each model.py turns its
+parameters into a ready object with one call here.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+# Parameter names, per model. Values are always strings in config.pbtxt.
+CHECKPOINT = "checkpoint_dir"
+MAX_LENGTH = "max_length"
+TRUNCATION = "truncation"
+CHAT_TEMPLATE = "chat_template"
+HEAD_TYPE = "head_type"
+REWARD_INDICES = "reward_indices"
+DEVICE = "device"
+TORCH_THREADS = "torch_threads"
+TOKEN_BUDGET = "token_budget"
+ATTRIBUTE_NAMES = "attribute_names"
+ATTRIBUTE_WEIGHTS = "attribute_weights"
+SCORE_MEAN = "score_mean"
+SCORE_STD = "score_std"
+
+
+def parameters_of(args: dict[str, Any]) -> dict[str, str]:
+    """The string parameters of a model, from the `args` Triton passes to `initialize`."""
+    config = json.loads(args["model_config"])
+    return {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
+
+
+def _checkpoint(params: dict[str, str]) -> str:
+    path = params.get(CHECKPOINT, "")
+    if not path:
+        raise ValueError(f"parameter {CHECKPOINT} is empty: start the server with `reward-server serve "
+                         f"--checkpoint DIR`, or set it in config.pbtxt")
+    return path
+
+
+def _int_or_none(params: dict[str, str], key: str) -> int | None:
+    value = params.get(key, "").strip()
+    try:
+        return int(value) if value else None
+    except ValueError:
+        raise ValueError(f"parameter {key} must be an integer, got {value!r}") from None
+
+
+def encoder_from_parameters(params: dict[str, str]):
+    """The preprocessing model's `ChatEncoder`."""
+    from reward_server.chat import ChatEncoder
+
+    return ChatEncoder.from_checkpoint(_checkpoint(params), max_length=_int_or_none(params, MAX_LENGTH),
+                                       truncation=params.get(TRUNCATION) or "reject",
+                                       chat_template=params.get(CHAT_TEMPLATE) or None)
+
+
+def engine_from_parameters(params: dict[str, str]):
+    """The engine model's `RewardEngine`."""
+    from reward_server.batching import DEFAULT_TOKEN_BUDGET
+    from reward_server.engine import RewardEngine
+
+    return RewardEngine.from_checkpoint(_checkpoint(params), head_type=params.get(HEAD_TYPE) or "auto",
+                                        reward_indices=params.get(REWARD_INDICES) or None,
+                                        device=params.get(DEVICE) or "auto",
+                                        threads=_int_or_none(params, TORCH_THREADS),
+                                        token_budget=_int_or_none(params, TOKEN_BUDGET) or DEFAULT_TOKEN_BUDGET)
+
+
+def score_spec_from_parameters(params: dict[str, str]):
+    """The postprocessing model's `ScoreSpec`."""
+    from reward_server.scoring import ScoreSpec, parse_floats
+
+    return ScoreSpec(weights=parse_floats(params.get(ATTRIBUTE_WEIGHTS)),
+                     mean=float(params.get(SCORE_MEAN) or 0.0), std=float(params.get(SCORE_STD) or 1.0))

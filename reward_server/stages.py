@@ -1,0 +1,120 @@
+"""What each Triton model does to a dynamic batch of requests, as plain numpy functions.
+
+The model.py adapters convert Triton tensors to the arguments here and results back; the
+logic (validation, batching across requests, splitting results back) lives here and is
+unit-tested without a server. A stage returns, per request, either a dict of output arrays
+or a `RequestError` message for that request alone, so one bad request never fails the
+others of its batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from reward_server.chat import ChatEncoder, ConversationError, Encoded, parse_messages
+
+
+class RequestError(str):
+    """The error message for one request (becomes an INVALID_ARG response)."""
+
+
+@dataclass
+class PreprocessInput:
+    """One request's inputs: `messages` [B,1] object array, or `token_ids` [B,L] (+ lengths)."""
+
+    messages: np.ndarray | None = None
+    token_ids: np.ndarray | None = None
+    token_lengths: np.ndarray | None = None
+
+
+def _pack(encoded: Sequence[Encoded]) -> dict[str, np.ndarray]:
+    width = max(len(e.token_ids) for e in encoded)
+    ids = np.zeros((len(encoded), width), dtype=np.int32)
+    for row, e in enumerate(encoded):
+        ids[row, : len(e.token_ids)] = e.token_ids
+    return {"input_ids": ids,
+            "input_lengths": np.array([[len(e.token_ids)] for e in encoded], dtype=np.int32),
+            "truncated": np.array([[e.truncated] for e in encoded], dtype=bool)}
+
+
+def _token_rows(request: PreprocessInput) -> list[np.ndarray]:
+    ids = np.asarray(request.token_ids)
+    if ids.ndim != 2:
+        raise ConversationError(f"input_ids must be [batch, length], got shape {list(ids.shape)}")
+    if request.token_lengths is None:
+        return list(ids)
+    lengths = np.asarray(request.token_lengths).reshape(-1)
+    if len(lengths) != len(ids):
+        raise ConversationError(f"input_lengths has {len(lengths)} rows for {len(ids)} rows of input_ids")
+    rows = []
+    for row, length in zip(ids, lengths):
+        if not 0 < length <= ids.shape[1]:
+            raise ConversationError(f"input_lengths {int(length)} is outside [1, {ids.shape[1]}]")
+        rows.append(row[:length])
+    return rows
+
+
+def preprocess(encoder: ChatEncoder, requests: Sequence[PreprocessInput]) -> list[dict | RequestError]:
+    """Validate and tokenise every conversation of every request with one tokenizer call."""
+    results: list[dict | RequestError | None] = [None] * len(requests)
+    pending: list[tuple[int, list[list[dict]]]] = []
+    for r, request in enumerate(requests):
+        if request.messages is None and request.token_ids is None:
+            results[r] = RequestError("the request has neither messages nor input_ids")
+            continue
+        if request.messages is None:
+            results[r] = _check_ids(encoder, request)
+            continue
+        conversations = []
+        for c, raw in enumerate(np.asarray(request.messages, dtype=object).reshape(-1)):
+            try:
+                conversations.append(parse_messages(raw))
+            except ConversationError as err:
+                results[r] = RequestError(f"conversation {c}: {err}")
+                break
+        else:
+            pending.append((r, conversations))
+    flat = [conv for _, convs in pending for conv in convs]
+    encoded = iter(encoder.encode_batch(flat))
+    for r, convs in pending:
+        mine = [next(encoded) for _ in convs]
+        bad = next(((c, e) for c, e in enumerate(mine) if isinstance(e, ConversationError)), None)
+        results[r] = RequestError(f"conversation {bad[0]}: {bad[1]}") if bad else _pack(mine)
+    return results
+
+
+def _check_ids(encoder: ChatEncoder, request: PreprocessInput) -> dict | RequestError:
+    try:
+        rows = _token_rows(request)
+    except ConversationError as err:
+        return RequestError(str(err))
+    encoded = []
+    for c, row in enumerate(rows):
+        try:
+            encoded.append(encoder.check_ids(row))
+        except ConversationError as err:
+            return RequestError(f"conversation {c}: {err}")
+    return _pack(encoded)
+
+
+def score_requests(engine, requests: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[dict]:
+    """Run the engine once over all sequences of all requests and split rewards back.
+
+    Each request is (input_ids [B, W], input_lengths [B, 1]).
+    """
+    sequences, counts = [], []
+    for ids, lengths in requests:
+        lengths = np.asarray(lengths).reshape(-1)
+        sequences.extend(row[:n].tolist() for row, n in zip(np.asarray(ids), lengths))
+        counts.append(len(lengths))
+    rewards = engine.score(sequences)
+    offsets = np.cumsum([0] + counts)
+    return [{"rewards": rewards[offsets[i]:offsets[i + 1]]} for i in range(len(requests))]
+
+
+def postprocess(spec, requests: Sequence[np.ndarray]) -> list[dict]:
+    """Scores [B, 1] for each request's raw rewards [B, K]."""
+    return [{"score": spec.score(np.asarray(rewards)).reshape(-1, 1)} for rewards in requests]
