@@ -6,7 +6,7 @@ together), send it, wait for the answer, and take the next one, until the worklo
 The pass's wall time gives throughput; each request's round trip gives latency.
 
 This talks the wire contract directly (input `messages` BYTES [B, 1], one JSON message list
-per row; outputs `score`, `num_tokens`, `truncated`) instead of using the project's client
+per row; outputs `score`, `attributes`, `num_tokens`, `truncated`) instead of using the project's client
 SDK, so that the benchmark measures the server and not a client library.
 """
 
@@ -25,6 +25,10 @@ _LOGGER = logging.getLogger(__name__)
 
 MODEL_NAME = "reward"
 MAX_ROWS_PER_REQUEST = 256
+# All four outputs are requested: asking the ensemble for a subset without `attributes` (an
+# intermediate tensor that is also an ensemble output) failed with "unexpected deadlock, at
+# least one output is not set" on tritonserver 2.51 with this repository's ensemble.
+OUTPUTS = ("score", "attributes", "num_tokens", "truncated")
 
 
 class LoadError(RuntimeError):
@@ -105,7 +109,7 @@ def run_load(url: str, conversations: Sequence[list[dict]], concurrency: int, re
             rows = requests[index]
             tensor = grpcclient.InferInput("messages", [len(rows), 1], "BYTES")
             tensor.set_data_from_numpy(payloads[index])
-            outputs = [grpcclient.InferRequestedOutput(name) for name in ("score", "num_tokens", "truncated")]
+            outputs = [grpcclient.InferRequestedOutput(name) for name in OUTPUTS]
             t0 = time.perf_counter()
             try:
                 result = client.infer(model, [tensor], outputs=outputs, client_timeout=timeout_s)

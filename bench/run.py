@@ -1,0 +1,317 @@
+"""One command that benchmarks everything on this machine and writes the results.
+
+    python -m bench.run --checkpoint DIR --out bench/results
+
+In one run, on both workloads (GRPO groups and no sharing), it measures: the fp32 matmul
+peak; the naive baseline; the project's engine in-process; the full server through gRPC at
+several client concurrencies; and, when its virtual environment exists, vLLM's CPU pooling
+runner. Every measurement is repeated (`--repeats`, at least 3 for reported numbers) and the
+median taken. It writes `results.json`, `results.md` and `results.png` to `--out`.
+Parts whose code is missing (engine, launcher, vLLM) are reported as unavailable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import math
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from bench import baselines, grpc_load, metrics, report, vllm_bridge, workload
+
+_LOGGER = logging.getLogger("bench.run")
+
+SYSTEMS = ("matmul", "naive", "engine", "server", "vllm")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="reward checkpoint; default: build the small demo checkpoint under --out")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--prompts", type=int, default=16, help="K prompts")
+    parser.add_argument("--responses", type=int, default=8, help="n responses per prompt")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads in-process")
+    parser.add_argument("--concurrency", default="1,2,4,8", help="comma-separated client concurrencies")
+    parser.add_argument("--request-size", type=int, default=8, help="conversations per gRPC request")
+    parser.add_argument("--workloads", default="grpo,no-sharing")
+    parser.add_argument("--systems", default=",".join(SYSTEMS),
+                        help=f"comma-separated subset of {','.join(SYSTEMS)}")
+    parser.add_argument("--vllm-python", type=Path, default=vllm_bridge.DEFAULT_PYTHON,
+                        help="python of the separate vLLM venv (skipped when absent)")
+    parser.add_argument("--log-level", default="INFO")
+    return parser.parse_args(argv)
+
+
+def machine_description() -> dict:
+    """CPU model, core count, memory and library versions, for the report header."""
+    info = {"platform": platform.platform(), "python": platform.python_version()}
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        models = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
+        flags = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "")
+        info["cpu"] = models[0] if models else platform.processor()
+        info["logical_cpus"] = len(models)
+        info["avx512"] = "avx512f" in flags
+        info["avx2"] = " avx2" in flags
+        meminfo = Path("/proc/meminfo").read_text().split()
+        info["memory_gib"] = round(int(meminfo[meminfo.index("MemTotal:") + 1]) / 2**20, 1)
+    except (OSError, ValueError):
+        pass
+    for module in ("torch", "transformers", "tritonclient", "numpy"):
+        try:
+            info[module] = __import__(module).__version__
+        except (ImportError, AttributeError):
+            info[module] = None
+    return info
+
+
+def repeat(count: int, once: Callable[[], dict], label: str) -> list[dict]:
+    """Call `once` `count` times, logging each wall time."""
+    runs = []
+    for index in range(count):
+        run = once()
+        _LOGGER.info("%s repeat %d/%d: %.2fs", label, index + 1, count, run["seconds"])
+        runs.append(run)
+    return runs
+
+
+def agreement(scores: np.ndarray, reference: np.ndarray | None) -> dict:
+    """Largest absolute and relative difference of the first output against a reference."""
+    if reference is None or scores is None:
+        return {}
+    a = np.asarray(scores, dtype=np.float64).reshape(len(scores), -1)[:, 0]
+    b = np.asarray(reference, dtype=np.float64).reshape(len(reference), -1)[:, 0]
+    diff = np.abs(a - b)
+    return {"max_abs_diff_vs_naive": float(diff.max()),
+            "max_rel_diff_vs_naive": float((diff / np.maximum(np.abs(b), 1e-6)).max())}
+
+
+class Bench:
+    """State of one benchmark run: the workloads, their token ids and the results so far."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.systems = {s.strip() for s in args.systems.split(",") if s.strip()}
+        self.results: list[metrics.Measurement] = []
+        self.notes: list[str] = []
+        self.naive_scores: dict[str, np.ndarray] = {}
+        self.checkpoint = args.checkpoint or self._build_demo_checkpoint()
+        self.params = metrics.non_embedding_parameters(self.checkpoint)
+        self.workloads: dict[str, workload.Workload] = {}
+        self.token_ids: dict[str, list[list[int]]] = {}
+        encode = workload.load_encoder(self.checkpoint)
+        for name in [w.strip() for w in args.workloads.split(",") if w.strip()]:
+            spec = workload.WorkloadSpec(prompts=args.prompts, responses_per_prompt=args.responses,
+                                         shared_prompt=(name == "grpo"), seed=args.seed)
+            self.workloads[name] = workload.generate(spec)
+            self.token_ids[name] = workload.tokenize(self.workloads[name].conversations, encode)
+
+    def _build_demo_checkpoint(self) -> Path:
+        from reward_server.demo_checkpoint import build_checkpoint
+
+        path = self.args.out / "checkpoint-small"
+        if not (path / "config.json").exists():
+            _LOGGER.info("building the small demo checkpoint in %s", path)
+            build_checkpoint(path, size="small")
+        return path
+
+    def _record(self, system: str, name: str, runs: list[dict], **kwargs) -> metrics.Measurement:
+        ids = self.token_ids[name]
+        measurement = metrics.summarize_repeats(
+            system, name, len(ids), sum(len(s) for s in ids), metrics.unique_tokens(ids), runs, **kwargs)
+        self.results.append(measurement)
+        _LOGGER.info("%s on %s: %.0f tok/s, %.2f conv/s, p99 %.2fs", system, name,
+                     measurement.tokens_per_s, measurement.conversations_per_s, measurement.latency_p99_s)
+        return measurement
+
+    def run_matmul(self) -> dict:
+        return baselines.matmul_peak(threads=self.args.threads)
+
+    def run_naive(self) -> None:
+        model = baselines.NaiveBaseline(self.checkpoint, threads=self.args.threads)
+        for name, ids in self.token_ids.items():
+            model.warm_up(ids)
+            last = {}
+
+            def once():
+                run = model.run(ids)
+                last["scores"] = run.scores
+                return {"seconds": run.seconds, "latencies": run.latencies, "padding_ratio": run.padding_ratio}
+
+            runs = repeat(self.args.repeats, once, f"naive/{name}")
+            self.naive_scores[name] = last["scores"]
+            self._record("naive", name, runs, extra={"latency_unit": "batch of 16"})
+        del model
+        gc.collect()
+
+    def run_engine(self) -> None:
+        try:
+            from reward_server.engine import RewardEngine
+        except ImportError as err:
+            self.notes.append(f"engine not available: {err}")
+            _LOGGER.warning("engine not available: %s", err)
+            return
+        engine = RewardEngine.from_checkpoint(self.checkpoint, device="cpu", threads=self.args.threads)
+        for name, ids in self.token_ids.items():
+            engine.score([s[:64] for s in ids[:2]])
+            last = {}
+
+            def once():
+                stats = getattr(engine, "stats", None)
+                before = _stats_snapshot(stats)
+                t0 = time.perf_counter()
+                last["scores"] = engine.score(ids)
+                seconds = time.perf_counter() - t0
+                after = _stats_snapshot(stats)
+                return {"seconds": seconds, "latencies": [seconds],
+                        "padding_ratio": _padding_from_stats(before, after)}
+
+            runs = repeat(self.args.repeats, once, f"engine/{name}")
+            extra = {"latency_unit": "whole workload in one score() call",
+                     "token_budget": getattr(engine, "token_budget", None)}
+            extra.update(agreement(last["scores"], self.naive_scores.get(name)))
+            self._record("engine", name, runs, extra=extra)
+        del engine
+        gc.collect()
+
+    def run_server(self) -> None:
+        try:
+            from reward_server.launcher import ServeOptions, TritonServer
+        except ImportError as err:
+            self.notes.append(f"server not available: {err}")
+            _LOGGER.warning("server not available: %s", err)
+            return
+        levels = [int(c) for c in self.args.concurrency.split(",") if c.strip()]
+        with TritonServer(ServeOptions(checkpoint=str(self.checkpoint))) as server:
+            url = server.grpc_url
+            _LOGGER.info("server ready at %s", url)
+            for name, conversations in ((n, w.conversations) for n, w in self.workloads.items()):
+                expected = np.array([len(s) for s in self.token_ids[name]])
+                grpc_load.run_load(url, conversations[: self.args.request_size], 1, self.args.request_size)
+                for concurrency in levels:
+                    last = {}
+
+                    def once():
+                        run = grpc_load.run_load(url, conversations, concurrency, self.args.request_size)
+                        last["run"] = run
+                        return {"seconds": run.seconds, "latencies": run.latencies}
+
+                    runs = repeat(self.args.repeats, once, f"server c={concurrency}/{name}")
+                    run = last["run"]
+                    extra = {"latency_unit": f"request of {self.args.request_size} conversations",
+                             "num_tokens_match": bool(np.array_equal(run.num_tokens, expected)),
+                             "truncated": int(run.truncated.sum())}
+                    extra.update(agreement(run.scores, self.naive_scores.get(name)))
+                    if not extra["num_tokens_match"]:
+                        _LOGGER.warning("server token counts differ from the harness tokenisation on %s", name)
+                    self._record("server", name, runs, concurrency=concurrency, extra=extra)
+
+    def run_vllm(self) -> None:
+        python = self.args.vllm_python
+        if not python or not Path(python).exists():
+            self.notes.append(f"vLLM skipped: no venv python at {python} (see bench/README.md)")
+            _LOGGER.info("vLLM skipped: %s not found", python)
+            return
+        for name, ids in self.token_ids.items():
+            try:
+                out = vllm_bridge.run(python, self.checkpoint, ids, self.args.repeats, self.args.out)
+            except (subprocess.SubprocessError, OSError, ValueError) as err:
+                self.notes.append(f"vLLM failed on {name}: {err}")
+                _LOGGER.warning("vLLM failed on %s: %s", name, err)
+                return
+            runs = [{"seconds": s, "latencies": [s]} for s in out["seconds"]]
+            extra = {"latency_unit": "whole workload in one classify() call", "version": out.get("version")}
+            extra.update(agreement(np.array(out["scores"]), self.naive_scores.get(name)))
+            self._record("vllm", name, runs, extra=extra)
+
+
+def _stats_snapshot(stats) -> tuple[float, float] | None:
+    if stats is None or not hasattr(stats, "padded_tokens") or not hasattr(stats, "tokens"):
+        return None
+    return float(stats.tokens), float(stats.padded_tokens)
+
+
+def _padding_from_stats(before, after) -> float:
+    if before is None or after is None:
+        return math.nan
+    computed = after[1] - before[1]
+    return math.nan if computed <= 0 else 1.0 - (after[0] - before[0]) / computed
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark; returns the results document that was written."""
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.repeats < 3:
+        _LOGGER.warning("--repeats %d < 3: fine for a smoke run, not for reported numbers", args.repeats)
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    bench = Bench(args)
+    peak = {"gflops": math.nan}
+    if "matmul" in bench.systems:
+        peak = bench.run_matmul()
+    for system in ("naive", "engine", "server", "vllm"):
+        if system in bench.systems:
+            getattr(bench, f"run_{system}")()
+
+    peak_flops = peak["gflops"] * 1e9
+    naive = {m.workload: m for m in bench.results if m.system == "naive"}
+    document = {
+        "command": " ".join([Path(sys.executable).name, "-m", "bench.run"] + (argv if argv is not None else sys.argv[1:])),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "duration_s": time.time() - started,
+        "machine": machine_description(),
+        "checkpoint": str(bench.checkpoint),
+        "non_embedding_params": bench.params,
+        "matmul_peak": peak,
+        "workloads": {name: {"conversations": len(ids), "tokens": sum(len(s) for s in ids),
+                             "unique_tokens": metrics.unique_tokens(ids),
+                             "max_tokens": max(len(s) for s in ids),
+                             "spec": vars(bench.workloads[name].spec)}
+                      for name, ids in bench.token_ids.items()},
+        "repeats": args.repeats,
+        "request_size": args.request_size,
+        "results": [m.to_dict(bench.params, peak_flops, naive.get(m.workload)) for m in bench.results],
+        "notes": bench.notes,
+    }
+    document["summary"] = report.summarize(document)
+    (args.out / "results.json").write_text(json.dumps(_without_nan(document), indent=2, default=_json_default))
+    (args.out / "results.md").write_text(report.markdown(document))
+    plotted = report.plot(document, args.out / "results.png")
+    _LOGGER.info("wrote %s/results.json, results.md%s", args.out, ", results.png" if plotted else "")
+    return document
+
+
+def _without_nan(value):
+    """NaN (not valid JSON) becomes null, recursively."""
+    if isinstance(value, dict):
+        return {k: _without_nan(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_without_nan(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value)}")
+
+
+if __name__ == "__main__":
+    main()

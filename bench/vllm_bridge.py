@@ -1,0 +1,53 @@
+"""Run `bench/vllm_runner.py` in vLLM's own virtual environment and read its answer.
+
+vLLM pins its own torch, so it cannot share the project's venv; this module only moves token
+ids and timings across a subprocess boundary (JSON files in the output folder).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+from pathlib import Path
+from typing import Sequence
+
+_LOGGER = logging.getLogger(__name__)
+
+BENCH_DIR = Path(__file__).resolve().parent
+DEFAULT_PYTHON = BENCH_DIR / ".venv-vllm" / "bin" / "python"
+RUNNER = BENCH_DIR / "vllm_runner.py"
+
+
+def run(python: str | Path, checkpoint: str | Path, token_ids: Sequence[Sequence[int]], repeats: int,
+        work_dir: str | Path, threads: int = 2, timeout_s: float = 1800.0) -> dict:
+    """Time vLLM's pooling runner on `token_ids`.
+
+    Args:
+        python: interpreter of the vLLM venv.
+        checkpoint: model directory (the same one the other systems load).
+        token_ids: sequences to classify, exactly the ids the other systems score.
+        repeats: timed passes.
+        work_dir: where the request/answer JSON files go.
+        threads: CPU threads for vLLM.
+        timeout_s: limit for the whole subprocess.
+
+    Returns:
+        {"seconds": [...], "scores": [[...], ...], "version": str}.
+
+    Raises:
+        subprocess.CalledProcessError: the runner failed (its stderr tail is logged).
+        subprocess.TimeoutExpired: it ran past `timeout_s`.
+    """
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    request, answer = work_dir / "vllm_request.json", work_dir / "vllm_answer.json"
+    request.write_text(json.dumps({"checkpoint": str(Path(checkpoint).resolve()), "repeats": repeats,
+                                   "threads": threads, "token_ids": [list(map(int, s)) for s in token_ids]}))
+    answer.unlink(missing_ok=True)
+    proc = subprocess.run([str(python), str(RUNNER), str(request), str(answer)], capture_output=True,
+                          text=True, timeout=timeout_s, cwd=str(work_dir))
+    if proc.returncode != 0:
+        _LOGGER.error("vLLM runner failed (rc %d): %s", proc.returncode, proc.stderr[-3000:])
+        raise subprocess.CalledProcessError(proc.returncode, proc.args, proc.stdout, proc.stderr)
+    return json.loads(answer.read_text())
