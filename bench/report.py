@@ -176,7 +176,7 @@ def plot(document: dict, path: Path) -> bool:
     ax_lat.legend(fontsize=7, loc="best")
     machine = document["machine"]
     fig.suptitle(f"{machine.get('cpu', '?')} ({machine.get('logical_cpus', '?')} CPUs), "
-                 f"{document["non_embedding_params"] / 1e6:.3g}M-parameter reward model", fontsize=9)
+                 f"{document['non_embedding_params'] / 1e6:.3g}M-parameter reward model", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
