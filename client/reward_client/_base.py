@@ -1,0 +1,103 @@
+"""Settings and pure helpers shared by :class:`RewardClient` and :class:`AsyncRewardClient`."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+from reward_client.conversations import ConversationLike, encode, to_messages
+from reward_client.errors import RewardInvalidInputError
+from reward_client.retry import RetryPolicy
+from reward_client.transport import wire
+
+_LOGGER = logging.getLogger(__name__)
+
+DEFAULT_URL = "localhost:8001"
+
+
+@dataclass
+class ClientSettings:
+    """Everything a client needs besides its connection.
+
+    Attributes:
+        url: gRPC ``host:port`` of the server.
+        model: the messages ensemble (``reward``).
+        ids_model: the token-id ensemble (``reward_ids``).
+        batch_size: conversations per request (the server accepts up to its max_batch_size).
+        max_in_flight: requests outstanding at once when scoring many conversations.
+        timeout_s: deadline of each request attempt in seconds (None: no deadline).
+        retry: policy for retryable failures (overload, server unavailable).
+        rng: source of retry jitter (tests inject a seeded one).
+    """
+
+    url: str = DEFAULT_URL
+    model: str = wire.MESSAGES_MODEL
+    ids_model: str = wire.IDS_MODEL
+    batch_size: int = 64
+    max_in_flight: int = 4
+    timeout_s: Optional[float] = 60.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    rng: Optional[random.Random] = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if self.max_in_flight < 1:
+            raise ValueError("max_in_flight must be >= 1")
+
+
+class AttributeNames:
+    """The model's attribute names, read once from the ``postprocessing`` model config."""
+
+    def __init__(self) -> None:
+        self._parameter: Optional[str] = None
+        self._lock = threading.Lock()
+
+    @property
+    def known(self) -> bool:
+        """Whether the parameter has been read already."""
+        return self._parameter is not None
+
+    def set_from_config(self, config: Any) -> None:
+        """Record the parameter from a ``ModelConfig`` protobuf (empty when absent)."""
+        parameter = config.parameters.get(wire.ATTRIBUTE_NAMES_PARAMETER)
+        with self._lock:
+            self._parameter = parameter.string_value if parameter is not None else ""
+
+    def set_unknown(self) -> None:
+        """Fall back to the default names ``reward_i`` (the config could not be read)."""
+        with self._lock:
+            self._parameter = ""
+
+    def names(self, count: int) -> Tuple[str, ...]:
+        """Return ``count`` names (defaults when unknown or mismatched)."""
+        return wire.parse_attribute_names(self._parameter or "", count)
+
+
+def encoded_conversations(conversations: Iterable[ConversationLike]) -> Iterator[bytes]:
+    """Normalise and JSON-encode conversations lazily.
+
+    Raises:
+        RewardInvalidInputError: naming the first malformed conversation by its input index.
+    """
+    for index, conversation in enumerate(conversations):
+        yield encode(to_messages(conversation, index))
+
+
+def checked_id_rows(token_id_lists: Iterable[Sequence[int]]) -> Iterator[List[int]]:
+    """Yield token id lists as int lists, rejecting empty ones.
+
+    Raises:
+        RewardInvalidInputError: naming the first empty or non-integer list by its input index.
+    """
+    for index, row in enumerate(token_id_lists):
+        try:
+            ids = [int(token) for token in row]
+        except (TypeError, ValueError) as exc:
+            raise RewardInvalidInputError(f"token ids must be integers ({exc})", index) from exc
+        if not ids:
+            raise RewardInvalidInputError("empty token id list", index)
+        yield ids

@@ -1,0 +1,148 @@
+"""The reward server's wire contract: request tensors, response parsing, error mapping.
+
+Ensemble ``reward`` takes ``messages`` (BYTES [B, 1], one JSON conversation each); ensemble
+``reward_ids`` takes ``input_ids`` (INT32 [B, L], right-padded) and ``input_lengths``
+(INT32 [B, 1]). Both return ``score`` FP32 [B, 1], ``attributes`` FP32 [B, K],
+``num_tokens`` INT32 [B, 1] and ``truncated`` BOOL [B, 1].
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.utils import InferenceServerException
+
+from reward_client.errors import (RewardClientError, RewardInvalidInputError, RewardServerError,
+                                  RewardTimeoutError, RewardUnavailableError)
+from reward_client.results import ScoreResult
+
+MESSAGES_MODEL = "reward"
+IDS_MODEL = "reward_ids"
+POSTPROCESSING_MODEL = "postprocessing"
+ATTRIBUTE_NAMES_PARAMETER = "attribute_names"
+OUTPUT_NAMES = ("score", "attributes", "num_tokens", "truncated")
+
+_CONVERSATION_INDEX = re.compile(r"conversation (\d+):")
+_RETRYABLE_STATUSES = {"StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED"}
+# Server-side queue rejections, whatever status a Triton version attaches to them.
+_RETRYABLE_MESSAGES = ("exceeds maximum queue size", "request timeout expired")
+
+
+def messages_inputs(encoded: Sequence[bytes]) -> List[InferInput]:
+    """Return the ``messages`` input tensor for a batch of encoded conversations."""
+    array = np.empty((len(encoded), 1), dtype=np.object_)
+    array[:, 0] = list(encoded)
+    tensor = InferInput("messages", list(array.shape), "BYTES")
+    tensor.set_data_from_numpy(array)
+    return [tensor]
+
+
+def ids_arrays(rows: Sequence[Sequence[int]]) -> Tuple[np.ndarray, np.ndarray]:
+    """Return ``(input_ids [B, L], input_lengths [B, 1])`` for token id lists, right-padded with 0.
+
+    Raises:
+        ValueError: if a row is empty.
+    """
+    lengths = np.array([len(row) for row in rows], dtype=np.int32).reshape(-1, 1)
+    if len(rows) and int(lengths.min()) == 0:
+        raise ValueError("empty token id list")
+    ids = np.zeros((len(rows), int(lengths.max()) if len(rows) else 0), dtype=np.int32)
+    for row_index, row in enumerate(rows):
+        ids[row_index, :len(row)] = np.asarray(row, dtype=np.int32)
+    return ids, lengths
+
+
+def ids_inputs(rows: Sequence[Sequence[int]]) -> List[InferInput]:
+    """Return the ``input_ids`` and ``input_lengths`` tensors for token id lists.
+
+    Raises:
+        ValueError: if a row is empty.
+    """
+    ids, lengths = ids_arrays(rows)
+    ids_tensor = InferInput("input_ids", list(ids.shape), "INT32")
+    ids_tensor.set_data_from_numpy(ids)
+    lengths_tensor = InferInput("input_lengths", list(lengths.shape), "INT32")
+    lengths_tensor.set_data_from_numpy(lengths)
+    return [ids_tensor, lengths_tensor]
+
+
+def requested_outputs() -> List[InferRequestedOutput]:
+    """Return the four outputs every scoring request asks for."""
+    return [InferRequestedOutput(name) for name in OUTPUT_NAMES]
+
+
+def parse_attribute_names(parameter: str, count: int) -> Tuple[str, ...]:
+    """Return ``count`` attribute names from the comma-separated ``attribute_names`` parameter.
+
+    An empty parameter, or one whose length does not match ``count``, gives the default names
+    ``reward_0 .. reward_{count-1}``.
+    """
+    names = tuple(name.strip() for name in parameter.split(",") if name.strip())
+    if len(names) != count:
+        return tuple(f"reward_{i}" for i in range(count))
+    return names
+
+
+def parse_results(as_numpy: Callable[[str], Optional[np.ndarray]], offset: int,
+                  attribute_names: Callable[[int], Tuple[str, ...]]) -> List[ScoreResult]:
+    """Turn one response's output tensors into results numbered from ``offset``.
+
+    Args:
+        as_numpy: the response's ``as_numpy``.
+        offset: global index of the request's first conversation.
+        attribute_names: returns the names for K attributes.
+
+    Raises:
+        RewardServerError: if an output is missing or the batch sizes disagree.
+    """
+    arrays = {name: as_numpy(name) for name in OUTPUT_NAMES}
+    missing = [name for name, array in arrays.items() if array is None]
+    if missing:
+        raise RewardServerError(f"response lacks outputs {missing}")
+    scores = arrays["score"].reshape(-1)
+    attributes = arrays["attributes"].reshape(len(scores), -1)
+    num_tokens = arrays["num_tokens"].reshape(-1)
+    truncated = arrays["truncated"].reshape(-1)
+    if not len(scores) == len(attributes) == len(num_tokens) == len(truncated):
+        raise RewardServerError("outputs disagree on the batch size")
+    names = attribute_names(attributes.shape[1])
+    return [
+        ScoreResult(index=offset + row, score=float(scores[row]),
+                    attributes=dict(zip(names, (float(v) for v in attributes[row]))),
+                    num_tokens=int(num_tokens[row]), truncated=bool(truncated[row]))
+        for row in range(len(scores))
+    ]
+
+
+def map_error(exc: InferenceServerException, offset: int = 0) -> RewardClientError:
+    """Map a tritonclient error of the request starting at ``offset`` to a reward client error.
+
+    INVALID_ARGUMENT becomes :class:`RewardInvalidInputError` whose index is ``offset`` plus
+    the request-local index the server names (``conversation N:``).
+    """
+    status = str(exc.status() or "")
+    message = str(exc.message() or exc)
+    if status == "StatusCode.INVALID_ARGUMENT":
+        match = _CONVERSATION_INDEX.search(message)
+        index = offset + int(match.group(1)) if match else None
+        return RewardInvalidInputError(message, index)
+    if status in _RETRYABLE_STATUSES or any(m in message.lower() for m in _RETRYABLE_MESSAGES):
+        return RewardUnavailableError(f"{status}: {message}")
+    if status == "StatusCode.DEADLINE_EXCEEDED":
+        return RewardTimeoutError(message)
+    return RewardServerError(f"{status or 'error'}: {message}")
+
+
+def attribute_count(metadata: object) -> int:
+    """Return K, the width of the ``attributes`` output, from a ``ModelMetadataResponse``.
+
+    Raises:
+        RewardServerError: if the model has no ``attributes`` output of fixed width.
+    """
+    for output in getattr(metadata, "outputs", []):
+        if output.name == "attributes" and len(output.shape) >= 1 and output.shape[-1] > 0:
+            return int(output.shape[-1])
+    raise RewardServerError("model metadata has no fixed-width 'attributes' output")
