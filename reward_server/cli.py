@@ -1,0 +1,111 @@
+"""`reward-server`: serve a reward checkpoint on Triton, or build the demo checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from reward_server import demo_checkpoint
+from reward_server.chat import TRUNCATION_POLICIES
+from reward_server.heads import HEAD_TYPES
+from reward_server.launcher import ServeOptions, ServerStartError, TritonServer
+
+_LOGGER = logging.getLogger("reward_server")
+
+EXAMPLE = """\
+reward server ready: {checkpoint}
+  gRPC     {grpc}
+  HTTP     http://{http}
+  metrics  {metrics}
+Score a conversation:
+  curl -s http://{http}/v2/models/reward/infer -d '{{"inputs": [{{"name": "messages", "shape": [1, 1], \
+"datatype": "BYTES", "data": ["[{{\\"role\\": \\"user\\", \\"content\\": \\"Hi!\\"}}, \
+{{\\"role\\": \\"assistant\\", \\"content\\": \\"Hello, how can I help?\\"}}]"]}}]}}'
+Ctrl-C stops the server after in-flight requests finish.
+"""
+
+
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve a checkpoint (default: the demo checkpoint) until Ctrl-C")
+    p.add_argument("--checkpoint", type=Path, help="local Hugging Face reward checkpoint directory")
+    p.add_argument("--demo-size", choices=sorted(demo_checkpoint.SIZES), default="small",
+                   help="demo checkpoint size when --checkpoint is not given (default: small)")
+    p.add_argument("--engine", choices=["torch", "tensorrt_llm"], default="torch")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--instances", type=int, default=1, help="engine instances (torch threads split between them)")
+    p.add_argument("--max-length", type=int, help="token limit per conversation (default: min(4096, model's))")
+    p.add_argument("--truncation", choices=TRUNCATION_POLICIES, default="reject",
+                   help="over-long conversations: reject (default) or truncate_left keeping the response")
+    p.add_argument("--chat-template", type=Path, help="file with a Jinja chat template overriding the checkpoint's")
+    p.add_argument("--head-type", choices=HEAD_TYPES, default="auto")
+    p.add_argument("--reward-indices", help="lm_logits heads: vocabulary indices read as rewards, e.g. 0 or 0,1,2")
+    p.add_argument("--attribute-names", help="comma-separated names of the K raw outputs")
+    p.add_argument("--attribute-weights", help="comma-separated weights: score = sum(w_k * attribute_k)")
+    p.add_argument("--score-mean", type=float, default=0.0, help="score = (raw - mean) / std")
+    p.add_argument("--score-std", type=float, default=1.0)
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, help="torch threads per engine instance (default: cores / instances)")
+    p.add_argument("--token-budget", type=int, help="padded tokens per engine micro-batch (default 8192)")
+    p.add_argument("--max-queue-size", type=int, help="engine queue limit; beyond it requests get UNAVAILABLE")
+    p.add_argument("--log-verbose", type=int, default=0)
+
+
+def _options(args: argparse.Namespace) -> ServeOptions:
+    return ServeOptions(
+        checkpoint=args.checkpoint, demo_size=args.demo_size, engine=args.engine, host=args.host,
+        grpc_port=args.grpc_port, http_port=args.http_port, metrics_port=args.metrics_port,
+        instances=args.instances, max_length=args.max_length, truncation=args.truncation,
+        chat_template=args.chat_template.read_text() if args.chat_template else None,
+        head_type=args.head_type, reward_indices=args.reward_indices, attribute_names=args.attribute_names,
+        attribute_weights=args.attribute_weights, score_mean=args.score_mean, score_std=args.score_std,
+        device=args.device, torch_threads=args.threads, token_budget=args.token_budget,
+        max_queue_size=args.max_queue_size, log_to_console=True, log_verbose=args.log_verbose)
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Start the server, print the endpoints, and stop gracefully on SIGINT/SIGTERM."""
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    server = TritonServer(_options(args))
+    try:
+        server.start()
+    except (ServerStartError, FileNotFoundError, ValueError) as err:
+        _LOGGER.error("%s", err)
+        return 1
+    print(EXAMPLE.format(checkpoint=server.checkpoint, grpc=server.grpc_url, http=server.http_url,
+                         metrics=server.metrics_url), flush=True)
+    while not stop.wait(0.5):
+        if server.process.poll() is not None:
+            _LOGGER.error("tritonserver exited unexpectedly with code %s", server.process.returncode)
+            return server.process.returncode or 1
+    _LOGGER.info("stopping: waiting for in-flight requests")
+    code = server.stop()
+    return 0 if code in (0, -signal.SIGTERM) else code
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `reward-server` command."""
+    parser = argparse.ArgumentParser(prog="reward-server", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    demo = sub.add_parser("demo-checkpoint", help="write a random-weight Llama reward checkpoint")
+    demo_checkpoint.add_arguments(demo)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.command == "demo-checkpoint":
+        path = demo_checkpoint.run(args)
+        print(path)
+        sys.exit(0)
+    sys.exit(serve(args))
+
+
+if __name__ == "__main__":
+    main()

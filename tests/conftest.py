@@ -1,0 +1,46 @@
+"""Shared fixtures: small checkpoints built here, and real tritonserver processes on them."""
+
+from __future__ import annotations
+
+import pytest
+
+from reward_server.demo_checkpoint import build_checkpoint
+from reward_server.launcher import ServeOptions, TritonServer
+
+QWEN_INDICES = "0,3,5"
+QWEN_NAMES = "helpfulness,correctness,verbosity"
+QWEN_WEIGHTS = "0.5,1.0,-0.25"
+QWEN_MEAN, QWEN_STD = 0.1, 2.0
+QWEN_MAX_LENGTH = 160
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint(tmp_path_factory):
+    """Tiny Llama sequence-classification checkpoint whose pad token is <|eot_id|> (as in many
+    Llama-3 reward models), so the score is pooled one token before the end."""
+    return build_checkpoint(tmp_path_factory.mktemp("ckpt") / "llama", "tiny", pad_token="<|eot_id|>")
+
+
+@pytest.fixture(scope="session")
+def qwen_checkpoint(tmp_path_factory):
+    """Tiny Qwen2 causal-LM checkpoint read through lm_logits (no BOS token, ChatML template)."""
+    return build_checkpoint(tmp_path_factory.mktemp("ckpt") / "qwen", "tiny", arch="qwen2", head="lm_logits",
+                            seed=1)
+
+
+@pytest.fixture(scope="session")
+def server(demo_checkpoint):
+    """A real tritonserver on the Llama checkpoint (reject policy, max length 512)."""
+    with TritonServer(ServeOptions(checkpoint=demo_checkpoint, max_length=512, token_budget=1024)) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def qwen_server(qwen_checkpoint):
+    """A real tritonserver on the Qwen2 checkpoint: three attributes, weights, normalisation,
+    and the truncate_left policy."""
+    options = ServeOptions(checkpoint=qwen_checkpoint, reward_indices=QWEN_INDICES, attribute_names=QWEN_NAMES,
+                           attribute_weights=QWEN_WEIGHTS, score_mean=QWEN_MEAN, score_std=QWEN_STD,
+                           max_length=QWEN_MAX_LENGTH, truncation="truncate_left")
+    with TritonServer(options) as srv:
+        yield srv

@@ -1,0 +1,79 @@
+"""The PyTorch engine and the preprocessing stage in-process, against the transformers reference."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from reward_server import stages
+from reward_server.chat import ChatEncoder
+from reward_server.demo_checkpoint import build_checkpoint
+from reward_server.engine import RewardEngine
+from tests.conversations import make_conversations
+from tests.reference import reference_ids, reference_rewards
+
+CONVERSATIONS = make_conversations(20, seed=3)
+
+
+@pytest.fixture(scope="module", params=[("llama", "lm_logits"), ("qwen2", "sequence_classification")])
+def other_checkpoint(request, tmp_path_factory):
+    arch, head = request.param
+    return build_checkpoint(tmp_path_factory.mktemp(arch) / "ckpt", "tiny", arch=arch, head=head, num_labels=2,
+                            seed=7)
+
+
+def _check_engine(checkpoint, indices=None, ref_indices=(0,)):
+    encoder = ChatEncoder.from_checkpoint(checkpoint)
+    ids = [e.token_ids for e in encoder.encode_batch(CONVERSATIONS)]
+    assert ids == [reference_ids(checkpoint, c) for c in CONVERSATIONS]
+    expected = reference_rewards(checkpoint, CONVERSATIONS, ref_indices)
+    for budget in (1, 200, 100_000):  # alone, small micro-batches, everything in one
+        engine = RewardEngine.from_checkpoint(checkpoint, reward_indices=indices, token_budget=budget)
+        got = engine.score(ids)
+        assert got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+    return engine
+
+
+def test_llama_classifier_matches_reference_with_pad_equal_eot(demo_checkpoint):
+    engine = _check_engine(demo_checkpoint)
+    # pad == <|eot_id|> ends the template, so the head reads one token before the end
+    assert engine.stats.tokens == sum(len(reference_ids(demo_checkpoint, c)) - 1 for c in CONVERSATIONS)
+
+
+def test_qwen_lm_logits_matches_reference(qwen_checkpoint):
+    _check_engine(qwen_checkpoint, indices="0,3,5", ref_indices=(0, 3, 5))
+
+
+def test_other_architecture_and_head_pairs(other_checkpoint):
+    config = json.loads((other_checkpoint / "config.json").read_text())
+    causal = config["architectures"][0].endswith("ForCausalLM")
+    _check_engine(other_checkpoint, indices="2,9" if causal else None, ref_indices=(2, 9) if causal else (0, 1))
+
+
+def test_engine_rejects_bad_index(qwen_checkpoint):
+    with pytest.raises(ValueError, match="outside the LM head's vocabulary"):
+        RewardEngine.from_checkpoint(qwen_checkpoint, reward_indices="10000000")
+
+
+def test_preprocess_batches_requests_and_isolates_errors(demo_checkpoint):
+    encoder = ChatEncoder.from_checkpoint(demo_checkpoint, max_length=256)
+    good = np.array([[json.dumps(c).encode()] for c in CONVERSATIONS[:3]], dtype=object)
+    bad = np.array([[json.dumps(CONVERSATIONS[3]).encode()], [b'[{"role": "user", "content": "x"}]']], dtype=object)
+    ids = np.array([[5, 6, 7, 0], [8, 9, 0, 0]], dtype=np.int32)
+    results = stages.preprocess(encoder, [
+        stages.PreprocessInput(messages=good), stages.PreprocessInput(messages=bad),
+        stages.PreprocessInput(token_ids=ids, token_lengths=np.array([[3], [2]], dtype=np.int32)),
+        stages.PreprocessInput(token_ids=np.array([[1, 99999]], dtype=np.int32)),
+    ])
+    assert isinstance(results[1], stages.RequestError)
+    assert results[1].startswith("conversation 1: the last message (message 0) must be the assistant")
+    assert results[3] == "conversation 0: input_ids holds 99999, outside the vocabulary [0, 2048)"
+    first = results[0]
+    lengths = first["input_lengths"].ravel().tolist()
+    assert lengths == [len(reference_ids(demo_checkpoint, c)) for c in CONVERSATIONS[:3]]
+    assert first["input_ids"][0, : lengths[0]].tolist() == reference_ids(demo_checkpoint, CONVERSATIONS[0])
+    assert results[2]["input_lengths"].ravel().tolist() == [3, 2]
+    assert results[2]["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]]

@@ -1,0 +1,110 @@
+"""Pure logic, no server: validation, length policy, heads, batching plans, reward maths."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from reward_server.batching import padding_ratio, plan_microbatches
+from reward_server.chat import ConversationError, LengthPolicy, parse_messages
+from reward_server.heads import detect_head_type, num_outputs, parse_indices, pool_position
+from reward_server.scoring import ScoreSpec, parse_floats
+
+GOOD = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
+
+
+def test_parse_messages_accepts_bytes_str_and_list():
+    assert parse_messages(json.dumps(GOOD).encode()) == GOOD
+    assert parse_messages(json.dumps(GOOD)) == GOOD
+    extra = [dict(m, name="x") for m in GOOD]
+    assert parse_messages(extra) == GOOD  # unknown keys are dropped, not passed to the template
+
+
+@pytest.mark.parametrize("raw, needle", [
+    (b"[{", "not valid JSON"),
+    (b"\xff\xfe", "not valid UTF-8"),
+    (json.dumps({"role": "assistant"}), "must be a JSON array"),
+    ("[]", "messages is empty"),
+    (json.dumps(["hi"]), "message 0 must be an object"),
+    (json.dumps([{"role": "robot", "content": "x"}]), "unknown role 'robot'"),
+    (json.dumps([{"role": "user", "content": "x"}, {"role": "assistant", "content": ["a"]}]),
+     "message 1 content must be a string, got list"),
+    (json.dumps([{"role": "assistant", "content": "x"}, {"role": "user", "content": "x"}]),
+     "last message (message 1) must be the assistant"),
+])
+def test_parse_messages_names_the_problem(raw, needle):
+    with pytest.raises(ConversationError, match=None) as info:
+        parse_messages(raw)
+    assert needle in str(info.value)
+
+
+def test_length_policy_reject_says_count_and_limit():
+    with pytest.raises(ConversationError, match="12 tokens, over the maximum length of 10"):
+        LengthPolicy(10).apply(list(range(12)), keep_head=1, response_tokens=None)
+    assert LengthPolicy(10).apply(list(range(10)), 1, None).truncated is False
+
+
+def test_length_policy_truncate_left_keeps_bos_and_tail():
+    out = LengthPolicy(5, "truncate_left").apply(list(range(12)), keep_head=1, response_tokens=3)
+    assert out.token_ids == [0, 8, 9, 10, 11] and out.truncated
+    out = LengthPolicy(5, "truncate_left").apply(list(range(12)), keep_head=0, response_tokens=5)
+    assert out.token_ids == [7, 8, 9, 10, 11]
+    with pytest.raises(ConversationError, match="response alone is 5 tokens"):
+        LengthPolicy(5, "truncate_left").apply(list(range(12)), keep_head=1, response_tokens=5)
+
+
+def test_length_policy_validates_settings():
+    with pytest.raises(ValueError, match="truncation must be one of"):
+        LengthPolicy(10, "middle")
+
+
+def test_pool_position_follows_transformers_rule():
+    pad = 9
+    assert pool_position([1, 2, 3, 9], "sequence_classification", pad) == 2  # trailing pad skipped
+    assert pool_position([1, 9, 3, 9, 9], "sequence_classification", pad) == 2
+    assert pool_position([9, 9], "sequence_classification", pad) == 0
+    assert pool_position([1, 2, 3, 9], "sequence_classification", None) == 3
+    assert pool_position([1, 2, 3, 9], "lm_logits", pad) == 3
+
+
+def test_head_detection_and_outputs():
+    assert detect_head_type(["LlamaForSequenceClassification"]) == "sequence_classification"
+    assert detect_head_type(["Qwen2ForCausalLM"]) == "lm_logits"
+    assert detect_head_type(["Qwen2ForCausalLM"], "sequence_classification") == "sequence_classification"
+    with pytest.raises(ValueError, match="cannot detect"):
+        detect_head_type(["BertModel"])
+    assert parse_indices("0, 4,7") == (0, 4, 7) and parse_indices(None) == (0,)
+    assert num_outputs({"id2label": {"0": "a", "1": "b", "2": "c"}}, "sequence_classification", (0,)) == 3
+    assert num_outputs({}, "lm_logits", (0, 4)) == 2
+
+
+def test_plan_respects_budget_and_covers_every_index_once():
+    rng = np.random.default_rng(0)
+    lengths = [int(x) for x in rng.lognormal(5, 0.8, size=300).clip(1, 3000)]
+    plan = plan_microbatches(lengths, token_budget=4096)
+    assert sorted(i for batch in plan for i in batch) == list(range(300))
+    for batch in plan:
+        width = max(lengths[i] for i in batch)
+        assert len(batch) == 1 or len(batch) * width <= 4096
+    assert padding_ratio(lengths, plan) < 0.10
+    arrival = [list(range(i, min(i + 16, 300))) for i in range(0, 300, 16)]
+    assert padding_ratio(lengths, arrival) > 0.3  # what sorting saves
+
+
+def test_plan_puts_overlong_sequence_alone():
+    assert plan_microbatches([10, 500, 10], token_budget=100) == [[1], [0, 2]]
+    with pytest.raises(ValueError):
+        plan_microbatches([1], token_budget=0)
+
+
+def test_score_spec_weights_and_normalisation():
+    attrs = np.array([[1.0, 2.0, 3.0], [0.0, -1.0, 4.0]], dtype=np.float32)
+    np.testing.assert_allclose(ScoreSpec().score(attrs), [1.0, 0.0])
+    spec = ScoreSpec(weights=parse_floats("0.5,1,-0.25"), mean=0.5, std=2.0)
+    np.testing.assert_allclose(spec.score(attrs), [(0.5 + 2 - 0.75 - 0.5) / 2, (0 - 1 - 1 - 0.5) / 2], rtol=1e-6)
+    with pytest.raises(ValueError, match="2 attribute weights given for a model with 3 outputs"):
+        ScoreSpec(weights=(1.0, 2.0)).check(3)
+    with pytest.raises(ValueError, match="score_std must be positive"):
+        ScoreSpec(std=0)
