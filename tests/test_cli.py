@@ -1,0 +1,81 @@
+"""The `reward-server` command as a user runs it: demo checkpoint, serve, graceful stop."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import tritonclient.http as httpclient
+
+from reward_server.launcher import free_port
+from tests.conversations import make_conversations
+
+CLI = [sys.executable, "-m", "reward_server.cli"]
+
+
+def _digest(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
+
+
+def test_demo_checkpoint_is_deterministic(tmp_path):
+    for name in ("a", "b"):
+        subprocess.run([*CLI, "demo-checkpoint", str(tmp_path / name), "--size", "tiny"], check=True,
+                       capture_output=True, timeout=120)
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(_digest(tmp_path / "a"))
+    subprocess.run([*CLI, "demo-checkpoint", str(tmp_path / "c"), "--size", "tiny", "--seed", "1"], check=True,
+                   capture_output=True, timeout=120)
+    assert _digest(tmp_path / "c")["model.safetensors"] != _digest(tmp_path / "a")["model.safetensors"]
+
+
+def test_serve_prints_endpoints_scores_and_stops_gracefully(demo_checkpoint, tmp_path):
+    ports = [free_port() for _ in range(3)]
+    log = open(tmp_path / "serve.log", "w+")
+    proc = subprocess.Popen([*CLI, "serve", "--checkpoint", str(demo_checkpoint), "--grpc-port", str(ports[0]),
+                             "--http-port", str(ports[1]), "--metrics-port", str(ports[2])],
+                            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        deadline = time.monotonic() + 180
+        while "Ctrl-C stops the server" not in (tmp_path / "serve.log").read_text():
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "server not ready in time"
+            time.sleep(0.5)
+        banner = (tmp_path / "serve.log").read_text()
+        assert f"gRPC     127.0.0.1:{ports[0]}" in banner and f"http://127.0.0.1:{ports[1]}" in banner
+        assert "curl -s" in banner and "/v2/models/reward/infer" in banner
+
+        # A large request in flight when SIGTERM arrives still gets its answer.
+        conversations = make_conversations(200, seed=4)
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{ports[1]}", network_timeout=120)
+        data = np.array([[json.dumps(c).encode()] for c in conversations], dtype=object)
+        tensor = httpclient.InferInput("messages", list(data.shape), "BYTES")
+        tensor.set_data_from_numpy(data)
+        box = {}
+        worker = threading.Thread(target=lambda: box.setdefault("r", client.infer("reward", [tensor])))
+        worker.start()
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        worker.join(120)
+        client.close()  # tritonserver waits (up to its exit timeout) for open HTTP connections
+        assert box["r"].as_numpy("score").shape == (200, 1)
+        assert proc.wait(90) == 0
+        assert "stopping: waiting for in-flight requests" in (tmp_path / "serve.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+
+
+def test_serve_reports_a_bad_checkpoint(tmp_path):
+    result = subprocess.run([*CLI, "serve", "--checkpoint", str(tmp_path), "--grpc-port", "0", "--http-port", "0",
+                             "--metrics-port", "0"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "is not a Hugging Face checkpoint (no config.json)" in result.stderr
