@@ -325,7 +325,8 @@ def test_map_error_names_global_conversation_index():
     mapped = wire.map_error(exc, offset=128)
     assert isinstance(mapped, RewardInvalidInputError) and isinstance(mapped, ValueError)
     assert mapped.index == 131
-    assert "unknown role" in mapped.reason and str(mapped).startswith("conversation 131: ")
+    assert mapped.reason == "in ensemble 'reward': unknown role 'bot'"
+    assert str(mapped) == "conversation 131: " + mapped.reason
 
 
 @pytest.mark.parametrize("status,message,kind", [

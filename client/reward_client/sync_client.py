@@ -117,7 +117,10 @@ class RewardClient:
         return status
 
     def models(self) -> List[Dict[str, Any]]:
-        """Return the repository index with each ready model's inputs and outputs.
+        """Return each model's name, version, state and, when ready, inputs and outputs.
+
+        Uses the repository index when the server allows it, otherwise the reward
+        repository's known models (the index API is often restricted to admins).
 
         Raises:
             RewardUnavailableError: if the server cannot be reached.
@@ -125,14 +128,22 @@ class RewardClient:
         """
         try:
             index = self._client.get_model_repository_index(as_json=True).get("models", [])
+        except InferenceServerException as exc:
+            _LOGGER.info("repository index unavailable (%s); listing known models", exc)
+            index = [{"name": name} for name in wire.KNOWN_MODELS]
+        try:
             for entry in index:
-                if entry.get("state") == "READY":
+                if "state" not in entry:
+                    entry["state"] = ("READY" if self._client.is_model_ready(entry["name"])
+                                      else "UNAVAILABLE")
+                if entry["state"] == "READY":
                     meta = self._client.get_model_metadata(entry["name"], as_json=True)
+                    entry["version"] = entry.get("version") or ",".join(meta.get("versions", []))
                     entry["inputs"] = meta.get("inputs", [])
                     entry["outputs"] = meta.get("outputs", [])
-            return index
         except InferenceServerException as exc:
             raise wire.map_error(exc) from exc
+        return index
 
     def attribute_names(self) -> Tuple[str, ...]:
         """Return the model's attribute names (``reward_i`` defaults when unnamed).

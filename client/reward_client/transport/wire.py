@@ -24,6 +24,8 @@ IDS_MODEL = "reward_ids"
 POSTPROCESSING_MODEL = "postprocessing"
 ATTRIBUTE_NAMES_PARAMETER = "attribute_names"
 OUTPUT_NAMES = ("score", "attributes", "num_tokens", "truncated")
+# The models of the reward repository, listed when the repository index API is restricted.
+KNOWN_MODELS = (MESSAGES_MODEL, IDS_MODEL, "preprocessing", "reward_engine", POSTPROCESSING_MODEL)
 
 _CONVERSATION_INDEX = re.compile(r"conversation (\d+):")
 _RETRYABLE_STATUSES = {"StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED"}
@@ -127,8 +129,11 @@ def map_error(exc: InferenceServerException, offset: int = 0) -> RewardClientErr
     message = str(exc.message() or exc)
     if status == "StatusCode.INVALID_ARGUMENT":
         match = _CONVERSATION_INDEX.search(message)
-        index = offset + int(match.group(1)) if match else None
-        return RewardInvalidInputError(message, index)
+        if match is None:
+            return RewardInvalidInputError(message)
+        # The server numbers conversations within the request; drop that local number.
+        reason = (message[:match.start()] + message[match.end():].lstrip()).strip()
+        return RewardInvalidInputError(reason, offset + int(match.group(1)))
     if status in _RETRYABLE_STATUSES or any(m in message.lower() for m in _RETRYABLE_MESSAGES):
         return RewardUnavailableError(f"{status}: {message}")
     if status == "StatusCode.DEADLINE_EXCEEDED":
