@@ -17,6 +17,7 @@ import gc
 import json
 import logging
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from bench import baselines, grpc_load, metrics, report, vllm_bridge, workload
 _LOGGER = logging.getLogger("bench.run")
 
 SYSTEMS = ("matmul", "naive", "engine", "server", "vllm")
+OPTIONAL_SYSTEMS = ("perf_analyzer",)  # only when named in --systems
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,7 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--request-size", type=int, default=8, help="conversations per gRPC request")
     parser.add_argument("--workloads", default="grpo,no-sharing")
     parser.add_argument("--systems", default=",".join(SYSTEMS),
-                        help=f"comma-separated subset of {','.join(SYSTEMS)}")
+                        help=f"comma-separated subset of {','.join(SYSTEMS + OPTIONAL_SYSTEMS)}; "
+                        "perf_analyzer (CSV per workload, same server) runs only when named")
     parser.add_argument("--vllm-python", type=Path, default=vllm_bridge.DEFAULT_PYTHON,
                         help="python of the separate vLLM venv (skipped when absent)")
     parser.add_argument("--log-level", default="INFO")
@@ -217,6 +220,24 @@ class Bench:
                     if not extra["num_tokens_match"]:
                         _LOGGER.warning("server token counts differ from the harness tokenisation on %s", name)
                     self._record("server", name, runs, concurrency=concurrency, extra=extra)
+                if "perf_analyzer" in self.systems:
+                    self._perf_analyzer(url, name, levels)
+
+    def _perf_analyzer(self, url: str, name: str, levels: list[int]) -> None:
+        """perf_analyzer on the same server and workload, one pass of the workload per level."""
+        from bench.perf_analyzer import make_input, run as perf
+
+        data = make_input.write_input(self.args.out / f"perf_analyzer_{name}.json", self.workloads[name].spec)
+        requests = len(grpc_load.split_requests(len(self.workloads[name]), self.args.request_size))
+        try:
+            result = perf.run(url, data, levels, self.args.request_size, request_count=requests)
+        except perf.PerfAnalyzerError as err:
+            self.notes.append(f"perf_analyzer on {name}: {err}")
+            _LOGGER.warning("perf_analyzer on %s: %s", name, err)
+            return
+        path = result.write_csv(self.args.out / f"perf_analyzer_{name}.csv")
+        data.unlink()
+        self.notes.append(f"perf_analyzer on {name}: {path.name}")
 
     def run_vllm(self) -> None:
         python = self.args.vllm_python
@@ -258,6 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
         _LOGGER.warning("--repeats %d < 3: fine for a smoke run, not for reported numbers", args.repeats)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    load_before = os.getloadavg()
     bench = Bench(args)
     peak = {"gflops": math.nan}
     if "matmul" in bench.systems:
@@ -273,6 +295,8 @@ def main(argv: list[str] | None = None) -> dict:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "duration_s": time.time() - started,
         "machine": machine_description(),
+        # Other processes on the machine skew everything; the 1-minute load says how busy it was.
+        "load_average_1min": {"start": load_before[0], "end": os.getloadavg()[0]},
         "checkpoint": str(bench.checkpoint),
         "non_embedding_params": bench.params,
         "matmul_peak": peak,

@@ -180,7 +180,7 @@ def _document(server_tps: float, engine_seconds: float = 2.0) -> dict:
     return {"workloads": {"grpo": {"conversations": 1, "tokens": 1000, "unique_tokens": 800, "max_tokens": 10}},
             "results": results, "machine": {"cpu": "test"}, "matmul_peak": {"gflops": 100.0},
             "command": "x", "started": "now", "duration_s": 60.0, "checkpoint": "c",
-            "non_embedding_params": 1e6, "repeats": 3, "request_size": 8, "notes": ["n"]}
+            "non_embedding_params": 1e6, "repeats": 3, "load_average_1min": {"start": 0.1, "end": 0.2}, "request_size": 8, "notes": ["n"]}
 
 
 def test_summary_picks_the_best_concurrency_and_checks_targets():
