@@ -40,7 +40,8 @@ def _check_engine(checkpoint, indices=None, ref_indices=(0,)):
 def test_llama_classifier_matches_reference_with_pad_equal_eot(demo_checkpoint):
     engine = _check_engine(demo_checkpoint)
     # pad == <|eot_id|> ends the template, so the head reads one token before the end
-    assert engine.stats.tokens == sum(len(reference_ids(demo_checkpoint, c)) - 1 for c in CONVERSATIONS)
+    computed = engine.stats.tokens + engine.stats.shared_tokens
+    assert computed == sum(len(reference_ids(demo_checkpoint, c)) - 1 for c in CONVERSATIONS)
 
 
 def test_qwen_lm_logits_matches_reference(qwen_checkpoint):
@@ -77,3 +78,35 @@ def test_preprocess_batches_requests_and_isolates_errors(demo_checkpoint):
     assert first["input_ids"][0, : lengths[0]].tolist() == reference_ids(demo_checkpoint, CONVERSATIONS[0])
     assert results[2]["input_lengths"].ravel().tolist() == [3, 2]
     assert results[2]["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]]
+
+
+def _grpo_like_conversations():
+    """Groups sharing a prompt; a partial overlap (same system, other user); responses sharing a
+    long opening so the common prefix ends mid-message; and unshared conversations."""
+    system = {"role": "system", "content": "You are a careful assistant. Answer in full sentences. " * 3}
+    out = []
+    for p, prompt in enumerate(["Why is the sky blue?", "Explain Bayes' rule.", "Grüße! Was ist 2+2?"]):
+        for r in range(6):
+            opening = "Let me think about this step by step, carefully. " * 2 if r % 2 else ""
+            out.append([system, {"role": "user", "content": prompt},
+                        {"role": "assistant", "content": opening + f"Answer {r}: " + "blah " * (r * 7 % 11)}])
+    out.append([system, {"role": "user", "content": "Unrelated question?"}, {"role": "assistant", "content": "Yes."}])
+    return out + make_conversations(4, seed=9)
+
+
+@pytest.mark.parametrize("budget", [64, 8192])
+def test_shared_prefixes_are_computed_once_and_scores_stay_exact(demo_checkpoint, qwen_checkpoint, budget):
+    conversations = _grpo_like_conversations()
+    for checkpoint, indices in ((demo_checkpoint, None), (qwen_checkpoint, (0, 3, 5))):
+        encoder = ChatEncoder.from_checkpoint(checkpoint)
+        ids = [e.token_ids for e in encoder.encode_batch(conversations)]
+        expected = reference_rewards(checkpoint, conversations, indices or (0,))
+        shared = RewardEngine.from_checkpoint(checkpoint, reward_indices=indices, token_budget=budget, min_shared=8)
+        alone = RewardEngine.from_checkpoint(checkpoint, reward_indices=indices, token_budget=budget, min_shared=0)
+        got_shared, got_alone = shared.score(ids), alone.score(ids)
+        np.testing.assert_allclose(got_shared, expected, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(got_shared, got_alone, rtol=1e-4, atol=1e-6)
+        assert alone.stats.shared_tokens == 0
+        # at least the three prompts' prefixes were computed once per group, not six times
+        assert shared.stats.shared_tokens > 3 * 5 * 20
+        assert shared.stats.tokens + shared.stats.shared_tokens == alone.stats.tokens

@@ -108,3 +108,31 @@ def test_score_spec_weights_and_normalisation():
         ScoreSpec(weights=(1.0, 2.0)).check(3)
     with pytest.raises(ValueError, match="score_std must be positive"):
         ScoreSpec(std=0)
+
+
+def test_group_shared_prefixes_finds_groups_partial_overlaps_and_singles():
+    from reward_server.batching import SharedGroup, group_shared_prefixes
+
+    prompt = list(range(100))
+    seqs = [prompt + [1000 + i] * 5 for i in range(4)]      # 0-3: one prompt, four responses
+    seqs.append(list(range(50)) + [7] * 60)                   # 4: shares only 50 tokens with them
+    seqs += [[5] * 40, list(range(200, 240)) + [1] * 3, list(range(200, 240)) + [2] * 3]  # 5 alone; 6, 7 pair
+    seqs.append(prompt[:20])                                  # 8: a prefix of the others, too short to help
+    groups, singles = group_shared_prefixes(seqs, min_shared=32)
+    assert groups == [SharedGroup(100, (0, 1, 2, 3)), SharedGroup(40, (6, 7))]
+    assert singles == [4, 5, 8]
+
+
+def test_shared_prefix_leaves_each_member_a_token_of_its_own():
+    from reward_server.batching import group_shared_prefixes
+
+    groups, singles = group_shared_prefixes([[1] * 50, [1] * 50 + [2], [1] * 50 + [3]], min_shared=10)
+    assert [g.prefix_length for g in groups] == [49] and singles == []
+    assert group_shared_prefixes([[1] * 50] * 3, min_shared=10)[0][0].prefix_length == 49
+
+
+def test_plan_caps_padding_per_microbatch():
+    lengths = [100, 95, 60, 58, 57, 10]
+    plan = plan_microbatches(lengths, token_budget=10_000, max_padding=0.1)
+    assert plan == [[0, 1], [2, 3, 4], [5]]
+    assert plan_microbatches(lengths, token_budget=10_000, max_padding=1.0) == [[0, 1, 2, 3, 4, 5]]
