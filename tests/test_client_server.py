@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from reward_client import (AsyncRewardClient, RetryPolicy, RewardClient, RewardInvalidInputError,
-                           RewardUnavailableError)
+                           RewardTimeoutError, RewardUnavailableError)
 from reward_client.cli.resumable import PARTIAL_SUFFIX
 
 CLIENT_DIR = Path(__file__).resolve().parents[1] / "client"
@@ -111,6 +111,14 @@ def test_invalid_conversation_is_named_by_its_global_index(server):
         with pytest.raises(RewardInvalidInputError) as info:
             client.score(long)
         assert info.value.index == 13
+
+
+def test_deadline_raises_timeout_without_retrying(server):
+    with RewardClient(server.grpc_url, batch_size=64, timeout_s=0.0005) as client:
+        started = time.monotonic()
+        with pytest.raises(RewardTimeoutError):
+            client.score(make_conversations(64))
+        assert time.monotonic() - started < 5
 
 
 def test_preference_rank_and_token_ids(server, demo_checkpoint):

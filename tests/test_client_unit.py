@@ -331,6 +331,7 @@ def test_map_error_names_global_conversation_index():
 
 @pytest.mark.parametrize("status,message,kind", [
     ("StatusCode.UNAVAILABLE", "Exceeds maximum queue size", RewardUnavailableError),
+    ("StatusCode.UNAVAILABLE", "failed to connect to all addresses", RewardUnavailableError),
     ("StatusCode.RESOURCE_EXHAUSTED", "out of memory", RewardUnavailableError),
     ("StatusCode.INTERNAL", "Request timeout expired", RewardUnavailableError),
     ("StatusCode.DEADLINE_EXCEEDED", "Deadline Exceeded", RewardTimeoutError),
