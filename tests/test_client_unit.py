@@ -659,3 +659,19 @@ def test_client_imports_without_heavy_dependencies():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, env={**os.environ, "PYTHONPATH": ""})
     assert out.stdout.strip() == "[]"
+
+
+def test_cli_score_refuses_to_resume_on_another_input(tmp_path, cli_on_fake, capsys):
+    src, other, out = tmp_path / "in.jsonl", tmp_path / "other.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(src, [{"prompt": "p", "response": f"r{i}"} for i in range(8)])
+    write_jsonl(other, [{"prompt": "p", "response": f"x{i}"} for i in range(8)])
+    base = ["-o", str(out), "--batch-size", "2", "--no-progress"]
+    assert cli_main(["score", str(src), "--max-lines", "3"] + base) == 0
+    assert cli_main(["score", str(other)] + base) == 2
+    assert "does not match" in capsys.readouterr().err
+    assert (tmp_path / "out.jsonl.partial").read_text().count("\n") == 3
+    write_jsonl(other, [{"prompt": "p", "response": "r0"}])
+    assert cli_main(["score", str(other)] + base) == 2      # output longer than the input
+    assert cli_main(["score", str(src)] + base) == 0
+    assert [json.loads(l)["response"] for l in out.read_text().splitlines()] == [
+        f"r{i}" for i in range(8)]

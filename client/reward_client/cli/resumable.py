@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from typing import IO, List, Optional
+from typing import IO, List, Optional, Tuple
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -32,28 +32,41 @@ def count_valid_lines(path: str, repair: bool = True) -> int:
     Raises:
         OSError: if the file cannot be read or truncated.
     """
+    return scan_valid_lines(path, repair)[0]
+
+
+def scan_valid_lines(path: str, repair: bool = True) -> Tuple[int, Optional[dict]]:
+    """Like :func:`count_valid_lines`, also returning the last valid record (or None).
+
+    Raises:
+        OSError: if the file cannot be read or truncated.
+    """
     count = 0
     good_end = 0
+    last: Optional[dict] = None
     with open(path, "rb") as handle:
         for line in handle:
-            if not line.endswith(b"\n") or not _is_json_object(line):
+            record = _json_object(line) if line.endswith(b"\n") else None
+            if record is None:
                 break
             count += 1
             good_end += len(line)
+            last = record
         size = handle.seek(0, os.SEEK_END)
     if repair and size != good_end:
         _LOGGER.warning("%s: dropping %d bytes after %d complete lines", path,
                         size - good_end, count)
         with open(path, "r+b") as handle:
             handle.truncate(good_end)
-    return count
+    return count, last
 
 
-def _is_json_object(line: bytes) -> bool:
+def _json_object(line: bytes) -> Optional[dict]:
     try:
-        return isinstance(json.loads(line), dict)
+        record = json.loads(line)
     except ValueError:
-        return False
+        return None
+    return record if isinstance(record, dict) else None
 
 
 class ResumableJsonlWriter:
@@ -71,6 +84,7 @@ class ResumableJsonlWriter:
         self.path = path
         self.partial_path = path + PARTIAL_SUFFIX
         self.written = 0
+        self.last_record: Optional[dict] = None
         self._fsync_interval_s = fsync_interval_s
         self._last_fsync = time.monotonic()
         self._handle: Optional[IO[str]] = None
@@ -78,12 +92,16 @@ class ResumableJsonlWriter:
     def open(self) -> int:
         """Open for appending and return how many records earlier runs completed.
 
+        ``last_record`` is then the last of those records (None when there are none).
+
         Raises:
             OSError: if the files cannot be read, moved or opened.
         """
         if not os.path.exists(self.partial_path) and os.path.exists(self.path):
             os.replace(self.path, self.partial_path)  # resume on top of a finished run
-        done = count_valid_lines(self.partial_path) if os.path.exists(self.partial_path) else 0
+        done = 0
+        if os.path.exists(self.partial_path):
+            done, self.last_record = scan_valid_lines(self.partial_path)
         self._handle = open(self.partial_path, "a", encoding="utf-8", newline="\n")
         self.written = done
         return done

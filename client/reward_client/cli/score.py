@@ -63,11 +63,15 @@ def run(args: argparse.Namespace) -> int:
         warn(f"error: {exc}")
         return EXIT_USAGE
     writer = ResumableJsonlWriter(args.output)
-    done = writer.open()
-    if done > total:
+    try:
+        done = writer.open()
+    except OSError as exc:
+        warn(f"error: {exc}")
+        return EXIT_USAGE
+    mismatch = _resume_mismatch(args, writer.last_record, done, total)
+    if mismatch:
         writer.close()
-        warn(f"error: {args.output} already holds {done} records but {args.input} has {total}; "
-             "is it the output of another input?")
+        warn(f"error: {mismatch}; use another output path or delete {writer.partial_path}")
         return EXIT_USAGE
     if done:
         _LOGGER.info("resuming after %d records", done)
@@ -119,6 +123,26 @@ def run(args: argparse.Namespace) -> int:
     elif writer.written < total:
         warn(f"stopped after {writer.written}/{total} records; re-run the same command to resume")
     return status
+
+
+def _resume_mismatch(args: argparse.Namespace, last: Optional[dict], done: int,
+                     total: int) -> str:
+    """Return why the existing output cannot continue this input ("" when it can).
+
+    The last record kept must be input record ``done`` with the result added: resuming on
+    top of the output of another (or an edited) input would silently misalign.
+    """
+    if done > total:
+        return f"{args.output} already holds {done} records but {args.input} has {total}"
+    if not done or last is None:
+        return ""
+    _, record = next(_records(args.input, done - 1))
+    expected = output_record(record, None, args.result_key)
+    saved = dict(last)
+    saved[args.result_key] = None
+    if saved != expected:
+        return f"{args.output} record {done} does not match {args.input} record {done}"
+    return ""
 
 
 def _line_of(index: Optional[int], pending: Deque[Tuple[int, Any]], consumed: int) -> str:
