@@ -245,16 +245,18 @@ class Bench:
             self.notes.append(f"vLLM skipped: no venv python at {python} (see bench/README.md)")
             _LOGGER.info("vLLM skipped: %s not found", python)
             return
-        for name, ids in self.token_ids.items():
-            try:
-                out = vllm_bridge.run(python, self.checkpoint, ids, self.args.repeats, self.args.out)
-            except (subprocess.SubprocessError, OSError, ValueError) as err:
-                self.notes.append(f"vLLM failed on {name}: {err}")
-                _LOGGER.warning("vLLM failed on %s: %s", name, err)
-                return
-            runs = [{"seconds": s, "latencies": [s]} for s in out["seconds"]]
+        try:
+            out = vllm_bridge.run(python, self.checkpoint, self.token_ids, self.args.repeats, self.args.out,
+                                  threads=self.args.threads)
+        except (subprocess.SubprocessError, OSError, ValueError) as err:
+            detail = (getattr(err, "stderr", None) or "").strip().splitlines()[-1:]
+            self.notes.append(f"vLLM failed: {str(err)[:200]} {' '.join(detail)[:300]}")
+            _LOGGER.warning("vLLM failed: %s", err)
+            return
+        for name, result in out["workloads"].items():
+            runs = [{"seconds": s, "latencies": [s]} for s in result["seconds"]]
             extra = {"latency_unit": "whole workload in one classify() call", "version": out.get("version")}
-            extra.update(agreement(np.array(out["scores"]), self.naive_scores.get(name)))
+            extra.update(agreement(np.array(result["scores"]), self.naive_scores.get(name)))
             self._record("vllm", name, runs, extra=extra)
 
 

