@@ -86,9 +86,16 @@ def test_async_client_is_ordered_and_complete(server, reference):
             results = [r async for r in client.iter_scores(source())]
             names = await client.attribute_names()
             p = await client.preference(*conversations[3], conversations[4][1])
-            return results, names, p
+            health = await client.health()
+            by_ids = await client.score_ids([[5, 6, 7, 8], [9, 10]])
+            return results, names, p, health, by_ids
 
-    results, names, p = asyncio.run(run())
+    results, names, p, health, by_ids = asyncio.run(run())
+    assert health == {"live": True, "ready": True, "model_ready": True}
+    with RewardClient(server.grpc_url, batch_size=1) as client:
+        sync_ids = client.score_ids([[5, 6, 7, 8], [9, 10]])
+    assert [r.score for r in by_ids] == pytest.approx([r.score for r in sync_ids], **TOL)
+    assert [r.num_tokens for r in by_ids] == [4, 2]
     assert [r.index for r in results] == list(range(300))
     assert [r.score for r in results] == pytest.approx(expected[:300], **TOL)
     assert names == ("reward_0",)
@@ -192,8 +199,9 @@ class CountingTriton:
 def test_overload_is_retried_and_every_result_arrives_once(busy_server, reference):
     conversations, expected = reference
     conversations, expected = conversations[:160], expected[:160]
-    policy = RetryPolicy(max_attempts=40, initial_backoff_s=0.01, max_backoff_s=0.2)
-    with RewardClient(busy_server.grpc_url, batch_size=2, max_in_flight=12,
+    # Patient enough to outlast the contention even on a loaded 2-core machine.
+    policy = RetryPolicy(max_attempts=1000, initial_backoff_s=0.01, max_backoff_s=0.3)
+    with RewardClient(busy_server.grpc_url, batch_size=2, max_in_flight=8,
                       retry=policy) as client:
         counter = CountingTriton(client._client)
         client._client = counter

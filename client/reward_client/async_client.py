@@ -87,6 +87,18 @@ class AsyncRewardClient:
                     f"after {timeout_s:.1f}s")
             await self._sleep(poll_s)
 
+    async def health(self) -> Dict[str, bool]:
+        """Return ``{"live", "ready", "model_ready"}`` flags of the server (never raises)."""
+        status = {"live": False, "ready": False, "model_ready": False}
+        probes = (("live", self._client.is_server_live), ("ready", self._client.is_server_ready),
+                  ("model_ready", lambda: self._client.is_model_ready(self.settings.model)))
+        for key, probe in probes:
+            try:
+                status[key] = bool(await probe())
+            except InferenceServerException:
+                pass
+        return status
+
     async def attribute_names(self) -> Tuple[str, ...]:
         """Return the model's attribute names (``reward_i`` defaults when unnamed).
 
@@ -144,8 +156,21 @@ class AsyncRewardClient:
             RewardTimeoutError: a request passed its deadline.
             RewardServerError: any other server failure.
         """
+        return [result async for result in self.iter_score_ids(token_id_lists)]
+
+    async def iter_score_ids(self, token_id_lists: Iterable[Sequence[int]]
+                             ) -> AsyncIterator[ScoreResult]:
+        """Stream :meth:`score_ids` results in input order.
+
+        Raises:
+            RewardInvalidInputError: a list was empty or rejected; ``.index`` names it.
+            RewardUnavailableError: the server stayed unavailable/overloaded through all retries.
+            RewardTimeoutError: a request passed its deadline.
+            RewardServerError: any other server failure.
+        """
         chunks = chunked(checked_id_rows(token_id_lists), self.settings.batch_size)
-        return [r async for r in self._run(chunks, self.settings.ids_model, wire.ids_inputs)]
+        async for result in self._run(chunks, self.settings.ids_model, wire.ids_inputs):
+            yield result
 
     async def preference(self, prompt: Prompt, response_a: str, response_b: str) -> float:
         """Return P(``response_a`` preferred over ``response_b``) = sigmoid(r_a - r_b).

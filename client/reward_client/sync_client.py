@@ -13,7 +13,7 @@ from tritonclient.utils import InferenceServerException
 from reward_client._base import (DEFAULT_URL, AttributeNames, ClientSettings,
                                  checked_id_rows, encoded_conversations)
 from reward_client.conversations import ConversationLike, with_response
-from reward_client.errors import RewardClientError, RewardUnavailableError
+from reward_client.errors import RewardUnavailableError
 from reward_client.results import RankedResponse, ScoreResult, bradley_terry
 from reward_client.retry import RetryPolicy, call_with_retries
 from reward_client.transport import wire
