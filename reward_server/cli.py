@@ -53,6 +53,8 @@ def _serve_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, help="torch threads per engine instance (default: cores / instances)")
     p.add_argument("--token-budget", type=int, help="padded tokens per engine micro-batch (default 8192)")
+    p.add_argument("--min-shared-prefix", type=int,
+                   help="shortest shared token prefix computed once per group (default 32; 0 disables)")
     p.add_argument("--max-queue-size", type=int, help="engine queue limit; beyond it requests get UNAVAILABLE")
     p.add_argument("--log-verbose", type=int, default=0)
 
@@ -66,7 +68,8 @@ def _options(args: argparse.Namespace) -> ServeOptions:
         head_type=args.head_type, reward_indices=args.reward_indices, attribute_names=args.attribute_names,
         attribute_weights=args.attribute_weights, score_mean=args.score_mean, score_std=args.score_std,
         device=args.device, torch_threads=args.threads, token_budget=args.token_budget,
-        max_queue_size=args.max_queue_size, log_to_console=True, log_verbose=args.log_verbose)
+        min_shared_prefix=args.min_shared_prefix, max_queue_size=args.max_queue_size, log_to_console=True,
+        log_verbose=args.log_verbose)
 
 
 def serve(args: argparse.Namespace) -> int:

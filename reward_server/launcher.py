@@ -67,6 +67,7 @@ class ServeOptions:
     device: str = "auto"
     torch_threads: int | None = None
     token_budget: int | None = None
+    min_shared_prefix: int | None = None
     max_queue_size: int | None = None
     max_queue_delay_us: int | None = None
     model_repository: Path = MODEL_REPOSITORY
@@ -205,6 +206,8 @@ def model_parameters(options: ServeOptions, checkpoint: Path) -> tuple[dict[str,
     }
     if options.token_budget:
         params[ENGINE_MODEL][settings.TOKEN_BUDGET] = str(options.token_budget)
+    if options.min_shared_prefix is not None:
+        params[ENGINE_MODEL][settings.MIN_SHARED_PREFIX] = str(options.min_shared_prefix)
     return params, k
 
 

@@ -20,6 +20,7 @@ REWARD_INDICES = "reward_indices"
 DEVICE = "device"
 TORCH_THREADS = "torch_threads"
 TOKEN_BUDGET = "token_budget"
+MIN_SHARED_PREFIX = "min_shared_prefix"
 ATTRIBUTE_NAMES = "attribute_names"
 ATTRIBUTE_WEIGHTS = "attribute_weights"
 SCORE_MEAN = "score_mean"
@@ -59,14 +60,17 @@ def encoder_from_parameters(params: dict[str, str]):
 
 def engine_from_parameters(params: dict[str, str]):
     """The engine model's `RewardEngine`."""
-    from reward_server.batching import DEFAULT_TOKEN_BUDGET
+    from reward_server.batching import DEFAULT_MIN_SHARED, DEFAULT_TOKEN_BUDGET
     from reward_server.engine import RewardEngine
+
+    min_shared = _int_or_none(params, MIN_SHARED_PREFIX)
 
     return RewardEngine.from_checkpoint(_checkpoint(params), head_type=params.get(HEAD_TYPE) or "auto",
                                         reward_indices=params.get(REWARD_INDICES) or None,
                                         device=params.get(DEVICE) or "auto",
                                         threads=_int_or_none(params, TORCH_THREADS),
-                                        token_budget=_int_or_none(params, TOKEN_BUDGET) or DEFAULT_TOKEN_BUDGET)
+                                        token_budget=_int_or_none(params, TOKEN_BUDGET) or DEFAULT_TOKEN_BUDGET,
+                                        min_shared=DEFAULT_MIN_SHARED if min_shared is None else min_shared)
 
 
 def score_spec_from_parameters(params: dict[str, str]):
