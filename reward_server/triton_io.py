@@ -39,3 +39,34 @@ def guarded(stage, requests, *args):
         _LOGGER.exception("stage %s failed", getattr(stage, "__name__", stage))
         error = pb_utils.TritonError(f"{type(err).__name__}: {err}", pb_utils.TritonError.INTERNAL)
         return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in requests]
+
+
+class EngineMetrics:
+    """Counters of the engine's work on Triton's Prometheus endpoint (port 8002).
+
+    reward_engine_<field>_total for each `EngineStats` counter: sequences, tokens computed,
+    tokens saved by shared prefixes, padded tokens (so padding ratio = 1 - tokens / padded).
+    """
+
+    FIELDS = {"sequences": "conversations scored", "tokens": "tokens run through the model",
+              "shared_tokens": "tokens not computed thanks to shared prefixes",
+              "padded_tokens": "tokens computed including padding"}
+
+    def __init__(self, model_name: str):
+        self._families, self._counters = [], {}  # a family must outlive its metrics
+        for field, what in self.FIELDS.items():
+            family = pb_utils.MetricFamily(name=f"reward_engine_{field}_total", description=f"Number of {what}",
+                                           kind=pb_utils.MetricFamily.COUNTER)
+            self._families.append(family)
+            self._counters[field] = family.Metric(labels={"model": model_name})
+        self._seen = dict.fromkeys(self.FIELDS, 0)
+
+    def update(self, stats) -> None:
+        """Add what `stats` counted since the last update; a metrics failure never fails requests."""
+        try:
+            for field, counter in self._counters.items():
+                value = getattr(stats, field)
+                counter.increment(value - self._seen[field])
+                self._seen[field] = value
+        except Exception:  # noqa: BLE001
+            _LOGGER.exception("could not update engine metrics")

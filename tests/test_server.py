@@ -200,3 +200,22 @@ def test_truncate_left_keeps_the_response(qwen_server, qwen_checkpoint):
                                rtol=1e-4, atol=1e-6)
     too_long = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Long answer. " * 80}]
     assert "conversation 0: the response alone is" in invalid_arg(qwen_server.grpc_url, [json.dumps(too_long).encode()])
+
+
+def test_engine_counters_on_the_metrics_endpoint(server):
+    import re
+    import urllib.request
+
+    def counters():
+        text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+        return {name: float(value) for name, value in
+                re.findall(r'^(reward_engine_\w+_total)\{model="reward_engine"\} (\S+)$', text, re.M)}
+
+    before = counters()
+    prompt = [{"role": "user", "content": "Name three prime numbers, and explain why each one is prime."}]
+    group = [prompt + [{"role": "assistant", "content": f"{a}, {a + 2} and {a + 4}."}] for a in (3, 5, 11, 17)]
+    score_grpc(server.grpc_url, group)
+    after = counters()
+    assert after["reward_engine_sequences_total"] - before.get("reward_engine_sequences_total", 0) == 4
+    assert after["reward_engine_shared_tokens_total"] - before.get("reward_engine_shared_tokens_total", 0) >= 3 * 32
+    assert after["reward_engine_padded_tokens_total"] >= after["reward_engine_tokens_total"] > 0

@@ -6,13 +6,16 @@ except ImportError:  # a tritonserver whose own Python has the packages installe
     pass
 
 from reward_server import settings, stages
-from reward_server.triton_io import guarded, input_array
+from reward_server.triton_io import EngineMetrics, guarded, input_array
 
 
 class TritonPythonModel:
     def initialize(self, args):
         self.engine = settings.engine_from_parameters(settings.parameters_of(args))
+        self.metrics = EngineMetrics(args["model_name"])
 
     def execute(self, requests):
         inputs = [(input_array(r, "input_ids"), input_array(r, "input_lengths")) for r in requests]
-        return guarded(stages.score_requests, requests, self.engine, inputs)
+        responses = guarded(stages.score_requests, requests, self.engine, inputs)
+        self.metrics.update(self.engine.stats)
+        return responses
