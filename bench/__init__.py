@@ -1,0 +1,1 @@
+"""Throughput benchmarks of the reward server against baselines; see bench/README.md."""

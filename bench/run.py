@@ -274,31 +274,46 @@ def _padding_from_stats(before, after) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Run the benchmark; returns the results document that was written."""
+    """Run the benchmark; returns the results document that was written.
+
+    Results are rewritten after every system, so a failure or an interrupt late in the run
+    keeps what was measured; a system that raises is recorded in the notes and skipped.
+    """
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.repeats < 3:
         _LOGGER.warning("--repeats %d < 3: fine for a smoke run, not for reported numbers", args.repeats)
     args.out.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    load_before = os.getloadavg()
+    command = " ".join([Path(sys.executable).name, "-m", "bench.run"] + (argv if argv is not None else sys.argv[1:]))
+    context = {"started": time.time(), "load_before": os.getloadavg()[0], "command": command,
+               "peak": {"gflops": math.nan}}
     bench = Bench(args)
-    peak = {"gflops": math.nan}
     if "matmul" in bench.systems:
-        peak = bench.run_matmul()
+        context["peak"] = bench.run_matmul()
     for system in ("naive", "engine", "server", "vllm"):
-        if system in bench.systems:
+        if system not in bench.systems:
+            continue
+        try:
             getattr(bench, f"run_{system}")()
+        except Exception as err:  # noqa: BLE001 - keep the other systems' results
+            _LOGGER.exception("%s failed", system)
+            bench.notes.append(f"{system} failed: {type(err).__name__}: {str(err)[:300]}")
+        write_outputs(bench, context, plot=False)
+    return write_outputs(bench, context, plot=True)
 
-    peak_flops = peak["gflops"] * 1e9
+
+def write_outputs(bench: Bench, context: dict, plot: bool) -> dict:
+    """Build the results document from what `bench` measured so far and write it to --out."""
+    args = bench.args
+    peak = context["peak"]
     naive = {m.workload: m for m in bench.results if m.system == "naive"}
     document = {
-        "command": " ".join([Path(sys.executable).name, "-m", "bench.run"] + (argv if argv is not None else sys.argv[1:])),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "duration_s": time.time() - started,
+        "command": context["command"],
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(context["started"])),
+        "duration_s": time.time() - context["started"],
         "machine": machine_description(),
         # Other processes on the machine skew everything; the 1-minute load says how busy it was.
-        "load_average_1min": {"start": load_before[0], "end": os.getloadavg()[0]},
+        "load_average_1min": {"start": context["load_before"], "end": os.getloadavg()[0]},
         "checkpoint": str(bench.checkpoint),
         "non_embedding_params": bench.params,
         "matmul_peak": peak,
@@ -309,13 +324,13 @@ def main(argv: list[str] | None = None) -> dict:
                       for name, ids in bench.token_ids.items()},
         "repeats": args.repeats,
         "request_size": args.request_size,
-        "results": [m.to_dict(bench.params, peak_flops, naive.get(m.workload)) for m in bench.results],
+        "results": [m.to_dict(bench.params, peak["gflops"] * 1e9, naive.get(m.workload)) for m in bench.results],
         "notes": bench.notes,
     }
     document["summary"] = report.summarize(document)
     (args.out / "results.json").write_text(json.dumps(_without_nan(document), indent=2, default=_json_default))
     (args.out / "results.md").write_text(report.markdown(document))
-    plotted = report.plot(document, args.out / "results.png")
+    plotted = plot and report.plot(document, args.out / "results.png")
     _LOGGER.info("wrote %s/results.json, results.md%s", args.out, ", results.png" if plotted else "")
     return document
 
