@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine: `make serve` and `make test`.
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -9,10 +9,13 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP)
 
-$(STAMP): requirements.lock pyproject.toml client/pyproject.toml
+$(STAMP): requirements.lock bench/requirements.txt pyproject.toml client/pyproject.toml
+	@# perf_analyzer (shipped in the tritonclient wheel) needs Debian's libb64; root can install it.
+	@dpkg -s libb64-0d >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		apt-get install -y -qq libb64-0d >/dev/null; } || echo "warning: libb64-0d missing: perf_analyzer will not run"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q pip==26.3
-	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q -r requirements.lock -r bench/requirements.txt
 	$(BIN)/pip install -q --no-deps -e . -e client
 	touch $@
 
