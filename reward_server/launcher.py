@@ -39,6 +39,17 @@ RESTRICTED_APIS = "shared-memory,model-repository,logging,trace"
 ADMIN_HEADER = "reward-server-admin"
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the launching thread dies (Linux), so a killed
+    launcher or test run never leaves a server behind."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class ServerStartError(RuntimeError):
     """tritonserver exited or did not become ready; the message ends with its log tail."""
 
@@ -320,7 +331,7 @@ class TritonServer:
         started = time.monotonic()
         self.process = subprocess.Popen(self.command(binary, repository, backends), env=server_environment(bundle),
                                         stdout=output, stderr=subprocess.STDOUT if output else None,
-                                        start_new_session=True)
+                                        start_new_session=True, preexec_fn=_die_with_parent)
         if output:
             output.close()
         try:
