@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
+import urllib.request
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -141,3 +143,25 @@ def run_load(url: str, conversations: Sequence[list[dict]], concurrency: int, re
     _LOGGER.debug("c=%d: %d requests in %.2fs", concurrency, len(requests), seconds)
     return LoadRun(seconds=seconds, latencies=latencies, scores=scores, num_tokens=num_tokens,
                    truncated=truncated)
+
+
+_COUNTER = re.compile(r'^reward_engine_(\w+)_total\{[^}]*\} (\S+)$', re.M)
+
+
+def engine_counters(metrics_url: str | None, timeout_s: float = 10.0) -> dict[str, float] | None:
+    """The engine's work counters from the server's Prometheus endpoint, summed over instances.
+
+    Returns {"sequences", "tokens", "shared_tokens", "padded_tokens"} (whichever the server
+    exports), or None when there is no URL or the endpoint cannot be read.
+    """
+    if not metrics_url:
+        return None
+    try:
+        text = urllib.request.urlopen(metrics_url, timeout=timeout_s).read().decode()
+    except OSError as err:
+        _LOGGER.warning("cannot read %s: %s", metrics_url, err)
+        return None
+    counters: dict[str, float] = {}
+    for name, value in _COUNTER.findall(text):
+        counters[name] = counters.get(name, 0.0) + float(value)
+    return counters or None

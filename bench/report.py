@@ -107,17 +107,23 @@ def markdown(document: dict) -> str:
         lines.append(f"| {name} | {w['conversations']} | {w['tokens']:,} | {w['unique_tokens']:,} | {w['max_tokens']} |")
     lines += [
         "",
-        "| workload | system | clients | conv/s | tok/s | p50 s | p99 s | padding | eff. GFLOP/s | eff. % peak | x naive |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| workload | system | clients | conv/s | tok/s | p50 s | p99 s | tokens run | padding | eff. GFLOP/s "
+        "| eff. % peak | x naive |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in document["results"]:
+        work = (r.get("extra") or {}).get("engine_work") or {}
+        run_share = 100.0 * work["tokens"] / r["tokens"] if work.get("tokens") and r.get("tokens") else None
         lines.append(
             f"| {r['workload']} | {r['system']} | {r['concurrency'] or '-'} | {_fmt(r['conversations_per_s'], 2)} "
             f"| {_fmt(r['tokens_per_s'], 0)} | {_fmt(r['latency_p50_s'], 2)} | {_fmt(r['latency_p99_s'], 2)} "
+            f"| {_fmt(run_share, 0, '%')} "
             f"| {_fmt(100 * r['padding_ratio'] if _finite(r['padding_ratio']) else None, 1, '%')} "
             f"| {_fmt(r['effective_gflops'])} | {_fmt(r['effective_pct_of_peak'], 1, '%')} "
             f"| {_fmt(r['speedup_vs_naive'], 2, 'x')} |")
-    lines += ["", "Latency is per unit of work: naive = one batch of 16; engine and vLLM = the whole "
+    lines += ["", "tokens run: real (non-padding) tokens the model computed, as a share of all tokens; below "
+              "100% means shared prompts were computed once (from the engine's counters: in-process "
+              "stats, or the server's metrics endpoint).", "", "Latency is per unit of work: naive = one batch of 16; engine and vLLM = the whole "
               "workload in one call; server = one request of "
               f"{document['request_size']} conversations (round trip).", "",
               "## Targets (issue 4)", "", "| target | measured | goal | met |", "|---|---:|---:|---|"]

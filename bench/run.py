@@ -155,7 +155,10 @@ class Bench:
 
             runs = repeat(self.args.repeats, once, f"naive/{name}")
             self.naive_scores[name] = last["scores"]
-            self._record("naive", name, runs, extra={"latency_unit": "batch of 16"})
+            tokens = float(sum(len(s) for s in ids))
+            work = {"sequences": float(len(ids)), "tokens": tokens, "shared_tokens": 0.0,
+                    "padded_tokens": tokens / (1.0 - runs[-1]["padding_ratio"])}
+            self._record("naive", name, runs, extra={"latency_unit": "batch of 16", "engine_work": work})
         del model
         gc.collect()
 
@@ -177,13 +180,12 @@ class Bench:
                 t0 = time.perf_counter()
                 last["scores"] = engine.score(ids)
                 seconds = time.perf_counter() - t0
-                after = _stats_snapshot(stats)
-                return {"seconds": seconds, "latencies": [seconds],
-                        "padding_ratio": _padding_from_stats(before, after)}
+                last["work"] = _counter_delta(before, _stats_snapshot(stats))
+                return {"seconds": seconds, "latencies": [seconds], "padding_ratio": _padding(last["work"])}
 
             runs = repeat(self.args.repeats, once, f"engine/{name}")
             extra = {"latency_unit": "whole workload in one score() call",
-                     "token_budget": getattr(engine, "token_budget", None)}
+                     "token_budget": getattr(engine, "token_budget", None), "engine_work": last.get("work")}
             extra.update(agreement(last["scores"], self.naive_scores.get(name)))
             self._record("engine", name, runs, extra=extra)
         del engine
@@ -199,6 +201,7 @@ class Bench:
         levels = [int(c) for c in self.args.concurrency.split(",") if c.strip()]
         with TritonServer(ServeOptions(checkpoint=str(self.checkpoint))) as server:
             url = server.grpc_url
+            metrics_url = getattr(server, "metrics_url", None)
             _LOGGER.info("server ready at %s", url)
             for name, conversations in ((n, w.conversations) for n, w in self.workloads.items()):
                 expected = np.array([len(s) for s in self.token_ids[name]])
@@ -207,15 +210,18 @@ class Bench:
                     last = {}
 
                     def once():
+                        before = grpc_load.engine_counters(metrics_url)
                         run = grpc_load.run_load(url, conversations, concurrency, self.args.request_size)
-                        last["run"] = run
-                        return {"seconds": run.seconds, "latencies": run.latencies}
+                        after = grpc_load.engine_counters(metrics_url)
+                        last["run"], last["work"] = run, _counter_delta(before, after)
+                        return {"seconds": run.seconds, "latencies": run.latencies,
+                                "padding_ratio": _padding(last["work"])}
 
                     runs = repeat(self.args.repeats, once, f"server c={concurrency}/{name}")
                     run = last["run"]
                     extra = {"latency_unit": f"request of {self.args.request_size} conversations",
                              "num_tokens_match": bool(np.array_equal(run.num_tokens, expected)),
-                             "truncated": int(run.truncated.sum())}
+                             "truncated": int(run.truncated.sum()), "engine_work": last["work"]}
                     extra.update(agreement(run.scores, self.naive_scores.get(name)))
                     if not extra["num_tokens_match"]:
                         _LOGGER.warning("server token counts differ from the harness tokenisation on %s", name)
@@ -260,17 +266,29 @@ class Bench:
             self._record("vllm", name, runs, extra=extra)
 
 
-def _stats_snapshot(stats) -> tuple[float, float] | None:
-    if stats is None or not hasattr(stats, "padded_tokens") or not hasattr(stats, "tokens"):
+_WORK_COUNTERS = ("sequences", "tokens", "shared_tokens", "padded_tokens")
+
+
+def _stats_snapshot(stats) -> dict[str, float] | None:
+    """The engine's work counters (`EngineStats` fields that exist), or None without stats."""
+    if stats is None:
         return None
-    return float(stats.tokens), float(stats.padded_tokens)
+    snapshot = {name: float(getattr(stats, name)) for name in _WORK_COUNTERS if hasattr(stats, name)}
+    return snapshot or None
 
 
-def _padding_from_stats(before, after) -> float:
+def _counter_delta(before: dict | None, after: dict | None) -> dict[str, float] | None:
+    """What the engine did between two counter snapshots (in-process stats or server metrics)."""
     if before is None or after is None:
+        return None
+    return {name: after[name] - before.get(name, 0.0) for name in after}
+
+
+def _padding(work: dict | None) -> float:
+    """Padding / computed positions from a counter delta; NaN when not reported."""
+    if not work or not work.get("padded_tokens"):
         return math.nan
-    computed = after[1] - before[1]
-    return math.nan if computed <= 0 else 1.0 - (after[0] - before[0]) / computed
+    return 1.0 - work.get("tokens", 0.0) / work["padded_tokens"]
 
 
 def main(argv: list[str] | None = None) -> dict:
