@@ -161,6 +161,11 @@ def engine_counters(metrics_url: str | None, timeout_s: float = 10.0) -> dict[st
     except OSError as err:
         _LOGGER.warning("cannot read %s: %s", metrics_url, err)
         return None
+    return parse_engine_counters(text)
+
+
+def parse_engine_counters(text: str) -> dict[str, float] | None:
+    """`reward_engine_<name>_total` counters in Prometheus text, summed over label sets."""
     counters: dict[str, float] = {}
     for name, value in _COUNTER.findall(text):
         counters[name] = counters.get(name, 0.0) + float(value)

@@ -218,6 +218,23 @@ def test_grpc_rows_and_request_split():
         grpc_load.split_requests(5, 257)
 
 
+def test_engine_work_counters_from_metrics_text_and_deltas():
+    from bench import run
+
+    text = ("# HELP reward_engine_tokens_total Number of tokens\n"
+            'reward_engine_tokens_total{model="reward_engine"} 900\n'
+            'reward_engine_padded_tokens_total{model="reward_engine"} 1000\n'
+            'reward_engine_tokens_total{model="reward_engine_b"} 100\n'
+            'nv_inference_count{model="reward"} 5\n')
+    after = grpc_load.parse_engine_counters(text)
+    assert after == {"tokens": 1000.0, "padded_tokens": 1000.0}
+    assert grpc_load.parse_engine_counters("nv_inference_count 1\n") is None
+    work = run._counter_delta({"tokens": 200.0, "padded_tokens": 100.0}, after)
+    assert work == {"tokens": 800.0, "padded_tokens": 900.0}
+    assert run._padding(work) == pytest.approx(1 / 9)
+    assert math.isnan(run._padding(None)) and run._counter_delta(None, after) is None
+
+
 def test_perf_analyzer_input_data_has_one_step_per_conversation():
     conversations = workload.generate(workload.WorkloadSpec(prompts=2, responses_per_prompt=2)).conversations
     document = make_input.input_data(conversations)
