@@ -39,7 +39,7 @@ def run(python: str | Path, checkpoint: str | Path, workloads: Mapping[str, Sequ
         subprocess.CalledProcessError: the runner failed (its stderr tail is logged).
         subprocess.TimeoutExpired: it ran past `timeout_s`.
     """
-    work_dir = Path(work_dir)
+    work_dir = Path(work_dir).resolve()  # the runner starts in work_dir: relative paths would break
     work_dir.mkdir(parents=True, exist_ok=True)
     request, answer = work_dir / "vllm_request.json", work_dir / "vllm_answer.json"
     request.write_text(json.dumps({"checkpoint": str(Path(checkpoint).resolve()), "repeats": repeats,
