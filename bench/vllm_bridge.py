@@ -49,8 +49,11 @@ def run(python: str | Path, checkpoint: str | Path, workloads: Mapping[str, Sequ
     proc = subprocess.run([str(python), str(RUNNER), str(request), str(answer)], capture_output=True,
                           text=True, timeout=timeout_s, cwd=str(work_dir))
     if proc.returncode != 0:
-        _LOGGER.error("vLLM runner failed (rc %d): %s", proc.returncode, proc.stderr[-3000:])
-        raise subprocess.CalledProcessError(proc.returncode, proc.args, proc.stdout, proc.stderr)
+        if answer.exists():  # it measured everything and then crashed on the way out
+            _LOGGER.warning("vLLM runner exited %d after writing its answer; using it", proc.returncode)
+        else:
+            _LOGGER.error("vLLM runner failed (rc %d): %s", proc.returncode, proc.stderr[-3000:])
+            raise subprocess.CalledProcessError(proc.returncode, proc.args, proc.stdout, proc.stderr)
     result = json.loads(answer.read_text())
     request.unlink()
     answer.unlink()
