@@ -1,9 +1,8 @@
-"""Batching plans: which sequences run together in one forward pass, and which share a prefix.
+"""Batching plans: which sequences share a prefix, and which run together in one forward pass.
 
-Pure functions, no torch: a plan is a list of micro-batches, each a list of indices into the
-caller's sequences. Sorting by length before cutting keeps padding small; the token budget
-bounds the padded size (batch rows x longest row) of every micro-batch, and so its memory.
-Shared-prefix groups let the engine compute a common prompt once for all its responses.
+Pure functions, no torch, on token-id lists and lengths: shared-prefix groups let the engine
+compute a common prompt once for all its responses; packing fills rows of a token budget
+without padding, which bounds each forward pass's memory.
 """
 
 from __future__ import annotations
@@ -13,48 +12,31 @@ from typing import Sequence
 
 DEFAULT_TOKEN_BUDGET = 8192
 DEFAULT_MIN_SHARED = 32
-DEFAULT_MAX_PADDING = 0.1
 
 
-def plan_microbatches(lengths: Sequence[int], token_budget: int = DEFAULT_TOKEN_BUDGET,
-                      max_padding: float = DEFAULT_MAX_PADDING) -> list[list[int]]:
-    """Group sequence indices into micro-batches whose padded size stays within `token_budget`.
+def pack_sequences(lengths: Sequence[int], token_budget: int = DEFAULT_TOKEN_BUDGET) -> list[list[int]]:
+    """Pack sequence indices into rows of at most `token_budget` tokens, without padding.
 
-    Sequences are taken longest first, so each micro-batch's first row sets its padded width;
-    a row joins the current micro-batch only while the padded size fits the budget and the
-    batch's padding stays within `max_padding` of its padded size (linear layers see rows x
-    width tokens, so narrower batches lose nothing but padding). A sequence longer than the
-    budget runs alone.
+    First-fit decreasing: the longest sequences are placed first, each into the first row
+    with room. A sequence longer than the budget gets a row of its own.
 
     Raises:
         ValueError: a non-positive budget.
     """
     if token_budget <= 0:
         raise ValueError(f"token_budget must be positive, got {token_budget}")
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    plan: list[list[int]] = []
-    current: list[int] = []
-    width = waste = 0
-    for index in order:
-        if current:
-            size = (len(current) + 1) * width
-            if size > token_budget or waste + width - lengths[index] > max_padding * size:
-                plan.append(current)
-                current = []
-        if not current:
-            width, waste = lengths[index], 0
-        current.append(index)
-        waste += width - lengths[index]
-    if current:
-        plan.append(current)
-    return plan
-
-
-def padding_ratio(lengths: Sequence[int], plan: Sequence[Sequence[int]]) -> float:
-    """Fraction of the computed (padded) tokens that are padding under `plan`."""
-    computed = sum(len(batch) * max(lengths[i] for i in batch) for batch in plan if batch)
-    real = sum(lengths[i] for batch in plan for i in batch)
-    return 0.0 if computed == 0 else 1.0 - real / computed
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for r, free in enumerate(room):
+            if lengths[index] <= free:
+                rows[r].append(index)
+                room[r] -= lengths[index]
+                break
+        else:
+            rows.append([index])
+            room.append(token_budget - lengths[index])
+    return rows
 
 
 @dataclass(frozen=True)

@@ -1,17 +1,21 @@
 """The PyTorch reward engine: token ids in, raw reward outputs out.
 
-It runs the checkpoint's backbone over length-sorted micro-batches under a token budget and
-applies the reward head only at each sequence's pooled position (never full-vocabulary
-logits at every position). Sequences are cut just after their pooled position: in a causal
-model later tokens cannot change it, so they need not be computed. Sequences that share a
-long prefix (one prompt, many responses) compute it once: its key/value cache is reused for
-every member's own suffix.
+Sequences are packed, without padding, into rows of at most `token_budget` tokens; each row
+is one forward pass whose linear layers see the whole row at once, while attention runs per
+sequence (`packed_attention`), causal within it. The reward head is applied only at each
+sequence's pooled position (never full-vocabulary logits at every position), and sequences
+are cut just after that position: in a causal model later tokens cannot change it.
+
+Sequences that share a long prefix (one prompt, many responses) compute it once: a first
+pass over the prefixes records their keys and values, and each member's own suffix then
+attends to them, its positions continuing where the prefix ended.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,11 +23,71 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from reward_server.batching import (DEFAULT_MIN_SHARED, DEFAULT_TOKEN_BUDGET, SharedGroup,
-                                    group_shared_prefixes, plan_microbatches)
+from reward_server.batching import DEFAULT_MIN_SHARED, DEFAULT_TOKEN_BUDGET, group_shared_prefixes, pack_sequences
 from reward_server.heads import RewardHead, detect_head_type, parse_indices, split_model
 
 _LOGGER = logging.getLogger(__name__)
+ATTENTION = "reward_packed"
+
+
+@dataclass
+class Segment:
+    """One sequence inside a packed row: its ids and, if any, the shared prefix it continues."""
+
+    ids: list[int]
+    prefix: int | None = None   # key of a recorded prefix this segment attends to first
+    offset: int = 0             # its first position (the prefix length)
+    record: int | None = None   # key under which to record this segment's keys and values
+
+
+@dataclass
+class _Pack:
+    """What `packed_attention` needs to know about the row being computed."""
+
+    segments: list[Segment]
+    bounds: list[tuple[int, int]]
+    store: dict[int, dict[int, tuple[Any, Any]]]  # prefix key -> layer -> (keys, values)
+    masks: dict[int, Any] = field(default_factory=dict)
+
+
+_ACTIVE = threading.local()
+
+
+def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention over a packed row [1, heads, T, dim]: causal within each segment only.
+
+    Registered with transformers as the "reward_packed" attention implementation. A segment
+    continuing a shared prefix attends to all of the prefix's recorded keys and values first.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    pack: _Pack = _ACTIVE.pack
+    layer = module.layer_idx
+    out = torch.empty_like(query)
+    for n, ((start, end), segment) in enumerate(zip(pack.bounds, pack.segments)):
+        q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
+        if segment.record is not None:
+            pack.store.setdefault(segment.record, {})[layer] = (k, v)
+        if segment.prefix is None:
+            out[:, :, start:end] = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling,
+                                                                  enable_gqa=True)
+            continue
+        prefix_k, prefix_v = pack.store[segment.prefix][layer]
+        if n not in pack.masks:  # token i sees the whole prefix and its own first i + 1 tokens
+            length, own = prefix_k.shape[2], end - start
+            pack.masks[n] = (torch.arange(length + own, device=q.device)[None, :]
+                             <= torch.arange(own, device=q.device)[:, None] + length)
+        out[:, :, start:end] = F.scaled_dot_product_attention(
+            q, torch.cat([prefix_k, k], dim=2), torch.cat([prefix_v, v], dim=2), attn_mask=pack.masks[n],
+            scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION, packed_attention)
 
 
 @dataclass
@@ -31,11 +95,11 @@ class EngineStats:
     """Running totals of what the engine computed, for benchmarks and metrics."""
 
     sequences: int = 0
-    tokens: int = 0          # real tokens run through the backbone (a shared prefix counts once)
+    tokens: int = 0          # tokens run through the backbone (a shared prefix counts once)
     shared_tokens: int = 0   # tokens not computed thanks to shared prefixes
-    padded_tokens: int = 0   # rows x width summed over micro-batches
+    padded_tokens: int = 0   # tokens computed including padding (packing leaves none)
     forward_seconds: float = 0.0
-    microbatches: int = 0
+    microbatches: int = 0    # packed rows run
 
     @property
     def padding_ratio(self) -> float:
@@ -72,7 +136,7 @@ class RewardEngine:
             reward_indices: for lm_logits, the vocabulary indices read as rewards ("0,1").
             device: "auto" (CUDA when present), "cpu" or "cuda[:N]". fp32 on CPU, bf16 on CUDA.
             threads: torch intra-op threads (CPU); None leaves torch's default.
-            token_budget: padded tokens per micro-batch.
+            token_budget: tokens per packed row (one forward pass).
             min_shared: shortest token prefix worth computing once for a group; 0 disables.
 
         Raises:
@@ -94,12 +158,13 @@ class RewardEngine:
         auto = (transformers.AutoModelForSequenceClassification if head_type == "sequence_classification"
                 else transformers.AutoModelForCausalLM)
         start = time.perf_counter()
-        model = auto.from_pretrained(str(checkpoint), dtype=dtype, attn_implementation="sdpa")
+        _register_attention()
+        model = auto.from_pretrained(str(checkpoint), dtype=dtype, attn_implementation=ATTENTION)
         model.to(device).eval()
         backbone, head = split_model(model, head_type, indices)
         outputs = head.module.weight.shape[0]
         if any("sliding" in t for t in getattr(model.config, "layer_types", None) or []):
-            min_shared = 0  # the cache reuse below assumes full-attention layers
+            raise ValueError("sliding-window attention layers are not supported by the packed engine")
         _LOGGER.info("loaded %s (%s, %d outputs) on %s %s in %.1fs", checkpoint, head_type, outputs,
                      device, dtype, time.perf_counter() - start)
         return cls(backbone, head, device, outputs, token_budget, min_shared)
@@ -118,100 +183,43 @@ class RewardEngine:
                 raise ValueError(f"sequence {i} is empty")
             rows.append(list(ids[: self.head.position(ids) + 1]))
         groups = group_shared_prefixes(rows, self.min_shared)[0] if self.min_shared > 0 else []
-        out = np.empty((len(rows), self.num_outputs), dtype=np.float32)
+        store: dict[int, dict[int, tuple[Any, Any]]] = {}
+        segments = [Segment(row) for row in rows]
         with torch.inference_mode():
-            # Each sequence runs as (cached prefix or None, own suffix); suffixes of all groups
-            # and the unshared sequences are then batched together by length.
-            prefixes: list[Prefix | None] = [None] * len(rows)
-            for group, prefix in zip(groups, self._prefix_caches(groups, rows)):
+            prefixes = [Segment(rows[g.members[0]][: g.prefix_length], record=key) for key, g in enumerate(groups)]
+            for pack in pack_sequences([len(p.ids) for p in prefixes], self.token_budget):
+                self._run([prefixes[i] for i in pack], store)
+            for key, group in enumerate(groups):
                 for i in group.members:
-                    prefixes[i] = prefix
+                    segments[i] = Segment(rows[i][group.prefix_length:], prefix=key, offset=group.prefix_length)
                 self.stats.shared_tokens += (len(group.members) - 1) * group.prefix_length
-            suffixes = [row[p.length:] if p else row for row, p in zip(rows, prefixes)]
-            for batch in plan_microbatches([len(s) for s in suffixes], self.token_budget):
-                out[batch] = self._forward([suffixes[i] for i in batch], [prefixes[i] for i in batch])
+            out = np.empty((len(rows), self.num_outputs), dtype=np.float32)
+            for pack in pack_sequences([len(s.ids) for s in segments], self.token_budget):
+                hidden = self._run([segments[i] for i in pack], store)
+                out[pack] = self.head.module(hidden).float().cpu().numpy()
         self.stats.sequences += len(rows)
         return out
 
-    def _prefix_caches(self, groups: list[SharedGroup], rows: list[list[int]]) -> list["Prefix"]:
-        """Key/value caches of every group's shared prefix, computed in length-sorted micro-batches."""
-        prefix_ids = [rows[g.members[0]][: g.prefix_length] for g in groups]
-        caches: list[Prefix | None] = [None] * len(groups)
-        for batch in plan_microbatches([len(p) for p in prefix_ids], self.token_budget):
-            ids, mask, kwargs = self._pack([prefix_ids[g] for g in batch])
-            cache = self._run(ids, mask, kwargs, use_cache=True)[1]
-            for row, g in enumerate(batch):
-                length = len(prefix_ids[g])
-                caches[g] = Prefix(length, [(layer.keys[row, :, :length], layer.values[row, :, :length])
-                                            for layer in cache.layers])
-        return caches
-
-    def _pack(self, rows: list[list[int]]):
+    def _run(self, segments: list[Segment], store: dict) -> Any:
+        """One forward pass over `segments` packed into a row; hidden states at each segment's end."""
         import torch
 
-        width = max(len(r) for r in rows)
-        ids = torch.zeros((len(rows), width), dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, row in enumerate(rows):
-            ids[j, : len(row)] = torch.tensor(row)
-            mask[j, : len(row)] = 1
-        self.stats.tokens += sum(len(r) for r in rows)
-        self.stats.padded_tokens += len(rows) * width
-        self.stats.microbatches += 1
-        ragged = any(len(r) != width for r in rows)
-        return ids, mask, {"attention_mask": mask} if ragged else {}
-
-    def _run(self, ids, mask, kwargs: dict, use_cache: bool = False):
-        """One backbone pass; returns (last hidden states, cache)."""
         start = time.perf_counter()
-        kwargs = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in kwargs.items()}
-        output = self.backbone(input_ids=ids.to(self.device), use_cache=use_cache, **kwargs)
+        bounds, ids, positions, at = [], [], [], 0
+        for segment in segments:
+            bounds.append((at, at + len(segment.ids)))
+            ids.extend(segment.ids)
+            positions.extend(range(segment.offset, segment.offset + len(segment.ids)))
+            at += len(segment.ids)
+        _ACTIVE.pack = _Pack(segments, bounds, store)
+        try:
+            hidden = self.backbone(input_ids=torch.tensor([ids], device=self.device),
+                                   position_ids=torch.tensor([positions], device=self.device),
+                                   use_cache=False).last_hidden_state
+        finally:
+            _ACTIVE.pack = None
+        self.stats.tokens += at
+        self.stats.padded_tokens += at
+        self.stats.microbatches += 1
         self.stats.forward_seconds += time.perf_counter() - start
-        return output.last_hidden_state, output.cache if use_cache else None
-
-    def _forward(self, rows: list[list[int]], prefixes: list["Prefix | None"]) -> np.ndarray:
-        """Rewards of `rows`, right-padded into one batch, each continuing its cached prefix if any.
-
-        Prefixes of different lengths share one cache tensor: row r's keys fill positions
-        [0, length_r) and the rest is masked out; its own tokens get positions from length_r.
-        """
-        import torch
-        from transformers import DynamicCache
-
-        ids, mask, kwargs = self._pack(rows)
-        n, width = ids.shape
-        longest = max((p.length for p in prefixes if p), default=0)
-        if longest:
-            starts = torch.tensor([p.length if p else 0 for p in prefixes])
-            prefix_mask = (torch.arange(longest)[None, :] < starts[:, None]).long()
-            layers = []
-            for layer in range(len(next(p for p in prefixes if p).layers)):
-                keys, values = (self._stack([p.layers[layer][kv] if p else None for p in prefixes], longest)
-                                for kv in (0, 1))
-                layers.append((keys, values))
-            kwargs = {"attention_mask": torch.cat([prefix_mask, mask], dim=1), "cache": DynamicCache(layers),
-                      "position_ids": starts[:, None] + torch.arange(width)[None, :]}
-        hidden = self._run(ids, mask, kwargs, use_cache=bool(longest))[0]
-        last = torch.tensor([len(r) - 1 for r in rows], device=self.device)
-        pooled = hidden[torch.arange(n, device=self.device), last]
-        return self.head.module(pooled).float().cpu().numpy()
-
-    @staticmethod
-    def _stack(parts: list, longest: int):
-        """[n, heads, longest, dim] from per-row [heads, length, dim] tensors (None: all masked)."""
-        import torch
-
-        template = next(p for p in parts if p is not None)
-        out = template.new_zeros((len(parts), template.shape[0], longest, template.shape[2]))
-        for row, part in enumerate(parts):
-            if part is not None:
-                out[row, :, : part.shape[1]] = part
-        return out
-
-
-@dataclass
-class Prefix:
-    """A computed shared prefix: its length and per-layer (keys, values), each [heads, length, dim]."""
-
-    length: int
-    layers: list[tuple[Any, Any]]
+        return hidden[0, [end - 1 for _, end in bounds]]

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 
-from reward_server.batching import padding_ratio, plan_microbatches
 from reward_server.chat import ConversationError, LengthPolicy, parse_messages
 from reward_server.heads import detect_head_type, num_outputs, parse_indices, pool_position
 from reward_server.scoring import ScoreSpec, parse_floats
@@ -80,25 +79,6 @@ def test_head_detection_and_outputs():
     assert num_outputs({}, "lm_logits", (0, 4)) == 2
 
 
-def test_plan_respects_budget_and_covers_every_index_once():
-    rng = np.random.default_rng(0)
-    lengths = [int(x) for x in rng.lognormal(5, 0.8, size=300).clip(1, 3000)]
-    plan = plan_microbatches(lengths, token_budget=4096)
-    assert sorted(i for batch in plan for i in batch) == list(range(300))
-    for batch in plan:
-        width = max(lengths[i] for i in batch)
-        assert len(batch) == 1 or len(batch) * width <= 4096
-    assert padding_ratio(lengths, plan) < 0.10
-    arrival = [list(range(i, min(i + 16, 300))) for i in range(0, 300, 16)]
-    assert padding_ratio(lengths, arrival) > 0.3  # what sorting saves
-
-
-def test_plan_puts_overlong_sequence_alone():
-    assert plan_microbatches([10, 500, 10], token_budget=100) == [[1], [0, 2]]
-    with pytest.raises(ValueError):
-        plan_microbatches([1], token_budget=0)
-
-
 def test_score_spec_weights_and_normalisation():
     attrs = np.array([[1.0, 2.0, 3.0], [0.0, -1.0, 4.0]], dtype=np.float32)
     np.testing.assert_allclose(ScoreSpec().score(attrs), [1.0, 0.0])
@@ -131,8 +111,14 @@ def test_shared_prefix_leaves_each_member_a_token_of_its_own():
     assert group_shared_prefixes([[1] * 50] * 3, min_shared=10)[0][0].prefix_length == 49
 
 
-def test_plan_caps_padding_per_microbatch():
-    lengths = [100, 95, 60, 58, 57, 10]
-    plan = plan_microbatches(lengths, token_budget=10_000, max_padding=0.1)
-    assert plan == [[0, 1], [2, 3, 4], [5]]
-    assert plan_microbatches(lengths, token_budget=10_000, max_padding=1.0) == [[0, 1, 2, 3, 4, 5]]
+def test_pack_sequences_fills_rows_without_exceeding_budget():
+    from reward_server.batching import pack_sequences
+
+    lengths = [60, 50, 40, 30, 20, 10, 150]
+    rows = pack_sequences(lengths, token_budget=100)
+    assert sorted(i for row in rows for i in row) == list(range(7))
+    assert rows[0] == [6]  # longer than the budget: alone
+    assert all(sum(lengths[i] for i in row) <= 100 for row in rows[1:])
+    assert len(rows) == 1 + 3  # 210 tokens need at least three rows of 100; first-fit finds three
+    with pytest.raises(ValueError):
+        pack_sequences([1], token_budget=0)
