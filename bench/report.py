@@ -179,6 +179,7 @@ def plot(document: dict, path: Path) -> bool:
     for ax in (ax_tput, ax_lat):
         ax.set_xticks(sorted({r["concurrency"] for r in results if r["concurrency"]}))
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(alpha=0.3)
     ax_tput.legend(fontsize=7, loc="best")
     ax_lat.legend(fontsize=7, loc="best")

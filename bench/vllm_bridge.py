@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import subprocess
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -36,7 +38,7 @@ def run(python: str | Path, checkpoint: str | Path, workloads: Mapping[str, Sequ
         {"version": str, "workloads": {name: {"seconds": [...], "scores": [[...], ...]}}}.
 
     Raises:
-        subprocess.CalledProcessError: the runner failed (its stderr tail is logged).
+        subprocess.CalledProcessError: the runner failed without an answer (its log tail is logged).
         subprocess.TimeoutExpired: it ran past `timeout_s`.
     """
     work_dir = Path(work_dir).resolve()  # the runner starts in work_dir: relative paths would break
@@ -46,15 +48,32 @@ def run(python: str | Path, checkpoint: str | Path, workloads: Mapping[str, Sequ
                                    "threads": threads, "workloads": {name: [list(map(int, s)) for s in sequences]
                                                  for name, sequences in workloads.items()}}))
     answer.unlink(missing_ok=True)
-    proc = subprocess.run([str(python), str(RUNNER), str(request), str(answer)], capture_output=True,
-                          text=True, timeout=timeout_s, cwd=str(work_dir))
+    log = work_dir / "vllm_runner.log"
+    # Own session, output to a file: vLLM's engine processes can outlive the runner, and they
+    # would otherwise hold our pipes open; the whole group is ended once the runner is done.
+    with open(log, "w", encoding="utf-8") as log_handle:
+        proc = subprocess.Popen([str(python), str(RUNNER), str(request), str(answer)], stdout=log_handle,
+                                stderr=subprocess.STDOUT, cwd=str(work_dir), start_new_session=True)
+        try:
+            proc.wait(timeout=timeout_s)
+        finally:
+            _end_group(proc.pid)
+    output = log.read_text(errors="replace")
     if proc.returncode != 0:
         if answer.exists():  # it measured everything and then crashed on the way out
             _LOGGER.warning("vLLM runner exited %d after writing its answer; using it", proc.returncode)
         else:
-            _LOGGER.error("vLLM runner failed (rc %d): %s", proc.returncode, proc.stderr[-3000:])
-            raise subprocess.CalledProcessError(proc.returncode, proc.args, proc.stdout, proc.stderr)
+            _LOGGER.error("vLLM runner failed (rc %d): %s", proc.returncode, output[-3000:])
+            raise subprocess.CalledProcessError(proc.returncode, proc.args, None, output)
     result = json.loads(answer.read_text())
-    request.unlink()
-    answer.unlink()
+    for path in (request, answer, log):
+        path.unlink()
     return result
+
+
+def _end_group(pgid: int) -> None:
+    """SIGTERM what is left of the runner's process group (vLLM's engine core and workers)."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        pass
