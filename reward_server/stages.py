@@ -115,6 +115,12 @@ def score_requests(engine, requests: Sequence[tuple[np.ndarray, np.ndarray]]) ->
     return [{"rewards": rewards[offsets[i]:offsets[i + 1]]} for i in range(len(requests))]
 
 
-def postprocess(spec, requests: Sequence[np.ndarray]) -> list[dict]:
-    """Scores [B, 1] for each request's raw rewards [B, K]."""
-    return [{"score": spec.score(np.asarray(rewards)).reshape(-1, 1)} for rewards in requests]
+def postprocess(spec, requests: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> list[dict]:
+    """The ensemble's public outputs for each request's (rewards [B, K], lengths [B, 1], truncated [B, 1]).
+
+    Every public output comes from this last step: Triton 2.51's ensemble scheduler stalls when
+    a client requests only some outputs and an earlier step's outputs are partly unrequested.
+    """
+    return [{"score": spec.score(np.asarray(rewards)).reshape(-1, 1), "attributes": np.asarray(rewards),
+             "num_tokens": np.asarray(lengths, dtype=np.int32), "truncated": np.asarray(truncated, dtype=bool)}
+            for rewards, lengths, truncated in requests]

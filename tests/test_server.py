@@ -219,3 +219,23 @@ def test_engine_counters_on_the_metrics_endpoint(server):
     assert after["reward_engine_sequences_total"] - before.get("reward_engine_sequences_total", 0) == 4
     assert after["reward_engine_shared_tokens_total"] - before.get("reward_engine_shared_tokens_total", 0) >= 3 * 32
     assert after["reward_engine_padded_tokens_total"] >= after["reward_engine_tokens_total"] > 0
+
+
+@pytest.mark.parametrize("model", ["reward", "reward_ids"])
+def test_any_subset_of_outputs_can_be_requested(server, demo_checkpoint, expected, model):
+    import itertools
+
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    if model == "reward":
+        inputs = [_messages_input(grpcclient, CONVERSATIONS[:2])]
+    else:
+        ids = np.array([reference_ids(demo_checkpoint, CONVERSATIONS[0])], dtype=np.int32)
+        inputs = [grpcclient.InferInput("input_ids", list(ids.shape), "INT32")]
+        inputs[0].set_data_from_numpy(ids)
+    for size in (1, 2, 3):
+        for names in itertools.combinations(OUTPUTS, size):
+            result = client.infer(model, inputs, outputs=[grpcclient.InferRequestedOutput(n) for n in names])
+            got = {n: result.as_numpy(n) for n in names}
+            assert all(v is not None for v in got.values()), names
+            if "score" in got:
+                np.testing.assert_allclose(got["score"][:, 0], expected[: len(got["score"]), 0], rtol=1e-4, atol=1e-6)

@@ -1,4 +1,4 @@
-"""Triton adapter: raw reward outputs -> score, via reward_server.stages.postprocess."""
+"""Triton adapter: raw reward outputs -> the public outputs, via reward_server.stages.postprocess."""
 
 try:  # written by `reward-server serve`: the stub runs Python isolated, ignoring PYTHONPATH
     import reward_server_paths  # noqa: F401
@@ -14,5 +14,6 @@ class TritonPythonModel:
         self.spec = settings.score_spec_from_parameters(settings.parameters_of(args))
 
     def execute(self, requests):
-        inputs = [input_array(r, "rewards") for r in requests]
+        inputs = [(input_array(r, "rewards"), input_array(r, "input_lengths"), input_array(r, "truncated"))
+                  for r in requests]
         return guarded(stages.postprocess, requests, self.spec, inputs)
