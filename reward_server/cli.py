@@ -52,7 +52,7 @@ def _serve_parser(sub) -> None:
     p.add_argument("--score-std", type=float, default=1.0)
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, help="torch threads per engine instance (default: cores / instances)")
-    p.add_argument("--token-budget", type=int, help="tokens per packed engine row, one forward pass (default 8192)")
+    p.add_argument("--token-budget", type=int, help="tokens per packed engine row, one forward pass (default 4096)")
     p.add_argument("--min-shared-prefix", type=int,
                    help="shortest shared token prefix computed once per group (default 32; 0 disables)")
     p.add_argument("--max-queue-size", type=int, help="engine queue limit; beyond it requests get UNAVAILABLE")
