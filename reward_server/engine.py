@@ -147,6 +147,9 @@ class RewardEngine:
         import transformers
 
         config = json.loads((Path(checkpoint) / "config.json").read_text())
+        layer_types = config.get("text_config", config).get("layer_types") or []
+        if any("sliding" in t for t in layer_types):  # checked before the weights are loaded
+            raise ValueError("sliding-window attention layers are not supported by the packed engine")
         head_type = detect_head_type(config.get("architectures"), head_type)
         indices = parse_indices(reward_indices)
         if device == "auto":
@@ -163,8 +166,6 @@ class RewardEngine:
         model.to(device).eval()
         backbone, head = split_model(model, head_type, indices)
         outputs = head.module.weight.shape[0]
-        if any("sliding" in t for t in getattr(model.config, "layer_types", None) or []):
-            raise ValueError("sliding-window attention layers are not supported by the packed engine")
         _LOGGER.info("loaded %s (%s, %d outputs) on %s %s in %.1fs", checkpoint, head_type, outputs,
                      device, dtype, time.perf_counter() - start)
         return cls(backbone, head, device, outputs, token_budget, min_shared)
