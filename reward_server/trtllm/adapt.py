@@ -1,0 +1,267 @@
+"""Turn a reward checkpoint into one TensorRT-LLM's engine path can build, and say what its logits mean.
+
+TensorRT-LLM converts `*ForCausalLM` checkpoints only. A `*ForSequenceClassification` reward model
+(a bias-free `score` head with K outputs) is rewritten as the equivalent causal LM whose `lm_head`
+rows 0..K-1 are the score rows and every other row zero: logits[0:K] at the pooled position are
+then the K rewards. transformers pools at the last token whose id is not the pad id
+(`reward_server.heads.pool_position`), so the engine path cuts each input right after that token.
+
+The rewrite is streamed: shards are opened one after another and every tensor is written as soon
+as it is read, so at most one tensor plus the new lm_head are in memory, even for a 70B model.
+A causal-LM checkpoint is used as it is; only `reward_head.json` is written for it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import struct
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from safetensors import safe_open
+
+from reward_server.heads import detect_head_type, num_outputs, parse_indices
+
+_LOGGER = logging.getLogger(__name__)
+
+METADATA_FILE = "reward_head.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+SCORE, LM_HEAD = "score.weight", "lm_head.weight"
+_SEQ_CLS, _CAUSAL_LM = "ForSequenceClassification", "ForCausalLM"
+_LABEL_KEYS = ("num_labels", "id2label", "label2id", "problem_type")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".index.json")
+_DEFAULT_LABEL = re.compile(r"LABEL_\d+")
+# Element sizes of safetensors dtypes: a file's header (with byte offsets) precedes its data.
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
+                "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+@dataclass
+class RewardHeadSpec:
+    """What the engine's logits mean: written next to the adapted checkpoint as reward_head.json."""
+
+    source_checkpoint: str
+    hf_checkpoint: str
+    source_architecture: str
+    architecture: str
+    head_type: str
+    reward_indices: list[int]
+    attribute_names: list[str]
+    pooling: str
+    pad_token_id: int | None
+    vocab_size: int
+
+    def write(self, directory: str | Path) -> Path:
+        """Write `directory/reward_head.json` (replacing it in one step) and return its path."""
+        path = Path(directory) / METADATA_FILE
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+        os.replace(partial, path)
+        return path
+
+    @classmethod
+    def read(cls, directory: str | Path) -> RewardHeadSpec:
+        """Read `directory/reward_head.json`.
+
+        Raises:
+            ValueError: the file is missing (the adaptation never finished) or is not a valid spec.
+        """
+        path = Path(directory) / METADATA_FILE
+        try:
+            spec = cls(**json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise ValueError(f"{path} is missing: run adapt_checkpoint on {directory} (again)") from None
+        except (ValueError, TypeError) as err:  # bad JSON, not an object, missing or unknown fields
+            raise ValueError(f"{path} is not a valid reward head description: {err}") from err
+        if len(spec.reward_indices) != len(spec.attribute_names):
+            raise ValueError(f"{path}: {len(spec.reward_indices)} reward indices but "
+                             f"{len(spec.attribute_names)} attribute names")
+        return spec
+
+
+def adapt_checkpoint(source: str | Path, output: str | Path, head_type: str = "auto",
+                     reward_indices: str | Sequence[int] | None = None) -> RewardHeadSpec:
+    """Prepare a reward checkpoint for TensorRT-LLM's `*ForCausalLM` conversion.
+
+    Args:
+        source: Hugging Face checkpoint directory (safetensors weights for sequence classification).
+        output: directory for the results; `reward_head.json` is written into it last, so a
+            directory without it holds an interrupted run.
+        head_type: "auto" (from `architectures`), "sequence_classification" or "lm_logits".
+        reward_indices: logits indices of the rewards for "lm_logits" (default "0"); ignored for
+            sequence classification, whose rewards are always logits 0..K-1 of the adapted model.
+
+    Returns:
+        The spec also written to `output/reward_head.json`; its `hf_checkpoint` is the directory to
+        convert (`output` for an adapted classifier, `source` for a causal LM).
+
+    Raises:
+        ValueError: an unsupported architecture or head layout, a reward index outside the
+            vocabulary, no safetensors weights, or `output` equal to `source` for an adaptation.
+    """
+    source, output = Path(source).resolve(), Path(output).resolve()
+    config = _read_json(source / "config.json")
+    architecture = (config.get("architectures") or ["<none>"])[0]
+    head = detect_head_type(config.get("architectures"), head_type)
+    suffix = _SEQ_CLS if head == "sequence_classification" else _CAUSAL_LM
+    if not architecture.endswith(suffix):
+        raise ValueError(f"head_type {head} needs a *{suffix} checkpoint; {source} is {architecture}")
+    if "vocab_size" not in config:
+        raise ValueError(f"{architecture} is not supported: {source}/config.json has no vocab_size")
+    vocab_size = int(config["vocab_size"])
+
+    if head == "lm_logits":
+        indices = list(parse_indices(reward_indices))
+        bad = [i for i in indices if not 0 <= i < vocab_size]
+        if bad:
+            raise ValueError(f"reward index {bad[0]} is outside the vocabulary of {vocab_size} tokens "
+                             f"of {source}")
+        spec = RewardHeadSpec(str(source), str(source), architecture, architecture, head, indices,
+                              _attribute_names(config, len(indices)), "last", config.get("pad_token_id"),
+                              vocab_size)
+        _prepare_output(output)
+    else:
+        if output == source:
+            raise ValueError(f"output must differ from the source checkpoint {source}")
+        k = num_outputs(config, head, ())
+        if reward_indices is not None and list(parse_indices(reward_indices)) != list(range(k)):
+            _LOGGER.warning("reward_indices %s ignored: a %s's rewards are logits 0..%d", reward_indices,
+                            architecture, k - 1)
+        causal = architecture[: -len(_SEQ_CLS)] + _CAUSAL_LM
+        spec = RewardHeadSpec(str(source), str(output), architecture, causal, head, list(range(k)),
+                              _attribute_names(config, k), "last_non_pad", config.get("pad_token_id"),
+                              vocab_size)
+        _adapt_sequence_classification(source, output, config, spec)
+    spec.write(output)
+    _LOGGER.info("reward head of %s: %s, indices %s -> %s", source, spec.head_type, spec.reward_indices,
+                 output / METADATA_FILE)
+    return spec
+
+
+def _adapt_sequence_classification(source: Path, output: Path, config: dict, spec: RewardHeadSpec) -> None:
+    """Write the equivalent causal-LM checkpoint of a `score`-head classifier into `output`."""
+    weight_map, sharded = _weight_map(source)
+    unexpected = sorted(name for name in weight_map if not name.startswith("model.") and name != SCORE)
+    if SCORE not in weight_map or unexpected:
+        found = ", ".join(unexpected[:4]) if unexpected else f"no {SCORE}"
+        raise ValueError(f"{spec.source_architecture} is not supported for TensorRT-LLM adaptation: it needs "
+                         f"a `model.` backbone and a bias-free `score` head; found {found}")
+    _prepare_output(output)
+    if not sharded:  # an earlier sharded run's index would otherwise win over model.safetensors
+        (output / INDEX_FILE).unlink(missing_ok=True)
+    shards = sorted(set(weight_map.values()))
+    new_map: dict[str, str] = {}
+    total_size = 0
+    for number, shard in enumerate(shards, 1):
+        with safe_open(str(source / shard), framework="pt") as reader:
+            entries = [(name, reader.get_slice(name).get_dtype(), reader.get_slice(name).get_shape(),
+                        lambda name=name: reader.get_tensor(name))
+                       for name in reader.keys() if name != SCORE]
+            if SCORE in reader.keys():  # the new head goes where the old one was
+                entries.append(_lm_head_entry(reader, spec))
+            total_size += _write_safetensors(output / shard, entries, reader.metadata())
+        new_map.update((entry[0], shard) for entry in entries)
+        _LOGGER.info("adapted shard %d/%d %s (%d tensors)", number, len(shards), shard, len(entries))
+
+    for path in sorted(source.iterdir()):  # tokenizer, chat template, generation config, ...
+        if path.is_file() and path.name not in ("config.json", METADATA_FILE) \
+                and not path.name.endswith(_WEIGHT_SUFFIXES):
+            shutil.copy2(path, output / path.name)
+    causal_config = {key: value for key, value in config.items() if key not in _LABEL_KEYS}
+    # A tied lm_head would be the embedding matrix, not the score rows (seq-cls Qwen2 configs say true).
+    causal_config.update(architectures=[spec.architecture], tie_word_embeddings=False)
+    (output / "config.json").write_text(json.dumps(causal_config, indent=2, sort_keys=True) + "\n")
+    if sharded:
+        # Only total_size is rewritten: other totals of the source (parameter counts) no longer hold.
+        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(new_map.items()))}
+        (output / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _lm_head_entry(reader: Any, spec: RewardHeadSpec) -> tuple[str, str, list[int], Callable[[], Any]]:
+    """The lm_head tensor entry: score rows first, zeros for the rest of the vocabulary."""
+    k, hidden = reader.get_slice(SCORE).get_shape()
+    if k != len(spec.reward_indices):
+        raise ValueError(f"{SCORE} has {k} rows but config.json describes {len(spec.reward_indices)} labels")
+
+    def build() -> Any:
+        import torch
+
+        score = reader.get_tensor(SCORE)
+        lm_head = torch.zeros(spec.vocab_size, hidden, dtype=score.dtype)
+        lm_head[:k] = score
+        return lm_head
+
+    return LM_HEAD, reader.get_slice(SCORE).get_dtype(), [spec.vocab_size, hidden], build
+
+
+def _write_safetensors(path: Path, entries: Sequence[tuple], metadata: dict | None) -> int:
+    """Write (name, dtype, shape, load) entries as a safetensors file, loading one tensor at a time.
+
+    safetensors' own `save_file` needs every tensor of the file in memory and copies each to bytes,
+    which would hold a 5 GB shard twice. Returns the bytes of tensor data written.
+    """
+    import torch
+
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, dtype, shape, _ in entries:
+        if dtype not in _DTYPE_BYTES:
+            raise ValueError(f"tensor {name} has dtype {dtype}, which this adaptation does not handle")
+        size = _DTYPE_BYTES[dtype] * math.prod(shape)
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the format pads the header to 8-byte alignment
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as out:
+        out.write(struct.pack("<Q", len(blob)) + blob)
+        for name, _, _, load in entries:
+            # Raw little-endian bytes as safetensors stores them; a view, not a copy.
+            data = load().contiguous().reshape(-1).view(torch.uint8).numpy()
+            start, end = header[name]["data_offsets"]
+            if data.nbytes != end - start:
+                raise ValueError(f"tensor {name}: {data.nbytes} bytes read, {end - start} expected")
+            out.write(data)
+    os.replace(partial, path)
+    return offset
+
+
+def _weight_map(source: Path) -> tuple[dict[str, str], bool]:
+    """Tensor name -> shard file of a safetensors checkpoint, and whether it is indexed."""
+    if (source / INDEX_FILE).exists():
+        return dict(_read_json(source / INDEX_FILE)["weight_map"]), True
+    if (source / SINGLE_FILE).exists():
+        with safe_open(str(source / SINGLE_FILE), framework="pt") as reader:
+            return {name: SINGLE_FILE for name in reader.keys()}, False
+    raise ValueError(f"{source} has neither {SINGLE_FILE} nor {INDEX_FILE}: only safetensors checkpoints "
+                     "can be adapted")
+
+
+def _prepare_output(output: Path) -> None:
+    """Create `output` and remove a finished run's marker, so a new interrupted run is detectable."""
+    output.mkdir(parents=True, exist_ok=True)
+    (output / METADATA_FILE).unlink(missing_ok=True)
+
+
+def _attribute_names(config: dict, k: int) -> list[str]:
+    """K names from `id2label` when they were set by the model's authors, else reward_0, reward_1, ..."""
+    labels = config.get("id2label") or {}
+    names = [labels.get(str(i), labels.get(i)) for i in range(k)]
+    if len(labels) == k and all(isinstance(n, str) and not _DEFAULT_LABEL.fullmatch(n) for n in names):
+        return names
+    return [f"reward_{i}" for i in range(k)]
+
+
+def _read_json(path: Path) -> dict:
+    """Parse a JSON file, with an error that names it."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read {path}: {err}") from err

@@ -1,0 +1,238 @@
+"""Adapting reward checkpoints for TensorRT-LLM: the adapted causal LM must score like the classifier."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from reward_server.chat import ChatEncoder
+from reward_server.demo_checkpoint import build_checkpoint
+from reward_server.heads import pool_position
+from reward_server.trtllm import adapt
+from reward_server.trtllm.adapt import INDEX_FILE, METADATA_FILE, RewardHeadSpec, adapt_checkpoint
+from tests.conversations import make_conversations
+
+LABELS = ["helpfulness", "correctness", "verbosity"]
+
+
+@pytest.fixture(scope="module")
+def seq_cls(tmp_path_factory):
+    """Builds (once per module) a tiny seq-cls checkpoint. Llama pads with <|eot_id|>, which ends its
+    template; the Qwen2 config says tie_word_embeddings true, as Qwen2 seq-cls releases often do (the
+    classifier has no lm_head, so it does not matter there, but a tied adapted lm_head would be wrong)."""
+    built = {}
+
+    def build(arch, k):
+        if (arch, k) not in built:
+            path = build_checkpoint(tmp_path_factory.mktemp(f"{arch}{k}"), "tiny", arch=arch, num_labels=k,
+                                    pad_token="<|eot_id|>" if arch == "llama" else None, seed=k)
+            if arch == "qwen2":
+                config = json.loads((path / "config.json").read_text())
+                (path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+            built[arch, k] = path
+        return built[arch, k]
+
+    return build
+
+
+def _token_ids(checkpoint, n=8):
+    encoder = ChatEncoder.from_checkpoint(checkpoint)
+    return [e.token_ids for e in encoder.encode_batch(make_conversations(n, seed=5))]
+
+
+def _tensors(directory):
+    """name -> tensor over every safetensors file of a directory."""
+    out = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as reader:
+            out.update((name, reader.get_tensor(name)) for name in reader.keys())
+    return out
+
+
+@torch.no_grad()
+def _assert_same_rewards(source, adapted, spec, ids):
+    """Adapted logits[0:K] at the pooled position (input cut after it) == the classifier's outputs.
+
+    Returns the pooled positions."""
+    classifier = AutoModelForSequenceClassification.from_pretrained(source, dtype=torch.float32).eval()
+    causal = AutoModelForCausalLM.from_pretrained(adapted, dtype=torch.float32).eval()
+    k = len(spec.reward_indices)
+    positions = []
+    for row in ids:
+        position = pool_position(row, "sequence_classification", spec.pad_token_id)
+        expected = classifier(torch.tensor([row])).logits[0]
+        got = causal(torch.tensor([row[: position + 1]])).logits[0, -1, spec.reward_indices]
+        assert expected.shape == (k,)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        positions.append(position)
+    return positions
+
+
+@pytest.mark.parametrize("arch,k", [("llama", 1), ("llama", 3), ("qwen2", 1), ("qwen2", 3)])
+def test_adapted_checkpoint_scores_like_the_classifier(seq_cls, tmp_path, arch, k):
+    source = seq_cls(arch, k)
+    out = tmp_path / "adapted"
+    spec = adapt_checkpoint(source, out)
+
+    ids = _token_ids(source)
+    assert _token_ids(out) == ids  # tokenizer and chat template were copied
+    positions = _assert_same_rewards(source, out, spec, ids)
+    if arch == "llama":
+        # pad == <|eot_id|> ends the template: the score is read one token early, and reading the
+        # final token instead would give other numbers.
+        assert all(p == len(row) - 2 for p, row in zip(positions, ids))
+        causal = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        with torch.no_grad():
+            final = causal(torch.tensor([ids[0]])).logits[0, -1, :k]
+            pooled = causal(torch.tensor([ids[0][: positions[0] + 1]])).logits[0, -1, :k]
+        assert not torch.allclose(final, pooled, atol=1e-3)
+    else:
+        assert positions == [len(row) - 1 for row in ids]
+
+    weights, original = _tensors(out), _tensors(source)
+    assert set(weights) == set(original) - {"score.weight"} | {"lm_head.weight"}
+    assert all(weights[name].dtype == original[name].dtype for name in original if name != "score.weight")
+    lm_head = weights["lm_head.weight"]
+    assert lm_head.shape == (spec.vocab_size, original["score.weight"].shape[1])
+    assert torch.equal(lm_head[:k], original["score.weight"])
+    assert not lm_head[k:].any()
+
+    config = json.loads((out / "config.json").read_text())
+    source_config = json.loads((source / "config.json").read_text())
+    prefix = "Llama" if arch == "llama" else "Qwen2"
+    assert config["architectures"] == [f"{prefix}ForCausalLM"]
+    assert config["tie_word_embeddings"] is False
+    assert not {"num_labels", "id2label", "label2id", "problem_type"} & set(config)
+    assert config["pad_token_id"] == source_config["pad_token_id"] == spec.pad_token_id
+    assert not (out / INDEX_FILE).exists()
+
+    assert spec == RewardHeadSpec(str(source.resolve()), str(out.resolve()), f"{prefix}ForSequenceClassification",
+                                  f"{prefix}ForCausalLM", "sequence_classification", list(range(k)),
+                                  [f"reward_{i}" for i in range(k)], "last_non_pad", source_config["pad_token_id"],
+                                  source_config["vocab_size"])
+    assert RewardHeadSpec.read(out) == spec
+    assert json.loads((out / METADATA_FILE).read_text())["pooling"] == "last_non_pad"
+
+
+def test_sharded_checkpoint_is_streamed_one_shard_at_a_time(seq_cls, tmp_path, monkeypatch):
+    source = seq_cls("llama", 3)
+    model = AutoModelForSequenceClassification.from_pretrained(source, dtype=torch.float32)
+    model.config.id2label = dict(enumerate(LABELS))
+    model.config.label2id = {name: i for i, name in enumerate(LABELS)}
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="100KB")
+    for path in source.iterdir():
+        if path.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(path, sharded / path.name)
+    source_map = json.loads((sharded / INDEX_FILE).read_text())["weight_map"]
+    source_shards = set(source_map.values())
+    assert len(source_shards) >= 3 and "score.weight" in source_map
+
+    real_safe_open, opened, state = adapt.safe_open, [], {"open": 0, "peak": 0}
+
+    @contextlib.contextmanager
+    def counting_safe_open(path, *args, **kwargs):
+        with real_safe_open(path, *args, **kwargs) as reader:
+            opened.append(path.rsplit("/", 1)[-1])
+            state["open"] += 1
+            state["peak"] = max(state["peak"], state["open"])
+            try:
+                yield reader
+            finally:
+                state["open"] -= 1
+
+    monkeypatch.setattr(adapt, "safe_open", counting_safe_open)
+    out = tmp_path / "adapted"
+    spec = adapt_checkpoint(sharded, out)
+    monkeypatch.undo()
+    assert state["peak"] == 1 and sorted(opened) == sorted(source_shards)
+
+    index = json.loads((out / INDEX_FILE).read_text())
+    assert set(index["weight_map"]) == set(source_map) - {"score.weight"} | {"lm_head.weight"}
+    assert index["weight_map"]["lm_head.weight"] == source_map["score.weight"]
+    total = 0
+    for shard in set(index["weight_map"].values()):
+        with safe_open(str(out / shard), framework="pt") as reader:
+            assert set(reader.keys()) == {n for n, s in index["weight_map"].items() if s == shard}
+            total += sum(reader.get_tensor(name).nbytes for name in reader.keys())
+    assert index["metadata"]["total_size"] == total
+    assert spec.attribute_names == LABELS
+    _assert_same_rewards(sharded, out, spec, _token_ids(sharded, n=4))
+
+
+def test_causal_lm_passes_through(tmp_path):
+    source = build_checkpoint(tmp_path / "causal", "tiny", arch="qwen2", head="lm_logits", seed=1)
+    out = tmp_path / "out"
+    spec = adapt_checkpoint(source, out, reward_indices="0,3,5")
+    assert [p.name for p in out.iterdir()] == [METADATA_FILE]
+    assert spec.hf_checkpoint == spec.source_checkpoint == str(source.resolve())
+    assert (spec.head_type, spec.pooling, spec.reward_indices) == ("lm_logits", "last", [0, 3, 5])
+    assert spec.architecture == spec.source_architecture == "Qwen2ForCausalLM"
+    assert spec.attribute_names == ["reward_0", "reward_1", "reward_2"]
+    assert RewardHeadSpec.read(out) == spec
+
+    vocab = spec.vocab_size
+    with pytest.raises(ValueError, match=rf"reward index {vocab} is outside the vocabulary of {vocab} tokens"):
+        adapt_checkpoint(source, tmp_path / "bad", reward_indices=[0, vocab])
+    with pytest.raises(ValueError, match="needs a \\*ForSequenceClassification checkpoint"):
+        adapt_checkpoint(source, tmp_path / "bad", head_type="sequence_classification")
+
+
+def _fake_checkpoint(directory, architecture, tensors):
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps({"architectures": [architecture], "vocab_size": 16,
+                                                       "num_labels": 1}))
+    save_file({name: torch.zeros(shape) for name, shape in tensors.items()}, str(directory / "model.safetensors"))
+    return directory
+
+
+@pytest.mark.parametrize("architecture,tensors,found", [
+    ("BertForSequenceClassification",
+     {"bert.embeddings.word_embeddings.weight": (16, 4), "classifier.weight": (1, 4)}, "bert.embeddings"),
+    ("LlamaForSequenceClassification", {"model.embed_tokens.weight": (16, 4), "score.weight": (1, 4),
+                                        "score.bias": (1,)}, "score.bias"),
+])
+def test_unsupported_heads_are_refused(tmp_path, architecture, tensors, found):
+    source = _fake_checkpoint(tmp_path / "src", architecture, tensors)
+    with pytest.raises(ValueError, match=rf"{architecture} is not supported.*{found}"):
+        adapt_checkpoint(source, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_architecture_is_refused(tmp_path):
+    source = _fake_checkpoint(tmp_path / "src", "GPT2LMHeadModel", {"transformer.wte.weight": (16, 4)})
+    with pytest.raises(ValueError, match="GPT2LMHeadModel"):
+        adapt_checkpoint(source, tmp_path / "out")
+
+
+def test_missing_or_invalid_metadata_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match=f"{METADATA_FILE} is missing"):
+        RewardHeadSpec.read(tmp_path)
+    (tmp_path / METADATA_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match=f"{METADATA_FILE} is not a valid reward head description"):
+        RewardHeadSpec.read(tmp_path)
+    (tmp_path / METADATA_FILE).write_text(json.dumps({"vocab_size": 16}))
+    with pytest.raises(ValueError, match=f"{METADATA_FILE} is not a valid"):
+        RewardHeadSpec.read(tmp_path)
+
+
+def test_interrupted_run_leaves_no_metadata(seq_cls, tmp_path, monkeypatch):
+    source, out = seq_cls("qwen2", 1), tmp_path / "adapted"
+    adapt_checkpoint(source, out)
+    assert RewardHeadSpec.read(out).hf_checkpoint == str(out.resolve())
+
+    def failing_write(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(adapt, "_write_safetensors", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        adapt_checkpoint(source, out)
+    with pytest.raises(ValueError, match="is missing"):
+        RewardHeadSpec.read(out)
