@@ -24,15 +24,16 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reward_server import settings
+from reward_server import engines, settings
 from reward_server.heads import detect_head_type, num_outputs, parse_indices
 from reward_server.scoring import ScoreSpec, parse_floats
+from reward_server.trtllm.mpi import WORKER_FLAGS, find_mpirun, mpirun_command
 
 _LOGGER = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MODEL_REPOSITORY = PROJECT_ROOT / "model_repository"
-ENGINE_MODEL = "reward_engine"
+ENGINE_MODEL = engines.ENGINES["torch"].step_model
 # APIs a scoring client never needs; restricted because the bundled 2.51 server predates the
 # Python-backend shared-memory fixes (DESIGN.md). Calls need this header with the admin token.
 RESTRICTED_APIS = "shared-memory,model-repository,logging,trace"
@@ -61,6 +62,8 @@ class ServeOptions:
     checkpoint: str | Path | None = None
     demo_size: str = "small"
     engine: str = "torch"
+    engine_dir: str | Path | None = None     # --engine tensorrt_llm: a build-engine output directory
+    world_size: int | None = None            # --engine tensorrt_llm: MPI ranks (default: the engine's tp x pp)
     host: str = "127.0.0.1"
     grpc_port: int = 0
     http_port: int = 0
@@ -186,18 +189,35 @@ def ensure_demo_checkpoint(size: str) -> Path:
     return target
 
 
-def model_parameters(options: ServeOptions, checkpoint: Path) -> tuple[dict[str, dict[str, str]], int]:
-    """Per-model parameter overrides and K, checked against the checkpoint.
+def model_parameters(options: ServeOptions, checkpoint: Path,
+                     serving=None) -> tuple[dict[str, dict[str, str]], int]:
+    """Per-model parameter overrides and K, checked against the checkpoint (or, for TensorRT-LLM,
+    the opened engine directory `serving`).
 
     Raises:
-        ValueError: inconsistent options (head, indices, weights, names).
+        ValueError: inconsistent options (head, indices, weights, names, lengths).
     """
+    names = [n.strip() for n in (options.attribute_names or "").split(",") if n.strip()]
+    score = ScoreSpec(parse_floats(options.attribute_weights), options.score_mean, options.score_std)
+    if serving is not None:
+        from reward_server.trtllm.serving import model_parameters as engine_parameters
+
+        k = serving.num_outputs
+        score.check(k)
+        if names and len(names) != k:
+            raise ValueError(f"{len(names)} attribute names given for a model with {k} outputs")
+        params = engine_parameters(serving, options.max_length, names, options.reward_indices)
+        params["preprocessing"].update({settings.CHECKPOINT: str(checkpoint), settings.TRUNCATION: options.truncation,
+                                        settings.CHAT_TEMPLATE: options.chat_template or ""})
+        params["postprocessing"].update({settings.ATTRIBUTE_WEIGHTS: options.attribute_weights or "",
+                                         settings.SCORE_MEAN: str(options.score_mean),
+                                         settings.SCORE_STD: str(options.score_std)})
+        return params, k
     config = json.loads((checkpoint / "config.json").read_text())
     head = detect_head_type(config.get("architectures"), options.head_type)
     indices = parse_indices(options.reward_indices)
     k = num_outputs(config, head, indices)
-    ScoreSpec(parse_floats(options.attribute_weights), options.score_mean, options.score_std).check(k)
-    names = [n.strip() for n in (options.attribute_names or "").split(",") if n.strip()]
+    score.check(k)
     if names and len(names) != k:
         raise ValueError(f"{len(names)} attribute names given for a model with {k} outputs")
     cores = os.cpu_count() or 1
@@ -222,21 +242,28 @@ def model_parameters(options: ServeOptions, checkpoint: Path) -> tuple[dict[str,
     return params, k
 
 
-def render_repository(options: ServeOptions, checkpoint: Path, dest: Path) -> Path:
-    """Write the runtime model repository: parsed configs with overrides, model files copied."""
+def render_repository(options: ServeOptions, checkpoint: Path, dest: Path, serving=None) -> Path:
+    """Write the runtime model repository: the engine's models and the common ones, parsed configs
+    with overrides, the ensembles' engine step pointing at the chosen engine, model files copied."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    params, k = model_parameters(options, checkpoint)
+    params, k = model_parameters(options, checkpoint, serving)
+    served = engines.served_models(options.engine)
+    missing = [name for name in served if not (options.model_repository / name / "config.pbtxt").exists()]
+    if missing:
+        raise FileNotFoundError(f"model repository {options.model_repository} lacks {', '.join(missing)}")
     dest.mkdir(parents=True, exist_ok=True)
-    for model_dir in sorted(p for p in options.model_repository.iterdir() if (p / "config.pbtxt").exists()):
+    for model_dir in (options.model_repository / name for name in served):
         config = text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        if config.platform == "ensemble":
+            engines.wire_ensemble(config, options.engine)
         for key, value in params.get(config.name, {}).items():
             config.parameters[key].string_value = value
         for tensor in [*config.input, *config.output]:
             if tensor.name in ("rewards", "attributes"):
                 tensor.dims[:] = [k]
-        if config.name == ENGINE_MODEL:
+        if config.name == engines.engine(options.engine).step_model:
             config.instance_group[0].count = options.instances
             if options.max_queue_size is not None:
                 config.dynamic_batching.default_queue_policy.max_queue_size = options.max_queue_size
@@ -248,6 +275,14 @@ def render_repository(options: ServeOptions, checkpoint: Path, dest: Path) -> Pa
         if config.backend == "python":
             (dest / model_dir.name / "reward_server_paths.py").write_text(python_paths_module())
     return dest
+
+
+def model_backend(model_dir: Path) -> str:
+    """The `backend` of a model directory's config.pbtxt."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()).backend
 
 
 class TritonServer:
@@ -264,7 +299,9 @@ class TritonServer:
         self.workdir: Path | None = None
         self.log_path: Path | None = None
         self.checkpoint: Path | None = None
+        self.serving = None  # the opened engine directory, with --engine tensorrt_llm
         self._own_workdir = False
+        self._shm_prefix = f"reward{os.getpid()}x{secrets.token_hex(3)}"
 
     @property
     def _client_host(self) -> str:
@@ -285,23 +322,36 @@ class TritonServer:
         """URL of the Prometheus metrics endpoint."""
         return f"http://{self._client_host}:{self.options.metrics_port}/metrics"
 
-    def command(self, binary: Path, repository: Path, backends: Path | None) -> list[str]:
-        """The tritonserver command line (safe defaults: loopback, no repository control)."""
+    def command(self, binary: Path, repository: Path, backends: Path | None, rank: int = 0) -> list[str]:
+        """The tritonserver command line of one rank (rank 0, the server, by default).
+
+        Rank 0 gets the safe defaults: loopback, no repository control, restricted APIs. Ranks
+        above 0 (TensorRT-LLM tensor parallelism) load only the engine and serve no endpoint.
+        """
         o = self.options
         restricted = f"{RESTRICTED_APIS}:{ADMIN_HEADER}={o.admin_token}"
-        cmd = [str(binary), f"--model-repository={repository}",
-               f"--http-address={o.host}", f"--http-port={o.http_port}",
-               f"--grpc-address={o.host}", f"--grpc-port={o.grpc_port}",
-               f"--metrics-address={o.host}", f"--metrics-port={o.metrics_port}",
-               "--model-control-mode=none", "--strict-readiness=true", "--exit-on-error=true",
-               "--disable-auto-complete-config", f"--exit-timeout-secs={o.exit_timeout_s}",
-               f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}",
-               # A per-server prefix keeps concurrent servers' shared-memory regions apart.
-               f"--backend-config=python,shm-region-prefix-name=reward{os.getpid()}x{secrets.token_hex(3)}",
-               f"--log-verbose={o.log_verbose}"]
+        cmd = [str(binary), f"--model-repository={repository}"]
+        if rank == 0:
+            cmd += [f"--http-address={o.host}", f"--http-port={o.http_port}",
+                    f"--grpc-address={o.host}", f"--grpc-port={o.grpc_port}",
+                    f"--metrics-address={o.host}", f"--metrics-port={o.metrics_port}",
+                    "--model-control-mode=none", "--strict-readiness=true", "--exit-on-error=true",
+                    f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}"]
+        else:
+            cmd += list(WORKER_FLAGS)
+        # A per-server (and per-rank) prefix keeps concurrent servers' shared-memory regions apart.
+        cmd += ["--disable-auto-complete-config", f"--exit-timeout-secs={o.exit_timeout_s}",
+                f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}r{rank}_",
+                f"--log-verbose={o.log_verbose}"]
         if backends is not None:
             cmd.append(f"--backend-directory={backends}")
         return cmd
+
+    def command_line(self, binary: Path, repository: Path, backends: Path | None) -> list[str]:
+        """The whole command: tritonserver, or mpirun with one tritonserver per rank."""
+        world_size = self.serving.world_size if self.serving else 1
+        mpirun = find_mpirun() if world_size > 1 else "mpirun"
+        return mpirun_command(lambda rank: self.command(binary, repository, backends, rank), world_size, mpirun)
 
     def start(self) -> "TritonServer":
         """Prepare everything, start tritonserver and wait until it is ready.
@@ -312,10 +362,17 @@ class TritonServer:
             ValueError: inconsistent options.
         """
         o = self.options
-        if o.engine != "torch":
-            raise ValueError(f"engine {o.engine!r} is not available here: the tensorrt_llm engine needs a "
-                             "GPU host with TensorRT-LLM (see docs/tensorrt_llm.md)")
-        self.checkpoint = Path(o.checkpoint) if o.checkpoint else ensure_demo_checkpoint(o.demo_size)
+        engines.engine(o.engine)
+        if o.engine == "tensorrt_llm":
+            from reward_server.trtllm.serving import open_engine
+
+            self.serving = open_engine(o.engine_dir, o.world_size)
+            # --checkpoint may point at the tokenizer when the build-time path is gone (a moved engine)
+            self.checkpoint = Path(o.checkpoint) if o.checkpoint else self.serving.tokenizer_checkpoint
+        elif o.engine_dir or o.world_size:
+            raise ValueError("--engine-dir and --world-size apply to --engine tensorrt_llm only")
+        else:
+            self.checkpoint = Path(o.checkpoint) if o.checkpoint else ensure_demo_checkpoint(o.demo_size)
         if not (self.checkpoint / "config.json").exists():
             raise FileNotFoundError(f"{self.checkpoint} is not a Hugging Face checkpoint (no config.json)")
         for name in ("grpc_port", "http_port", "metrics_port"):
@@ -325,11 +382,15 @@ class TritonServer:
         self.workdir = Path(o.workdir or tempfile.mkdtemp(prefix="reward-server-"))
         binary, bundle = find_tritonserver()
         backends = prepare_backends(bundle, self.workdir / "backends") if bundle else None
-        repository = render_repository(o, self.checkpoint, self.workdir / "models")
+        repository = render_repository(o, self.checkpoint, self.workdir / "models", self.serving)
+        if self.serving:
+            from reward_server.trtllm.serving import check_host
+
+            check_host(self.serving, model_backend(repository / engines.TENSORRT_LLM_MODEL), bundle is not None)
         self.log_path = self.workdir / "tritonserver.log"
         output = None if o.log_to_console else open(self.log_path, "wb")
         started = time.monotonic()
-        self.process = subprocess.Popen(self.command(binary, repository, backends), env=server_environment(bundle),
+        self.process = subprocess.Popen(self.command_line(binary, repository, backends), env=server_environment(bundle),
                                         stdout=output, stderr=subprocess.STDOUT if output else None,
                                         start_new_session=True, preexec_fn=_die_with_parent)
         if output:

@@ -8,6 +8,7 @@ parameters into a ready object with one call here.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 # Parameter names, per model. Values are always strings in config.pbtxt.
@@ -25,6 +26,8 @@ ATTRIBUTE_NAMES = "attribute_names"
 ATTRIBUTE_WEIGHTS = "attribute_weights"
 SCORE_MEAN = "score_mean"
 SCORE_STD = "score_std"
+ENGINE_DIR = "engine_dir"
+TENSORRT_LLM_MODEL = "tensorrt_llm_model"
 
 
 def parameters_of(args: dict[str, Any]) -> dict[str, str]:
@@ -79,3 +82,15 @@ def score_spec_from_parameters(params: dict[str, str]):
 
     return ScoreSpec(weights=parse_floats(params.get(ATTRIBUTE_WEIGHTS)),
                      mean=float(params.get(SCORE_MEAN) or 0.0), std=float(params.get(SCORE_STD) or 1.0))
+
+
+def fanout_from_parameters(params: dict[str, str]):
+    """The TensorRT-LLM engine step's `FanOut`, from the engine directory's reward_head.json."""
+    from reward_server.trtllm.fanout import FanOut
+    from reward_server.trtllm.layout import EngineLayout
+
+    engine_dir = params.get(ENGINE_DIR, "")
+    if not engine_dir:
+        raise ValueError(f"parameter {ENGINE_DIR} is empty: start the server with `reward-server serve --engine "
+                         "tensorrt_llm --engine-dir DIR`, or set it in config.pbtxt")
+    return FanOut.from_spec(EngineLayout(Path(engine_dir)).head_spec())

@@ -21,6 +21,10 @@ class RequestError(str):
     """The error message for one request (becomes an INVALID_ARG response)."""
 
 
+class EngineError(RequestError):
+    """The engine failed on one request, not through the caller's fault (becomes INTERNAL)."""
+
+
 @dataclass
 class PreprocessInput:
     """One request's inputs: `messages` [B,1] object array, or `token_ids` [B,L] (+ lengths)."""

@@ -11,7 +11,7 @@ import logging
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from reward_server.stages import RequestError
+from reward_server.stages import EngineError, RequestError
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -23,10 +23,11 @@ def input_array(request, name: str) -> np.ndarray | None:
 
 
 def respond(result: dict | RequestError):
-    """An InferenceResponse for a stage result: output tensors, or INVALID_ARG for that request."""
+    """An InferenceResponse for a stage result: output tensors, or an error for that request alone
+    (INTERNAL for an `EngineError`, INVALID_ARG for any other `RequestError`)."""
     if isinstance(result, RequestError):
-        return pb_utils.InferenceResponse(
-            output_tensors=[], error=pb_utils.TritonError(str(result), pb_utils.TritonError.INVALID_ARG))
+        code = pb_utils.TritonError.INTERNAL if isinstance(result, EngineError) else pb_utils.TritonError.INVALID_ARG
+        return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(result), code))
     return pb_utils.InferenceResponse(
         output_tensors=[pb_utils.Tensor(name, np.ascontiguousarray(value)) for name, value in result.items()])
 
@@ -39,6 +40,46 @@ def guarded(stage, requests, *args):
         _LOGGER.exception("stage %s failed", getattr(stage, "__name__", stage))
         error = pb_utils.TritonError(f"{type(err).__name__}: {err}", pb_utils.TritonError.INTERNAL)
         return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in requests]
+
+
+async def guarded_async(stage, requests, *args):
+    """`guarded` for a coroutine stage (the TensorRT-LLM fan-out awaits its engine requests)."""
+    try:
+        return [respond(result) for result in await stage(*args)]
+    except Exception as err:  # noqa: BLE001 - the server must keep serving
+        _LOGGER.exception("stage %s failed", getattr(stage, "__name__", stage))
+        error = pb_utils.TritonError(f"{type(err).__name__}: {err}", pb_utils.TritonError.INTERNAL)
+        return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in requests]
+
+
+def bls_caller(model_name: str, outputs: list[str]):
+    """An async function sending one request (a dict of numpy inputs) to `model_name` in this server
+    through Python-backend BLS and returning its `outputs` that came back, as numpy.
+
+    Raises (from the returned function):
+        RuntimeError: the called model answered with an error.
+    """
+
+    async def infer(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        request = pb_utils.InferenceRequest(model_name=model_name, requested_output_names=outputs,
+                                            inputs=[pb_utils.Tensor(k, v) for k, v in inputs.items()])
+        response = await request.async_exec()
+        if response.has_error():
+            raise RuntimeError(response.error().message())
+        arrays = {}
+        for name in outputs:
+            tensor = pb_utils.get_output_tensor_by_name(response, name)
+            if tensor is None:
+                continue
+            if tensor.is_cpu():
+                arrays[name] = tensor.as_numpy()
+            else:  # a backend may answer in GPU memory; only the K reward logits are needed on the host
+                from torch.utils.dlpack import from_dlpack
+
+                arrays[name] = from_dlpack(tensor.to_dlpack()).float().cpu().numpy()
+        return arrays
+
+    return infer
 
 
 class EngineMetrics:

@@ -8,9 +8,13 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from reward_server import engines
 from reward_server.launcher import MODEL_REPOSITORY, ServeOptions, render_repository
+from reward_server.trtllm.fanout import REQUESTED_OUTPUTS, FanOut
 
-MODELS = {"preprocessing", "reward_engine", "postprocessing", "reward", "reward_ids"}
+MODELS = {"preprocessing", "reward_engine", "postprocessing", "reward", "reward_ids", "reward_engine_trtllm",
+          "tensorrt_llm"}
+_NUMPY_TYPES = {"int32": model_config_pb2.TYPE_INT32, "bool": model_config_pb2.TYPE_BOOL}
 
 
 def _parse(path: Path) -> model_config_pb2.ModelConfig:
@@ -34,6 +38,52 @@ def test_checked_in_configs_parse_and_match_the_wire_contract():
     for ensemble in (reward, configs["reward_ids"]):
         assert [s.model_name for s in ensemble.ensemble_scheduling.step] == ["preprocessing", "reward_engine",
                                                                             "postprocessing"]
+    trtllm = configs["tensorrt_llm"]
+    assert trtllm.backend == "tensorrtllm" and not trtllm.model_transaction_policy.decoupled
+    assert trtllm.parameters["gpt_model_type"].string_value == "inflight_fused_batching"
+    assert trtllm.parameters["enable_kv_cache_reuse"].string_value == "true"
+
+
+def _tensors(config, kind):
+    return {t.name: (t.data_type, list(t.dims)) for t in getattr(config, kind)}
+
+
+@pytest.mark.parametrize("engine", sorted(engines.ENGINES))
+def test_ensemble_wiring_is_consistent_for_each_engine(engine):
+    """Every tensor an ensemble step maps exists on both sides, with the same type and dims."""
+    configs = {p.parent.name: _parse(p) for p in MODEL_REPOSITORY.glob("*/config.pbtxt")}
+    for name in ("reward", "reward_ids"):
+        ensemble = configs[name]
+        engines.wire_ensemble(ensemble, engine)
+        produced = _tensors(ensemble, "input")  # ensemble tensor -> (type, dims)
+        steps = [s.model_name for s in ensemble.ensemble_scheduling.step]
+        assert steps[1] == engines.ENGINES[engine].step_model and set(steps) <= set(engines.served_models(engine))
+        for step in ensemble.ensemble_scheduling.step:
+            model = configs[step.model_name]
+            inputs, outputs = _tensors(model, "input"), _tensors(model, "output")
+            for model_input, tensor in step.input_map.items():
+                assert model_input in inputs, f"{name}: {step.model_name} has no input {model_input}"
+                assert produced[tensor] == inputs[model_input], f"{name}: {tensor} -> {step.model_name}.{model_input}"
+            required = {t.name for t in model.input if not t.optional}
+            assert required <= set(step.input_map), f"{name}: {step.model_name} misses {required - set(step.input_map)}"
+            for model_output, tensor in step.output_map.items():
+                assert model_output in outputs, f"{name}: {step.model_name} has no output {model_output}"
+                produced[tensor] = outputs[model_output]
+        for output, spec in _tensors(ensemble, "output").items():
+            assert produced[output] == spec, f"{name}: public output {output}"
+
+
+def test_fanout_requests_match_the_tensorrt_llm_model_interface():
+    """What reward_engine_trtllm sends and asks for is what the tensorrt_llm config declares."""
+    trtllm = _parse(MODEL_REPOSITORY / "tensorrt_llm" / "config.pbtxt")
+    inputs, outputs = _tensors(trtllm, "input"), _tensors(trtllm, "output")
+    request = FanOut((0,), "last_non_pad", 7).request([1, 5, 9, 7])
+    for name, array in request.items():
+        assert name in inputs and _NUMPY_TYPES[array.dtype.name] == inputs[name][0], name
+        assert array.shape[0] == 1  # batch size 1: the backend refuses more when not decoupled
+    assert {t.name for t in trtllm.input if not t.optional} <= set(request)
+    assert set(REQUESTED_OUTPUTS) <= set(outputs)
+    assert outputs["generation_logits"] == (model_config_pb2.TYPE_FP32, [-1, -1, -1])
 
 
 def test_render_applies_overrides_to_parsed_configs(tmp_path, qwen_checkpoint):

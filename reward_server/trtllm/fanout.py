@@ -1,0 +1,109 @@
+"""From the ensemble's batch of sequences to single-sequence `tensorrt_llm` requests, and back.
+
+The `tensorrtllm` backend refuses a request of batch size > 1 unless the model is decoupled
+("Batch size > 1 requires the tensorrt_llm backend to be using decoupled transaction policy",
+triton_backend inflight_batcher_llm/src/utils.cc), and a decoupled step would make the public
+ensembles decoupled too. So the engine step of the ensembles is a small Python model that sends
+one request per sequence, all at once; TensorRT-LLM's in-flight batcher then schedules them
+together with every other request in flight. For a batch of one the backend also ignores
+`input_lengths` and reads the whole `input_ids` row, so each sequence is sent already cut after
+its pooled token (a causal model's later tokens cannot change that position's logits).
+
+Pure logic; the Triton calls are passed in as an async `infer` callable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Sequence
+
+import numpy as np
+
+from reward_server.heads import pool_position
+from reward_server.stages import EngineError, RequestError
+from reward_server.trtllm.adapt import RewardHeadSpec
+
+# The backend refuses a request whose requested outputs lack output_ids or sequence_length
+# ("... tensor must be present in list of output tensors"), so both are asked for too.
+REQUESTED_OUTPUTS = ("output_ids", "sequence_length", "generation_logits")
+POOLING_HEADS = {"last_non_pad": "sequence_classification", "last": "lm_logits"}
+
+Infer = Callable[[dict[str, np.ndarray]], Awaitable[dict[str, np.ndarray]]]
+
+
+@dataclass(frozen=True)
+class FanOut:
+    """How one sequence becomes a `tensorrt_llm` request and how its reward is read back."""
+
+    reward_indices: tuple[int, ...]
+    pooling: str
+    pad_token_id: int | None
+
+    @classmethod
+    def from_spec(cls, spec: RewardHeadSpec) -> "FanOut":
+        """From the engine directory's reward_head.json.
+
+        Raises:
+            ValueError: an unknown pooling rule.
+        """
+        if spec.pooling not in POOLING_HEADS:
+            raise ValueError(f"unknown pooling {spec.pooling!r} in reward_head.json; expected one of "
+                             f"{sorted(POOLING_HEADS)}")
+        return cls(tuple(spec.reward_indices), spec.pooling, spec.pad_token_id)
+
+    def request(self, ids: Sequence[int]) -> dict[str, np.ndarray]:
+        """The `tensorrt_llm` inputs for one sequence: cut after its pooled token, one output token,
+        generation logits returned (batch dimension 1)."""
+        end = pool_position(ids, POOLING_HEADS[self.pooling], self.pad_token_id) + 1
+        return {"input_ids": np.asarray([ids[:end]], dtype=np.int32),
+                "input_lengths": np.array([[end]], dtype=np.int32),
+                "request_output_len": np.array([[1]], dtype=np.int32),
+                "return_generation_logits": np.array([[True]], dtype=bool)}
+
+    def rewards(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
+        """The K raw rewards from one response's `generation_logits` [1, beams, steps, vocab].
+
+        The first generation step's logits are the logits at the last input position.
+
+        Raises:
+            EngineError: the response has no generation logits or they have the wrong shape.
+        """
+        logits = outputs.get("generation_logits")
+        if logits is None:
+            raise EngineError("the tensorrt_llm model returned no generation_logits: is the engine built with "
+                              "--gather_generation_logits?")
+        logits = np.asarray(logits)
+        if logits.ndim != 4 or logits.shape[0] != 1 or logits.shape[2] < 1:
+            raise EngineError(f"generation_logits has shape {list(logits.shape)}; expected [1, beams, steps, vocab]")
+        if max(self.reward_indices) >= logits.shape[3]:
+            raise EngineError(f"reward index {max(self.reward_indices)} is outside the engine's "
+                              f"{logits.shape[3]} logits")
+        return logits[0, 0, 0, list(self.reward_indices)].astype(np.float32)
+
+
+async def score_requests(fanout: FanOut, infer: Infer,
+                         requests: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[dict | RequestError]:
+    """Score every sequence of every request concurrently, one engine request per sequence.
+
+    Each request is (input_ids [B, W], input_lengths [B, 1]). A failed engine call fails only
+    the request it belongs to, with an `EngineError` naming the conversation.
+    """
+    sequences, owners = [], []
+    for r, (ids, lengths) in enumerate(requests):
+        for c, (row, n) in enumerate(zip(np.asarray(ids), np.asarray(lengths).reshape(-1))):
+            sequences.append(row[:n].tolist())
+            owners.append((r, c))
+    replies = await asyncio.gather(*(infer(fanout.request(seq)) for seq in sequences), return_exceptions=True)
+    rows: list[list[np.ndarray]] = [[] for _ in requests]
+    errors: dict[int, RequestError] = {}
+    for (r, c), reply in zip(owners, replies):
+        if r in errors:
+            continue
+        try:
+            if isinstance(reply, BaseException):
+                raise reply
+            rows[r].append(fanout.rewards(reply))
+        except Exception as err:  # noqa: BLE001 - reported on its own request only
+            errors[r] = EngineError(f"conversation {c}: {err}")
+    return [errors.get(r) or {"rewards": np.stack(rows[r]).astype(np.float32)} for r in range(len(requests))]

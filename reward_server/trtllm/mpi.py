@@ -1,0 +1,53 @@
+"""One tritonserver per tensor-parallel rank, under mpirun, in the foreground.
+
+TensorRT-LLM's `tensorrtllm` backend in leader mode needs every rank of the engine in its own
+MPI process. Rank 0 is the real server: every model, the ports, the launcher's safe defaults.
+Ranks above 0 load only `tensorrt_llm`, serve no endpoint, and use their own Python-backend
+shared-memory prefix. Unlike upstream's launch_triton_server.py, which starts the chain in the
+background and returns, the launcher keeps mpirun as its child: a container stays up exactly as
+long as the servers, and SIGTERM to mpirun reaches every rank.
+"""
+
+from __future__ import annotations
+
+import shutil
+from typing import Callable
+
+from reward_server.engines import TENSORRT_LLM_MODEL
+
+# Flags of ranks > 0 in place of rank 0's endpoints and model control.
+WORKER_FLAGS = ("--model-control-mode=explicit", f"--load-model={TENSORRT_LLM_MODEL}",
+                "--allow-http=false", "--allow-grpc=false", "--allow-metrics=false")
+
+
+def mpirun_command(rank_command: Callable[[int], list[str]], world_size: int, mpirun: str = "mpirun") -> list[str]:
+    """The whole command line: `rank_command(rank)` for each rank, one process each.
+
+    With world size 1 no MPI is needed: the server command alone.
+
+    Raises:
+        ValueError: a world size below 1.
+    """
+    if world_size < 1:
+        raise ValueError(f"world size must be at least 1, got {world_size}")
+    if world_size == 1:
+        return rank_command(0)
+    command = [mpirun, "--allow-run-as-root"]
+    for rank in range(world_size):
+        if rank:
+            command.append(":")
+        command += ["-n", "1", *rank_command(rank)]
+    return command
+
+
+def find_mpirun() -> str:
+    """Path of mpirun.
+
+    Raises:
+        FileNotFoundError: mpirun is not on PATH.
+    """
+    found = shutil.which("mpirun")
+    if not found:
+        raise FileNotFoundError("mpirun is not on PATH: a world size above 1 needs MPI (the NGC TensorRT-LLM "
+                                "container ships Open MPI); or serve an engine built with --tp 1 --pp 1")
+    return found
