@@ -44,3 +44,32 @@ def qwen_server(qwen_checkpoint):
                            max_length=QWEN_MAX_LENGTH, truncation="truncate_left")
     with TritonServer(options) as srv:
         yield srv
+
+
+@pytest.fixture(scope="session")
+def trtllm_server(demo_checkpoint, tmp_path_factory):
+    """The same Llama checkpoint served through the TensorRT-LLM ensembles, with the contract double
+    of the `tensorrt_llm` model (tests/trtllm_double) in a real tritonserver."""
+    from tests.trtllm_double import engine_dir_for, repository_with_double
+
+    root = tmp_path_factory.mktemp("trtllm-llama")
+    options = ServeOptions(engine="tensorrt_llm", engine_dir=engine_dir_for(demo_checkpoint, root / "engine"),
+                           model_repository=repository_with_double(root / "repository"), max_length=512)
+    with TritonServer(options) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def qwen_trtllm_server(qwen_checkpoint, tmp_path_factory):
+    """The Qwen2 causal-LM checkpoint (logits 0,3,5 passed through) on the TensorRT-LLM ensembles,
+    with the settings of `qwen_server`."""
+    from tests.trtllm_double import engine_dir_for, repository_with_double
+
+    root = tmp_path_factory.mktemp("trtllm-qwen")
+    options = ServeOptions(engine="tensorrt_llm",
+                           engine_dir=engine_dir_for(qwen_checkpoint, root / "engine", reward_indices=QWEN_INDICES),
+                           model_repository=repository_with_double(root / "repository"), attribute_names=QWEN_NAMES,
+                           attribute_weights=QWEN_WEIGHTS, score_mean=QWEN_MEAN, score_std=QWEN_STD,
+                           max_length=QWEN_MAX_LENGTH, truncation="truncate_left")
+    with TritonServer(options) as srv:
+        yield srv

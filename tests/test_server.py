@@ -1,4 +1,9 @@
-"""A real tritonserver over real gRPC and HTTP: exactness, batching invariance, bad input."""
+"""A real tritonserver over real gRPC and HTTP: exactness, batching invariance, bad input.
+
+The public-contract tests run against both engines: the PyTorch engine, and the TensorRT-LLM
+ensembles with the contract double of the `tensorrt_llm` model (tests/trtllm_double). Clients must
+not be able to tell them apart.
+"""
 
 from __future__ import annotations
 
@@ -52,13 +57,25 @@ def invalid_arg(url, payload_rows):
     return info.value.message()
 
 
+@pytest.fixture(params=["torch", "tensorrt_llm"])
+def any_server(request):
+    """The Llama server of each engine (same checkpoint, same settings)."""
+    return request.getfixturevalue("server" if request.param == "torch" else "trtllm_server")
+
+
+@pytest.fixture(params=["torch", "tensorrt_llm"])
+def any_qwen_server(request):
+    """The Qwen2 lm_logits server of each engine (three attributes, weights, truncate_left)."""
+    return request.getfixturevalue("qwen_server" if request.param == "torch" else "qwen_trtllm_server")
+
+
 @pytest.fixture(scope="module")
 def expected(demo_checkpoint):
     return reference_rewards(demo_checkpoint, CONVERSATIONS)
 
 
-def test_grpc_and_http_scores_equal_transformers_reference(server, demo_checkpoint, expected):
-    for out in (score_grpc(server.grpc_url, CONVERSATIONS), score_http(server.http_url, CONVERSATIONS)):
+def test_grpc_and_http_scores_equal_transformers_reference(any_server, demo_checkpoint, expected):
+    for out in (score_grpc(any_server.grpc_url, CONVERSATIONS), score_http(any_server.http_url, CONVERSATIONS)):
         assert out["score"].shape == (24, 1) and out["attributes"].shape == (24, 1)
         np.testing.assert_allclose(out["attributes"], expected, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(out["score"], expected, rtol=1e-4, atol=1e-6)
@@ -66,7 +83,7 @@ def test_grpc_and_http_scores_equal_transformers_reference(server, demo_checkpoi
         assert not out["truncated"].any()
 
 
-def test_score_does_not_depend_on_batching_order_or_concurrency(server, expected):
+def test_score_does_not_depend_on_batching_order_or_concurrency(any_server, expected):
     rng = random.Random(5)
     jobs = []  # (indices of one request)
     for _ in range(3):
@@ -75,7 +92,7 @@ def test_score_does_not_depend_on_batching_order_or_concurrency(server, expected
         cuts = sorted(rng.sample(range(1, len(order)), 5))
         jobs += [order[a:b] for a, b in zip([0] + cuts, cuts + [len(order)])]
     with ThreadPoolExecutor(max_workers=6) as pool:
-        results = list(pool.map(lambda idx: score_grpc(server.grpc_url, [CONVERSATIONS[i] for i in idx]), jobs))
+        results = list(pool.map(lambda idx: score_grpc(any_server.grpc_url, [CONVERSATIONS[i] for i in idx]), jobs))
     seen = {i: [] for i in range(len(CONVERSATIONS))}
     for idx, out in zip(jobs, results):
         for row, i in enumerate(idx):
@@ -86,13 +103,13 @@ def test_score_does_not_depend_on_batching_order_or_concurrency(server, expected
         np.testing.assert_allclose(scores, scores[0], rtol=1e-5, atol=1e-6)
 
 
-def test_reward_ids_entry_point_matches_messages(server, demo_checkpoint, expected):
+def test_reward_ids_entry_point_matches_messages(any_server, demo_checkpoint, expected):
     ids = [reference_ids(demo_checkpoint, c) for c in CONVERSATIONS[:5]]
     width = max(map(len, ids))
     padded = np.full((5, width), 7, dtype=np.int32)
     for row, seq in enumerate(ids):
         padded[row, : len(seq)] = seq
-    client = grpcclient.InferenceServerClient(server.grpc_url)
+    client = grpcclient.InferenceServerClient(any_server.grpc_url)
     tokens = grpcclient.InferInput("input_ids", list(padded.shape), "INT32")
     tokens.set_data_from_numpy(padded)
     lengths = grpcclient.InferInput("input_lengths", [5, 1], "INT32")
@@ -122,21 +139,21 @@ GOOD = json.dumps(CONVERSATIONS[0]).encode()
     (json.dumps([{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}]).encode(),
      "over the maximum length of 512 (truncation policy: reject)"),
 ])
-def test_bad_input_is_rejected_with_index_and_reason_and_server_keeps_serving(server, expected, row, needle):
-    message = invalid_arg(server.grpc_url, [GOOD, row])
+def test_bad_input_is_rejected_with_index_and_reason_and_server_keeps_serving(any_server, expected, row, needle):
+    message = invalid_arg(any_server.grpc_url, [GOOD, row])
     assert needle in message
-    np.testing.assert_allclose(score_grpc(server.grpc_url, CONVERSATIONS[:1])["score"], expected[:1], rtol=1e-4)
+    np.testing.assert_allclose(score_grpc(any_server.grpc_url, CONVERSATIONS[:1])["score"], expected[:1], rtol=1e-4)
 
 
-def test_overlong_rejection_names_token_count(server, demo_checkpoint):
+def test_overlong_rejection_names_token_count(any_server, demo_checkpoint):
     long = [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}]
     count = len(reference_ids(demo_checkpoint, long))
     assert f"conversation 0: conversation is {count} tokens, over the maximum length of 512" in \
-        invalid_arg(server.grpc_url, [json.dumps(long).encode()])
+        invalid_arg(any_server.grpc_url, [json.dumps(long).encode()])
 
 
-def test_one_bad_request_does_not_fail_others_in_its_dynamic_batch(server, expected):
-    client = grpcclient.InferenceServerClient(server.grpc_url)
+def test_one_bad_request_does_not_fail_others_in_its_dynamic_batch(any_server, expected):
+    client = grpcclient.InferenceServerClient(any_server.grpc_url)
     outcomes = {}
 
     def callback(i, result, error):
@@ -174,32 +191,32 @@ def test_restricted_apis_need_the_admin_header(server):
 # --- lm_logits head, attributes, weights, normalisation, truncate_left (Qwen2) --------------------------
 
 
-def test_qwen_attributes_weights_and_normalisation(qwen_server, qwen_checkpoint):
+def test_qwen_attributes_weights_and_normalisation(any_qwen_server, qwen_checkpoint):
     conversations = [c for c in make_conversations(30, seed=2, max_turns=1)
                      if len(reference_ids(qwen_checkpoint, c)) <= QWEN_MAX_LENGTH][:12]
     expected = reference_rewards(qwen_checkpoint, conversations, (0, 3, 5))
-    out = score_grpc(qwen_server.grpc_url, conversations)
+    out = score_grpc(any_qwen_server.grpc_url, conversations)
     np.testing.assert_allclose(out["attributes"], expected, rtol=1e-4, atol=1e-6)
     weights = np.array([float(w) for w in QWEN_WEIGHTS.split(",")], dtype=np.float32)
     np.testing.assert_allclose(out["score"].ravel(), (expected @ weights - QWEN_MEAN) / QWEN_STD, rtol=1e-4, atol=1e-5)
-    config = grpcclient.InferenceServerClient(qwen_server.grpc_url).get_model_config("postprocessing", as_json=True)
+    config = grpcclient.InferenceServerClient(any_qwen_server.grpc_url).get_model_config("postprocessing", as_json=True)
     assert config["config"]["parameters"]["attribute_names"]["string_value"] == QWEN_NAMES
 
 
-def test_truncate_left_keeps_the_response(qwen_server, qwen_checkpoint):
+def test_truncate_left_keeps_the_response(any_qwen_server, qwen_checkpoint):
     long = [{"role": "system", "content": "Be brief. " * 40}, {"role": "user", "content": "Explain rainbows."},
             {"role": "assistant", "content": "Light refracts in droplets."}]
     full = reference_ids(qwen_checkpoint, long)
     assert len(full) > QWEN_MAX_LENGTH
     short = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
-    out = score_grpc(qwen_server.grpc_url, [long, short])
+    out = score_grpc(any_qwen_server.grpc_url, [long, short])
     assert out["truncated"].ravel().tolist() == [True, False]
     assert out["num_tokens"][0, 0] == QWEN_MAX_LENGTH
     kept = full[-QWEN_MAX_LENGTH:]  # no BOS in ChatML: the last max_length tokens
     np.testing.assert_allclose(out["attributes"][0], reference_rewards_from_ids(qwen_checkpoint, kept, (0, 3, 5)),
                                rtol=1e-4, atol=1e-6)
     too_long = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Long answer. " * 80}]
-    assert "conversation 0: the response alone is" in invalid_arg(qwen_server.grpc_url, [json.dumps(too_long).encode()])
+    assert "conversation 0: the response alone is" in invalid_arg(any_qwen_server.grpc_url, [json.dumps(too_long).encode()])
 
 
 def test_engine_counters_on_the_metrics_endpoint(server):
@@ -222,10 +239,10 @@ def test_engine_counters_on_the_metrics_endpoint(server):
 
 
 @pytest.mark.parametrize("model", ["reward", "reward_ids"])
-def test_any_subset_of_outputs_can_be_requested(server, demo_checkpoint, expected, model):
+def test_any_subset_of_outputs_can_be_requested(any_server, demo_checkpoint, expected, model):
     import itertools
 
-    client = grpcclient.InferenceServerClient(server.grpc_url)
+    client = grpcclient.InferenceServerClient(any_server.grpc_url)
     if model == "reward":
         inputs = [_messages_input(grpcclient, CONVERSATIONS[:2])]
     else:

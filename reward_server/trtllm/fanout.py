@@ -32,6 +32,10 @@ POOLING_HEADS = {"last_non_pad": "sequence_classification", "last": "lm_logits"}
 Infer = Callable[[dict[str, np.ndarray]], Awaitable[dict[str, np.ndarray]]]
 
 
+class EngineReplyError(RuntimeError):
+    """The `tensorrt_llm` model's reply does not hold the logits a reward is read from."""
+
+
 @dataclass(frozen=True)
 class FanOut:
     """How one sequence becomes a `tensorrt_llm` request and how its reward is read back."""
@@ -67,17 +71,17 @@ class FanOut:
         The first generation step's logits are the logits at the last input position.
 
         Raises:
-            EngineError: the response has no generation logits or they have the wrong shape.
+            EngineReplyError: the response has no generation logits, or not of the expected shape.
         """
         logits = outputs.get("generation_logits")
         if logits is None:
-            raise EngineError("the tensorrt_llm model returned no generation_logits: is the engine built with "
+            raise EngineReplyError("the tensorrt_llm model returned no generation_logits: is the engine built with "
                               "--gather_generation_logits?")
         logits = np.asarray(logits)
         if logits.ndim != 4 or logits.shape[0] != 1 or logits.shape[2] < 1:
-            raise EngineError(f"generation_logits has shape {list(logits.shape)}; expected [1, beams, steps, vocab]")
+            raise EngineReplyError(f"generation_logits has shape {list(logits.shape)}; expected [1, beams, steps, vocab]")
         if max(self.reward_indices) >= logits.shape[3]:
-            raise EngineError(f"reward index {max(self.reward_indices)} is outside the engine's "
+            raise EngineReplyError(f"reward index {max(self.reward_indices)} is outside the engine's "
                               f"{logits.shape[3]} logits")
         return logits[0, 0, 0, list(self.reward_indices)].astype(np.float32)
 

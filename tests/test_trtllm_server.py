@@ -1,0 +1,100 @@
+"""The TensorRT-LLM ensembles in a real tritonserver, with the contract double of `tensorrt_llm`.
+
+The public-contract tests (parity, bad input, batching) run on both engines in test_server.py;
+here: what is particular to this path (one engine request per conversation, the same answers as
+the PyTorch engine), and the launcher's refusals before anything starts.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from reward_server.launcher import ServeOptions, TritonServer
+from reward_server.trtllm.serving import check_host, open_engine
+from tests.conversations import make_conversations
+from tests.test_server import score_grpc
+from tests.trtllm_double import engine_dir_for
+
+CONVERSATIONS = make_conversations(10, seed=21)
+
+
+def _inference_count(url: str, model: str) -> tuple[int, int]:
+    stats = grpcclient.InferenceServerClient(url).get_inference_statistics(model, as_json=True)["model_stats"][0]
+    return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
+
+
+def test_each_conversation_is_one_engine_request_of_batch_one(trtllm_server):
+    before = _inference_count(trtllm_server.grpc_url, "tensorrt_llm")
+    score_grpc(trtllm_server.grpc_url, CONVERSATIONS)
+    after = _inference_count(trtllm_server.grpc_url, "tensorrt_llm")
+    # 10 conversations in one public request -> 10 engine requests of one sequence each
+    assert after[0] - before[0] == len(CONVERSATIONS)
+    assert after[1] - before[1] >= 1
+
+
+def test_same_answers_as_the_pytorch_engine(server, trtllm_server):
+    torch_out, trt_out = score_grpc(server.grpc_url, CONVERSATIONS), score_grpc(trtllm_server.grpc_url, CONVERSATIONS)
+    for name in ("score", "attributes"):
+        np.testing.assert_allclose(trt_out[name], torch_out[name], rtol=1e-4, atol=1e-6)
+    for name in ("num_tokens", "truncated"):  # the engine's input is cut; the reported length is not
+        assert trt_out[name].tolist() == torch_out[name].tolist()
+
+
+def test_served_model_set_and_engine_parameters(trtllm_server):
+    client = grpcclient.InferenceServerClient(trtllm_server.grpc_url)
+    for name in ("reward", "reward_ids", "reward_engine_trtllm", "tensorrt_llm"):
+        assert client.is_model_ready(name)
+    assert not client.is_model_ready("reward_engine")  # one engine per server
+    config = client.get_model_config("tensorrt_llm", as_json=True)["config"]["parameters"]
+    assert config["gpt_model_path"]["string_value"] == str(trtllm_server.serving.layout.engine)
+    assert config["enable_chunked_context"]["string_value"] == "true"
+    ensemble = client.get_model_config("reward", as_json=True)["config"]["ensemble_scheduling"]["step"]
+    assert [s["model_name"] for s in ensemble] == ["preprocessing", "reward_engine_trtllm", "postprocessing"]
+
+
+def test_max_length_defaults_to_the_engine_limit(demo_checkpoint, tmp_path):
+    from reward_server.launcher import model_parameters
+
+    serving = open_engine(engine_dir_for(demo_checkpoint, tmp_path / "e", max_input_len=300))
+    params, k = model_parameters(ServeOptions(engine="tensorrt_llm"), serving.tokenizer_checkpoint, serving)
+    assert params["preprocessing"]["max_length"] == "300" and k == 1
+    with pytest.raises(ValueError, match="exceeds the engine's max_input_len 300"):
+        model_parameters(ServeOptions(engine="tensorrt_llm", max_length=301), serving.tokenizer_checkpoint, serving)
+    with pytest.raises(ValueError, match="cannot change that at serve time"):
+        model_parameters(ServeOptions(engine="tensorrt_llm", reward_indices="3"), serving.tokenizer_checkpoint,
+                         serving)
+
+
+def test_refusals_name_what_is_missing(demo_checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="needs --engine-dir"):
+        TritonServer(ServeOptions(engine="tensorrt_llm")).start()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        TritonServer(ServeOptions(engine="tensorrt_llm", engine_dir=tmp_path / "nowhere")).start()
+    engine = engine_dir_for(demo_checkpoint, tmp_path / "tp2", tp=2)
+    with pytest.raises(ValueError, match="--world-size 1 does not match the engine, built for tp 2 x pp 1 = 2"):
+        open_engine(engine, world_size=1)
+    with pytest.raises(ValueError, match="apply to --engine tensorrt_llm only"):
+        TritonServer(ServeOptions(engine_dir=engine)).start()
+    serving = open_engine(engine)
+    with pytest.raises(FileNotFoundError, match="bundled with nvidia-pytriton, which has no tensorrtllm backend"):
+        check_host(serving, "tensorrtllm", bundled_server=True)
+    with pytest.raises(FileNotFoundError, match="no tensorrtllm backend in"):
+        check_host(serving, "tensorrtllm", bundled_server=False, backend_dir=tmp_path)
+    (tmp_path / "tensorrtllm").mkdir()
+    with pytest.raises(RuntimeError, match=r"needs 2 GPU\(s\) \(tp 2 x pp 1\); nvidia-smi lists 0"):
+        check_host(serving, "tensorrtllm", bundled_server=False, backend_dir=tmp_path)
+    check_host(serving, "python", bundled_server=True)  # the contract double: nothing to check
+
+
+def test_engine_without_generation_logits_is_refused(demo_checkpoint, tmp_path):
+    engine = engine_dir_for(demo_checkpoint, tmp_path / "e")
+    path = engine / "engine" / "config.json"
+    config = json.loads(path.read_text())
+    config["build_config"]["gather_generation_logits"] = False
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="built without --gather_generation_logits"):
+        open_engine(engine)

@@ -1,0 +1,121 @@
+"""Pure logic of the TensorRT-LLM path, without a server: fan-out requests and replies, the
+engine config reader, and the per-rank command lines under mpirun."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from reward_server.launcher import ServeOptions, TritonServer
+from reward_server.stages import EngineError
+from reward_server.trtllm.fanout import EngineReplyError, FanOut, score_requests
+from reward_server.trtllm.layout import read_engine_info
+from reward_server.trtllm.mpi import WORKER_FLAGS, mpirun_command
+
+PAD = 7
+
+
+def test_request_cuts_after_the_pooled_token():
+    seq_cls = FanOut((0,), "last_non_pad", PAD)
+    request = seq_cls.request([1, 5, 9, PAD, PAD])  # pooled at index 2: the last token that is not pad
+    assert request["input_ids"].tolist() == [[1, 5, 9]] and request["input_lengths"].tolist() == [[3]]
+    assert request["request_output_len"].tolist() == [[1]] and request["return_generation_logits"].tolist() == [[True]]
+    assert request["input_ids"].dtype == np.int32
+    causal = FanOut((0,), "last", PAD)
+    assert causal.request([1, 5, 9, PAD])["input_ids"].tolist() == [[1, 5, 9, PAD]]
+    with pytest.raises(ValueError, match="unknown pooling"):
+        FanOut.from_spec(type("Spec", (), {"pooling": "mean", "reward_indices": [0], "pad_token_id": 0})())
+
+
+def test_rewards_read_at_the_first_generation_step():
+    fanout = FanOut((0, 3), "last", None)
+    logits = np.arange(2 * 8, dtype=np.float32).reshape(1, 1, 2, 8)  # two steps: only the first counts
+    assert fanout.rewards({"generation_logits": logits}).tolist() == [0.0, 3.0]
+    with pytest.raises(EngineReplyError, match="no generation_logits"):
+        fanout.rewards({"output_ids": np.zeros((1, 1, 1))})
+    with pytest.raises(EngineReplyError, match=r"shape \[1, 8\]"):
+        fanout.rewards({"generation_logits": np.zeros((1, 8))})
+    with pytest.raises(EngineReplyError, match="reward index 3 is outside the engine's 2 logits"):
+        fanout.rewards({"generation_logits": np.zeros((1, 1, 1, 2))})
+
+
+def test_score_requests_fans_out_and_reassembles_in_order():
+    fanout = FanOut((0,), "last", None)
+    sent = []
+
+    async def infer(inputs):  # reward = sum of the ids, as logit 0
+        sent.append(inputs["input_ids"].tolist())
+        if 99 in inputs["input_ids"]:
+            raise RuntimeError("engine exploded")
+        logits = np.zeros((1, 1, 1, 4), dtype=np.float32)
+        logits[0, 0, 0, 0] = inputs["input_ids"].sum()
+        return {"generation_logits": logits}
+
+    ids_a = np.array([[1, 2, 0], [3, 4, 5]], dtype=np.int32)
+    ids_b = np.array([[6, 99]], dtype=np.int32)
+    ids_c = np.array([[10]], dtype=np.int32)
+    results = asyncio.run(score_requests(fanout, infer, [(ids_a, np.array([[2], [3]])), (ids_b, np.array([[2]])),
+                                                         (ids_c, np.array([[1]]))]))
+    assert results[0]["rewards"].tolist() == [[3.0], [12.0]]
+    assert isinstance(results[1], EngineError) and "conversation 0: engine exploded" in results[1]
+    assert results[2]["rewards"].tolist() == [[10.0]]
+    assert sorted(sent) == sorted([[[1, 2]], [[3, 4, 5]], [[6, 99]], [[10]]])  # padding never sent
+
+
+def _engine_config(tmp_path: Path, **build) -> Path:
+    config = {"pretrained_config": {"vocab_size": 100, "mapping": {"world_size": 4, "tp_size": 2, "pp_size": 2}},
+              "build_config": {"max_input_len": 1000, "max_seq_len": 1001, "max_batch_size": 8,
+                               "max_num_tokens": 512, "gather_generation_logits": True,
+                               "plugin_config": {"use_paged_context_fmha": True}, **build}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+def test_engine_info_from_trtllm_build_config(tmp_path):
+    info = read_engine_info(_engine_config(tmp_path))
+    assert (info.tp_size, info.pp_size, info.world_size) == (2, 2, 4)
+    assert (info.max_input_len, info.max_num_tokens, info.paged_context_fmha) == (1000, 512, True)
+    with pytest.raises(ValueError, match="not a TensorRT-LLM engine config"):
+        read_engine_info(_engine_config(tmp_path, max_input_len="many"))
+    with pytest.raises(FileNotFoundError, match="build the engine first"):
+        read_engine_info(tmp_path / "absent")
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_mpirun_command_lines(world_size):
+    server = TritonServer(ServeOptions(grpc_port=8001, http_port=8000, metrics_port=8002, host="0.0.0.0"))
+    command = mpirun_command(lambda rank: server.command(Path("/opt/tritonserver/bin/tritonserver"),
+                                                         Path("/models"), None, rank), world_size, "/usr/bin/mpirun")
+    if world_size == 1:
+        assert command[0] == "/opt/tritonserver/bin/tritonserver" and "mpirun" not in " ".join(command)
+        ranks = [command]
+    else:
+        assert command[:2] == ["/usr/bin/mpirun", "--allow-run-as-root"]
+        ranks, current = [], None
+        for word in command[2:]:
+            if word == ":":
+                continue
+            if word == "-n":
+                current = []
+                ranks.append(current)
+                continue
+            current.append(word)
+        assert all(rank[0] == "1" for rank in ranks)  # "-n 1" per rank
+        ranks = [rank[1:] for rank in ranks]
+    assert len(ranks) == world_size
+    prefixes = set()
+    for rank, args in enumerate(ranks):
+        assert args[0] == "/opt/tritonserver/bin/tritonserver" and "--model-repository=/models" in args
+        prefixes.add(next(a for a in args if a.startswith("--backend-config=python,shm-region-prefix-name=")))
+        if rank == 0:  # the server: ports, loopback-or-host, restricted APIs, no model control
+            assert "--grpc-port=8001" in args and "--http-address=0.0.0.0" in args
+            assert "--model-control-mode=none" in args and any(a.startswith("--grpc-restricted-protocol=") for a in args)
+            assert not set(WORKER_FLAGS) & set(args)
+        else:  # workers: only the engine, no endpoint
+            assert set(WORKER_FLAGS) <= set(args) and "--load-model=tensorrt_llm" in args
+            assert not any(a.startswith(("--grpc-port", "--http-port", "--metrics-port")) for a in args)
+    assert len(prefixes) == world_size  # each rank its own shared-memory prefix
