@@ -1,18 +1,23 @@
-"""`reward-server`: serve a reward checkpoint on Triton, or build the demo checkpoint."""
+"""`reward-server`: serve a reward checkpoint on Triton, build a TensorRT-LLM engine from one, or
+write the demo checkpoint."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
 
 from reward_server import demo_checkpoint
 from reward_server.chat import TRUNCATION_POLICIES
+from reward_server.engines import ENGINES
 from reward_server.heads import HEAD_TYPES
 from reward_server.launcher import ServeOptions, ServerStartError, TritonServer
+from reward_server.trtllm.builder import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_NUM_TOKENS, DTYPES
 
 _LOGGER = logging.getLogger("reward_server")
 
@@ -34,7 +39,11 @@ def _serve_parser(sub) -> None:
     p.add_argument("--checkpoint", type=Path, help="local Hugging Face reward checkpoint directory")
     p.add_argument("--demo-size", choices=sorted(demo_checkpoint.SIZES), default="small",
                    help="demo checkpoint size when --checkpoint is not given (default: small)")
-    p.add_argument("--engine", choices=["torch", "tensorrt_llm"], default="torch")
+    p.add_argument("--engine", choices=sorted(ENGINES), default="torch",
+                   help="torch (default; CPU fp32 or CUDA bf16) or tensorrt_llm (GPU; needs --engine-dir)")
+    p.add_argument("--engine-dir", type=Path, help="tensorrt_llm: a directory written by `reward-server build-engine`")
+    p.add_argument("--world-size", type=int,
+                   help="tensorrt_llm: MPI ranks, one GPU each (default: the engine's tp x pp); above 1 runs mpirun")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--http-port", type=int, default=8000)
@@ -61,7 +70,8 @@ def _serve_parser(sub) -> None:
 
 def _options(args: argparse.Namespace) -> ServeOptions:
     return ServeOptions(
-        checkpoint=args.checkpoint, demo_size=args.demo_size, engine=args.engine, host=args.host,
+        checkpoint=args.checkpoint, demo_size=args.demo_size, engine=args.engine, engine_dir=args.engine_dir,
+        world_size=args.world_size, host=args.host,
         grpc_port=args.grpc_port, http_port=args.http_port, metrics_port=args.metrics_port,
         instances=args.instances, max_length=args.max_length, truncation=args.truncation,
         chat_template=args.chat_template.read_text() if args.chat_template else None,
@@ -80,7 +90,7 @@ def serve(args: argparse.Namespace) -> int:
     server = TritonServer(_options(args))
     try:
         server.start()
-    except (ServerStartError, FileNotFoundError, ValueError) as err:
+    except (ServerStartError, FileNotFoundError, ValueError, RuntimeError) as err:
         _LOGGER.error("%s", err)
         return 1
     print(EXAMPLE.format(checkpoint=server.checkpoint, grpc=server.grpc_url, http=server.http_url,
@@ -94,15 +104,63 @@ def serve(args: argparse.Namespace) -> int:
     return 0 if code in (0, -signal.SIGTERM) else code
 
 
+def _build_engine_parser(sub) -> None:
+    p = sub.add_parser("build-engine", help="build a TensorRT-LLM engine directory from a Hugging Face reward "
+                                            "checkpoint (GPU host; --dry-run anywhere)")
+    p.add_argument("--checkpoint", type=Path, required=True, help="Hugging Face reward checkpoint directory")
+    p.add_argument("--output", type=Path, required=True, help="engine directory to write (serve it with --engine-dir)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs (default 1)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages (default 1)")
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    p.add_argument("--max-input-len", type=int, help="longest conversation in tokens (default: min(4096, model's))")
+    p.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
+                   help=f"sequences in flight at once (default {DEFAULT_MAX_BATCH_SIZE})")
+    p.add_argument("--max-num-tokens", type=int, default=DEFAULT_MAX_NUM_TOKENS,
+                   help=f"tokens per engine step; longer prompts run in chunks (default {DEFAULT_MAX_NUM_TOKENS})")
+    p.add_argument("--head-type", choices=HEAD_TYPES, default="auto")
+    p.add_argument("--reward-indices", help="causal-LM reward models: logits read as rewards, e.g. 0 or 0,1,2")
+    p.add_argument("--calib-dataset", type=Path, help="fp8: local calibration dataset")
+    p.add_argument("--force", action="store_true", help="rebuild over an existing engine")
+    p.add_argument("--dry-run", action="store_true", help="check the inputs, print every step and command, run nothing")
+
+
+def build_engine(args: argparse.Namespace) -> int:
+    """Plan (and unless --dry-run, run) a TensorRT-LLM engine build."""
+    from reward_server.trtllm.builder import BuildOptions, check_toolchain, plan_build, run_build
+
+    options = BuildOptions(checkpoint=args.checkpoint, output=args.output, tp=args.tp, pp=args.pp, dtype=args.dtype,
+                           max_input_len=args.max_input_len, max_batch_size=args.max_batch_size,
+                           max_num_tokens=args.max_num_tokens, head_type=args.head_type,
+                           reward_indices=args.reward_indices, calib_dataset=args.calib_dataset, force=args.force)
+    try:
+        plan = plan_build(options)
+        print(plan.render(), flush=True)
+        if args.dry_run:
+            return 0
+        check_toolchain()
+        engine_dir = run_build(plan)
+    except (FileNotFoundError, ValueError) as err:
+        _LOGGER.error("%s", err)
+        return 1
+    except subprocess.CalledProcessError as err:
+        _LOGGER.error("step failed (exit code %s): %s", err.returncode, shlex.join(err.cmd))
+        return 1
+    print(f"engine ready: reward-server serve --engine tensorrt_llm --engine-dir {engine_dir}", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `reward-server` command."""
     parser = argparse.ArgumentParser(prog="reward-server", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
+    _build_engine_parser(sub)
     demo = sub.add_parser("demo-checkpoint", help="write a random-weight Llama reward checkpoint")
     demo_checkpoint.add_arguments(demo)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.command == "build-engine":
+        sys.exit(build_engine(args))
     if args.command == "demo-checkpoint":
         path = demo_checkpoint.run(args)
         print(path)

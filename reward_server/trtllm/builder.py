@@ -1,0 +1,251 @@
+"""`reward-server build-engine`: from a Hugging Face reward checkpoint to a servable engine directory.
+
+Four steps, each printed with its exact command by `--dry-run` (which needs no tensorrt_llm):
+1. adapt   the reward head: a sequence classifier becomes the equivalent causal LM (streamed);
+2. convert with TensorRT-LLM's own converter (its Python API), one checkpoint per tp x pp rank;
+3. build   with `trtllm-build`: generation logits gathered (the reward is read from them), paged
+           context FMHA (needed for KV-cache reuse and chunked context), the size limits;
+4. render  a Triton model repository pointing at the engine.
+The inputs are checked before anything runs: architecture, tp against the attention heads, pp
+against the layers, lengths against the model's positions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from reward_server.heads import detect_head_type
+from reward_server.trtllm.layout import EngineLayout
+
+_LOGGER = logging.getLogger(__name__)
+
+DTYPES = ("bfloat16", "float16", "fp8")
+# Hugging Face causal-LM architectures whose TensorRT-LLM 1.2 converter this path uses
+# (tensorrt_llm.models class names); a classifier is first adapted to the causal LM of its family.
+CONVERTERS = {"LlamaForCausalLM": "LLaMAForCausalLM", "MistralForCausalLM": "LLaMAForCausalLM",
+              "Qwen2ForCausalLM": "QWenForCausalLM"}
+DEFAULT_MAX_INPUT_LEN = 4096
+DEFAULT_MAX_BATCH_SIZE = 64
+DEFAULT_MAX_NUM_TOKENS = 8192
+TOKENS_PER_BLOCK = 32  # KV-cache block: reuse of shared prompts happens in whole blocks
+
+
+@dataclass
+class BuildOptions:
+    """What `build-engine` builds. Lengths of None take the model's (capped) defaults."""
+
+    checkpoint: Path
+    output: Path
+    tp: int = 1
+    pp: int = 1
+    dtype: str = "bfloat16"
+    max_input_len: int | None = None
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    max_num_tokens: int = DEFAULT_MAX_NUM_TOKENS
+    head_type: str = "auto"
+    reward_indices: str | None = None
+    calib_dataset: Path | None = None
+    force: bool = False
+
+
+@dataclass
+class Step:
+    """One build step: a command to run, or work done in this process (command None)."""
+
+    name: str
+    description: str
+    command: list[str] | None = None
+
+    def render(self, number: int) -> str:
+        """The step as printed by --dry-run."""
+        text = f"[{number}] {self.name}: {self.description}"
+        return text + (f"\n    $ {shlex.join(self.command)}" if self.command else "")
+
+
+@dataclass
+class BuildPlan:
+    """The checked inputs and every step, before anything runs."""
+
+    options: BuildOptions
+    architecture: str
+    causal_architecture: str
+    head_type: str
+    hf_checkpoint: Path
+    max_input_len: int
+    chunked_context: bool
+    steps: list[Step] = field(default_factory=list)
+
+    @property
+    def layout(self) -> EngineLayout:
+        """The engine directory being written."""
+        return EngineLayout(self.options.output)
+
+    def render(self) -> str:
+        """Human-readable plan: the checks that passed and each step with its command."""
+        o = self.options
+        lines = [f"build-engine plan for {o.checkpoint}",
+                 f"  model     {self.architecture} -> {self.causal_architecture} ({self.head_type}), "
+                 f"converter tensorrt_llm.models.{CONVERTERS[self.causal_architecture]}",
+                 f"  parallel  tp {o.tp} x pp {o.pp} = {o.tp * o.pp} GPU(s); dtype {o.dtype}",
+                 f"  limits    max_input_len {self.max_input_len}, max_batch_size {o.max_batch_size}, "
+                 f"max_num_tokens {o.max_num_tokens}, chunked context {'on' if self.chunked_context else 'off'}",
+                 f"  output    {o.output}"]
+        lines += [step.render(n) for n, step in enumerate(self.steps, 1)]
+        return "\n".join(lines)
+
+
+def _read_config(checkpoint: Path) -> dict:
+    path = checkpoint / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{checkpoint} is not a Hugging Face checkpoint (no config.json)")
+    config = json.loads(path.read_text())
+    return config.get("text_config", config) | {"architectures": config.get("architectures")}
+
+
+def check_inputs(options: BuildOptions, config: dict) -> tuple[str, str, str, int]:
+    """Check the checkpoint and options against each other, without tensorrt_llm.
+
+    Returns:
+        (architecture, causal-LM architecture to convert, head type, max_input_len).
+
+    Raises:
+        ValueError: unsupported architecture or dtype, tp/pp that do not divide the model,
+            lengths beyond the model's positions, fp8 without calibration data.
+    """
+    architecture = (config.get("architectures") or ["<none>"])[0]
+    head = detect_head_type(config.get("architectures"), options.head_type)
+    family = architecture.removesuffix("ForSequenceClassification").removesuffix("ForCausalLM")
+    causal = family + "ForCausalLM"
+    if causal not in CONVERTERS:
+        raise ValueError(f"{architecture} is not supported by the TensorRT-LLM path; supported: "
+                         f"{', '.join(sorted(CONVERTERS))} and their *ForSequenceClassification reward models")
+    if options.dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {options.dtype!r}")
+    if options.tp < 1 or options.pp < 1:
+        raise ValueError(f"--tp and --pp must be at least 1, got tp {options.tp}, pp {options.pp}")
+    heads = int(config["num_attention_heads"])
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    layers = int(config["num_hidden_layers"])
+    if heads % options.tp:
+        raise ValueError(f"--tp {options.tp} does not divide the model's {heads} attention heads")
+    if kv_heads % options.tp and options.tp % kv_heads:
+        raise ValueError(f"--tp {options.tp} and the model's {kv_heads} key/value heads: one must divide the other")
+    if layers % options.pp:
+        raise ValueError(f"--pp {options.pp} does not divide the model's {layers} layers")
+    positions = int(config.get("max_position_embeddings") or 0)
+    max_input_len = options.max_input_len or min(DEFAULT_MAX_INPUT_LEN, positions - 1 if positions else
+                                                 DEFAULT_MAX_INPUT_LEN)
+    if max_input_len < 1 or (positions and max_input_len + 1 > positions):
+        raise ValueError(f"--max-input-len {max_input_len} plus the one output token exceeds the model's "
+                         f"{positions} positions")
+    if options.max_batch_size < 1 or options.max_num_tokens < 1:
+        raise ValueError("--max-batch-size and --max-num-tokens must be positive")
+    if options.dtype == "fp8" and not options.calib_dataset:
+        raise ValueError("--dtype fp8 calibrates on data: give a local dataset with --calib-dataset "
+                         "(no network is assumed)")
+    return architecture, causal, head, max_input_len
+
+
+def plan_build(options: BuildOptions) -> BuildPlan:
+    """Check the inputs and lay out every step with its exact command.
+
+    Raises:
+        FileNotFoundError: no checkpoint.
+        ValueError: see `check_inputs`; an output directory holding an engine without --force.
+    """
+    options.checkpoint, options.output = Path(options.checkpoint).resolve(), Path(options.output).resolve()
+    architecture, causal, head, max_input_len = check_inputs(options, _read_config(options.checkpoint))
+    layout = EngineLayout(options.output)
+    if (layout.engine / "config.json").exists() and not options.force:
+        raise ValueError(f"{layout.engine} already holds an engine; use --force to rebuild it")
+    hf = layout.hf if head == "sequence_classification" else options.checkpoint
+    chunked = max_input_len > options.max_num_tokens
+    plan = BuildPlan(options, architecture, causal, head, hf, max_input_len, chunked)
+    adapt = ("rewrite the classifier as a causal LM whose lm_head rows 0..K-1 are the score rows "
+             f"(streamed shard by shard) into {layout.hf}" if head == "sequence_classification" else
+             f"causal-LM reward model: used as it is; reward_head.json written to {layout.hf}")
+    convert = [sys.executable, "-m", "reward_server.trtllm.convert", "--hf", str(hf),
+               "--output", str(layout.trtllm_checkpoint), "--tp", str(options.tp), "--pp", str(options.pp),
+               "--dtype", options.dtype]
+    if options.dtype == "fp8":
+        convert += ["--calib-dataset", str(options.calib_dataset)]
+    build = ["trtllm-build", "--checkpoint_dir", str(layout.trtllm_checkpoint), "--output_dir", str(layout.engine),
+             "--max_input_len", str(max_input_len), "--max_seq_len", str(max_input_len + 1),
+             "--max_batch_size", str(options.max_batch_size), "--max_num_tokens", str(options.max_num_tokens),
+             "--max_beam_width", "1", "--gather_generation_logits", "--logits_dtype", "float32",
+             "--kv_cache_type", "paged", "--remove_input_padding", "enable", "--context_fmha", "enable",
+             "--use_paged_context_fmha", "enable", "--tokens_per_block", str(TOKENS_PER_BLOCK),
+             "--gpt_attention_plugin", "auto", "--workers", str(options.tp * options.pp)]
+    if options.dtype != "fp8":  # FP8 GEMMs come from the quantized checkpoint, not the plugin
+        build += ["--gemm_plugin", "auto"]
+    plan.steps = [
+        Step("adapt", adapt),
+        Step("convert", f"TensorRT-LLM's converter ({CONVERTERS[causal]}.from_hugging_face"
+             f"{', FP8 calibration' if options.dtype == 'fp8' else ''}) for {options.tp * options.pp} rank(s)",
+             convert),
+        Step("build", "one engine per rank, generation logits gathered (rewards are read from them)", build),
+        Step("render", f"Triton model repository pointing at {layout.engine} into {layout.model_repository}"),
+    ]
+    return plan
+
+
+def check_toolchain() -> None:
+    """Raise FileNotFoundError when tensorrt_llm or trtllm-build is missing (not for --dry-run)."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt_llm") is None or not shutil.which("trtllm-build"):
+        raise FileNotFoundError("tensorrt_llm and trtllm-build are needed to build an engine: run in the NGC "
+                                "TensorRT-LLM container (see docs/gpu.md); --dry-run shows the plan without them")
+
+
+def run_build(plan: BuildPlan, runner: Callable[[list[str]], None] | None = None) -> Path:
+    """Run every step of `plan`, logging progress; return the engine directory.
+
+    `runner` runs a command (default: subprocess, output streamed, failure raised).
+
+    Raises:
+        subprocess.CalledProcessError: a command failed (its output was streamed above).
+    """
+    from reward_server.trtllm.adapt import adapt_checkpoint
+
+    runner = runner or (lambda command: subprocess.run(command, check=True))
+    o, layout = plan.options, plan.layout
+    layout.root.mkdir(parents=True, exist_ok=True)
+    record = {"plan": plan.render(), "options": {k: str(v) for k, v in asdict(o).items()}, "steps": []}
+    for number, step in enumerate(plan.steps, 1):
+        _LOGGER.info("step %d/%d %s: %s", number, len(plan.steps), step.name, step.description)
+        started = time.monotonic()
+        if step.name == "adapt":
+            adapt_checkpoint(o.checkpoint, layout.hf, o.head_type, o.reward_indices)
+        elif step.name == "render":
+            render_engine_repository(layout)
+        else:
+            if step.name == "build" and layout.engine.exists():
+                shutil.rmtree(layout.engine)  # --force: a stale engine must not survive a failed build
+            runner(step.command)
+        elapsed = time.monotonic() - started
+        record["steps"].append({"name": step.name, "command": step.command, "seconds": round(elapsed, 1)})
+        layout.build_record.write_text(json.dumps(record, indent=2) + "\n")
+        _LOGGER.info("step %d/%d %s done in %.1fs", number, len(plan.steps), step.name, elapsed)
+    return layout.root
+
+
+def render_engine_repository(layout: EngineLayout) -> Path:
+    """Write the model repository that serves this engine (for a stock tritonserver)."""
+    from reward_server.launcher import ServeOptions, render_repository
+    from reward_server.trtllm.serving import open_engine
+
+    serving = open_engine(layout.root)
+    if layout.model_repository.exists():
+        shutil.rmtree(layout.model_repository)
+    options = ServeOptions(engine="tensorrt_llm", engine_dir=layout.root)
+    return render_repository(options, serving.tokenizer_checkpoint, layout.model_repository, serving)
