@@ -1,0 +1,1 @@
+"""Helpers of the GPU verification script `bench/gpu_check.py` (see docs/gpu.md)."""
