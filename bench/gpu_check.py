@@ -575,7 +575,7 @@ def check_engine_logits(client: Any, model: Any, ids: Sequence[Sequence[int]], p
         rest = max(rest, float(np.abs(logits[k:]).max()) if logits.shape[0] > k else 0.0)
         positions.append(compare.classify_position(logits[:k], ref, following, tol))
     observed_arr = np.stack(observed).astype(np.float32)
-    return {"positions": dict(Counter(positions)), "generation_logits_shapes": sorted(shapes),
+    return {"positions": dict(Counter(positions)), "generation_logits_shapes": [list(s) for s in sorted(shapes)],
             "generated_tokens": generated, "max_abs_non_reward_logits": rest,
             "observed": observed_arr[:, 0].round(5).tolist(), "at_last_prompt": expected[:, 0].round(5).tolist(),
             "at_next_position": np.stack(at_next)[:, 0].round(5).tolist(),

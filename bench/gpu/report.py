@@ -142,9 +142,9 @@ class Report:
         """
         stage = self.data["stages"][name]
         limit = min(timeout_s, self.remaining())
-        if limit < max(min_s, 1.0):
-            stage.update(status=SKIPPED, reason=f"budget exhausted: {self.remaining():.0f}s left of "
-                                                f"{self.budget_s:.0f}s, stage needs at least {max(min_s, 1.0):.0f}s")
+        if limit <= 0 or limit < min_s:
+            stage.update(status=SKIPPED, reason=f"budget exhausted: {max(self.remaining(), 0):.0f}s left of "
+                                                f"{self.budget_s:.0f}s, stage needs at least {min_s:.0f}s")
             self.write()
             return False
         stage.update(status=RUNNING, timeout_s=round(limit, 1), started=_now())
