@@ -10,9 +10,11 @@ PYTEST_ARGS ?=
 setup: $(STAMP)
 
 $(STAMP): requirements.lock bench/requirements.txt deploy/requirements.txt pyproject.toml client/pyproject.toml
-	@# perf_analyzer (shipped in the tritonclient wheel) needs Debian's libb64; root can install it.
-	@dpkg -s libb64-0d >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
-		apt-get install -y -qq libb64-0d >/dev/null; } || echo "warning: libb64-0d missing: perf_analyzer will not run"
+	@# perf_analyzer (shipped in the tritonclient wheel) needs Debian's libb64, and the tensor-parallel
+	@# launch (one tritonserver per rank) is tested under Open MPI's mpirun; root can install both.
+	@dpkg -s libb64-0d openmpi-bin >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		apt-get install -y -qq libb64-0d openmpi-bin >/dev/null; } || \
+		echo "warning: libb64-0d or openmpi-bin missing: perf_analyzer and the mpirun test will not run"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q pip==26.3
 	$(BIN)/pip install -q -r requirements.lock -r bench/requirements.txt -r deploy/requirements.txt

@@ -7,6 +7,7 @@ The checked-in configs stay complete and valid; overrides are applied to the par
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from pathlib import Path
 from reward_server import engines, settings
 from reward_server.heads import detect_head_type, num_outputs, parse_indices
 from reward_server.scoring import ScoreSpec, parse_floats
-from reward_server.trtllm.mpi import WORKER_FLAGS, find_mpirun, mpirun_command
+from reward_server.trtllm.mpi import WORKER_FLAGS, child_pids, find_mpirun, mpirun_command
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -350,8 +351,9 @@ class TritonServer:
     def command_line(self, binary: Path, repository: Path, backends: Path | None) -> list[str]:
         """The whole command: tritonserver, or mpirun with one tritonserver per rank."""
         world_size = self.serving.world_size if self.serving else 1
-        mpirun = find_mpirun() if world_size > 1 else "mpirun"
-        return mpirun_command(lambda rank: self.command(binary, repository, backends, rank), world_size, mpirun)
+        if world_size > 1:
+            find_mpirun()
+        return mpirun_command(lambda rank: self.command(binary, repository, backends, rank), world_size)
 
     def start(self) -> "TritonServer":
         """Prepare everything, start tritonserver and wait until it is ready.
@@ -438,7 +440,12 @@ class TritonServer:
         if self.process is None:
             return None
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            # Under mpirun the ranks get SIGTERM themselves: mpirun, signalled, kills them 1 s later
+            # (and blocks its output forwarding meanwhile); ranks that finish cleanly end mpirun.
+            ranks = child_pids(self.process.pid) if self.process.args[0] == "mpirun" else []
+            for pid in ranks or [self.process.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
             try:
                 self.process.wait(self.options.exit_timeout_s + 15)
             except subprocess.TimeoutExpired:

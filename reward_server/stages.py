@@ -25,6 +25,11 @@ class EngineError(RequestError):
     """The engine failed on one request, not through the caller's fault (becomes INTERNAL)."""
 
 
+class EngineUnavailable(RequestError):
+    """The engine cannot take the request now, e.g. the server is shutting down (becomes
+    UNAVAILABLE, which clients retry)."""
+
+
 @dataclass
 class PreprocessInput:
     """One request's inputs: `messages` [B,1] object array, or `token_ids` [B,L] (+ lengths)."""

@@ -11,7 +11,7 @@ import logging
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from reward_server.stages import EngineError, RequestError
+from reward_server.stages import EngineError, EngineUnavailable, RequestError
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -24,9 +24,11 @@ def input_array(request, name: str) -> np.ndarray | None:
 
 def respond(result: dict | RequestError):
     """An InferenceResponse for a stage result: output tensors, or an error for that request alone
-    (INTERNAL for an `EngineError`, INVALID_ARG for any other `RequestError`)."""
+    (INTERNAL for an `EngineError`, UNAVAILABLE for `EngineUnavailable`, else INVALID_ARG)."""
     if isinstance(result, RequestError):
-        code = pb_utils.TritonError.INTERNAL if isinstance(result, EngineError) else pb_utils.TritonError.INVALID_ARG
+        code = (pb_utils.TritonError.INTERNAL if isinstance(result, EngineError) else
+                pb_utils.TritonError.UNAVAILABLE if isinstance(result, EngineUnavailable) else
+                pb_utils.TritonError.INVALID_ARG)
         return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(result), code))
     return pb_utils.InferenceResponse(
         output_tensors=[pb_utils.Tensor(name, np.ascontiguousarray(value)) for name, value in result.items()])
@@ -57,15 +59,21 @@ def bls_caller(model_name: str, outputs: list[str]):
     through Python-backend BLS and returning its `outputs` that came back, as numpy.
 
     Raises (from the returned function):
-        RuntimeError: the called model answered with an error.
+        EngineUnavailableError: the called model is unavailable (the server is shutting down).
+        RuntimeError: the called model answered with another error.
     """
+    from reward_server.trtllm.fanout import EngineUnavailableError
 
     async def infer(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         request = pb_utils.InferenceRequest(model_name=model_name, requested_output_names=outputs,
                                             inputs=[pb_utils.Tensor(k, v) for k, v in inputs.items()])
         response = await request.async_exec()
         if response.has_error():
-            raise RuntimeError(response.error().message())
+            error = response.error()
+            # Triton refuses new BLS requests once SIGTERM starts its shutdown ("Server not ready")
+            if error.code() == pb_utils.TritonError.UNAVAILABLE or "not ready" in error.message():
+                raise EngineUnavailableError(error.message())
+            raise RuntimeError(error.message())
         arrays = {}
         for name in outputs:
             tensor = pb_utils.get_output_tensor_by_name(response, name)

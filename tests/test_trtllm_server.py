@@ -8,6 +8,7 @@ the PyTorch engine), and the launcher's refusals before anything starts.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,3 +99,66 @@ def test_engine_without_generation_logits_is_refused(demo_checkpoint, tmp_path):
     path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="built without --gather_generation_logits"):
         open_engine(engine)
+
+
+def _descendants(pid: int) -> list[str]:
+    """Command lines of every process below `pid`."""
+    from reward_server.trtllm.mpi import child_pids
+
+    found, frontier = [], [pid]
+    while frontier:
+        for child in child_pids(frontier.pop()):
+            try:
+                found.append(Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+            except OSError:
+                continue
+            frontier.append(child)
+    return found
+
+
+def test_tensor_parallel_ranks_run_under_mpirun_and_stop_cleanly(demo_checkpoint, tmp_path):
+    """World size 2 for real: mpirun in the foreground, one tritonserver per rank (rank 1 loads only
+    tensorrt_llm and serves no port), a request in flight finishes, every rank stops on SIGTERM."""
+    import shutil
+    import threading
+    import time
+
+    from tritonclient.utils import InferenceServerException
+
+    from tests.trtllm_double import repository_with_double
+
+    if not shutil.which("mpirun"):
+        pytest.fail("mpirun is missing: `make setup` installs Debian's openmpi-bin (as root)")
+    options = ServeOptions(engine="tensorrt_llm", engine_dir=engine_dir_for(demo_checkpoint, tmp_path / "e", tp=2),
+                           model_repository=repository_with_double(tmp_path / "repo"), max_length=512)
+    server = TritonServer(options).start()
+    try:
+        assert server.process.args[0] == "mpirun" and server.serving.world_size == 2
+        ranks = [args for args in _descendants(server.process.pid) if "--model-repository=" in args]
+        assert len(ranks) == 2
+        assert sum("--load-model=tensorrt_llm" in args and "--allow-grpc=false" in args for args in ranks) == 1
+        expected = score_grpc(server.grpc_url, CONVERSATIONS)["score"]
+        outcome = {}
+
+        def in_flight():
+            try:
+                outcome.update(score_grpc(server.grpc_url, CONVERSATIONS * 8))
+            except InferenceServerException as err:
+                outcome["error"] = err
+
+        worker = threading.Thread(target=in_flight)
+        worker.start()
+        time.sleep(0.5)  # the request is in flight
+    finally:
+        started = time.monotonic()
+        code = server.stop()
+    worker.join(timeout=60)
+    assert time.monotonic() - started < server.options.exit_timeout_s  # the ranks stopped, not killed
+    assert code == 0, server.log_tail()
+    assert not _descendants(server.process.pid)
+    # Finished, or refused as retryable: Triton 2.51 refuses BLS requests once shutting down, so a
+    # request whose engine step had not started gets UNAVAILABLE (the client SDK retries it).
+    if "error" in outcome:
+        assert outcome["error"].status() == "StatusCode.UNAVAILABLE", outcome["error"]
+    else:
+        np.testing.assert_allclose(outcome["score"], np.tile(expected, (8, 1)), rtol=1e-5)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from reward_server.launcher import ServeOptions, TritonServer
-from reward_server.stages import EngineError
-from reward_server.trtllm.fanout import EngineReplyError, FanOut, score_requests
+from reward_server.stages import EngineError, EngineUnavailable
+from reward_server.trtllm.fanout import EngineReplyError, EngineUnavailableError, FanOut, score_requests
 from reward_server.trtllm.layout import read_engine_info
 from reward_server.trtllm.mpi import WORKER_FLAGS, mpirun_command
 
@@ -51,6 +51,8 @@ def test_score_requests_fans_out_and_reassembles_in_order():
         sent.append(inputs["input_ids"].tolist())
         if 99 in inputs["input_ids"]:
             raise RuntimeError("engine exploded")
+        if 98 in inputs["input_ids"]:
+            raise EngineUnavailableError("Server not ready")
         logits = np.zeros((1, 1, 1, 4), dtype=np.float32)
         logits[0, 0, 0, 0] = inputs["input_ids"].sum()
         return {"generation_logits": logits}
@@ -58,12 +60,14 @@ def test_score_requests_fans_out_and_reassembles_in_order():
     ids_a = np.array([[1, 2, 0], [3, 4, 5]], dtype=np.int32)
     ids_b = np.array([[6, 99]], dtype=np.int32)
     ids_c = np.array([[10]], dtype=np.int32)
+    ids_d = np.array([[1], [98]], dtype=np.int32)
     results = asyncio.run(score_requests(fanout, infer, [(ids_a, np.array([[2], [3]])), (ids_b, np.array([[2]])),
-                                                         (ids_c, np.array([[1]]))]))
+                                                         (ids_c, np.array([[1]])), (ids_d, np.array([[1], [1]]))]))
     assert results[0]["rewards"].tolist() == [[3.0], [12.0]]
     assert isinstance(results[1], EngineError) and "conversation 0: engine exploded" in results[1]
     assert results[2]["rewards"].tolist() == [[10.0]]
-    assert sorted(sent) == sorted([[[1, 2]], [[3, 4, 5]], [[6, 99]], [[10]]])  # padding never sent
+    assert isinstance(results[3], EngineUnavailable) and results[3] == "conversation 1: Server not ready"
+    assert sorted(sent) == sorted([[[1, 2]], [[3, 4, 5]], [[6, 99]], [[10]], [[1]], [[98]]])  # padding never sent
 
 
 def _engine_config(tmp_path: Path, **build) -> Path:
@@ -89,12 +93,12 @@ def test_engine_info_from_trtllm_build_config(tmp_path):
 def test_mpirun_command_lines(world_size):
     server = TritonServer(ServeOptions(grpc_port=8001, http_port=8000, metrics_port=8002, host="0.0.0.0"))
     command = mpirun_command(lambda rank: server.command(Path("/opt/tritonserver/bin/tritonserver"),
-                                                         Path("/models"), None, rank), world_size, "/usr/bin/mpirun")
+                                                         Path("/models"), None, rank), world_size)
     if world_size == 1:
         assert command[0] == "/opt/tritonserver/bin/tritonserver" and "mpirun" not in " ".join(command)
         ranks = [command]
     else:
-        assert command[:2] == ["/usr/bin/mpirun", "--allow-run-as-root"]
+        assert command[:2] == ["mpirun", "--allow-run-as-root"]  # by name: see mpi.mpirun_command
         ranks, current = [], None
         for word in command[2:]:
             if word == ":":

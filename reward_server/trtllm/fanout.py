@@ -21,7 +21,7 @@ from typing import Awaitable, Callable, Sequence
 import numpy as np
 
 from reward_server.heads import pool_position
-from reward_server.stages import EngineError, RequestError
+from reward_server.stages import EngineError, EngineUnavailable, RequestError
 from reward_server.trtllm.adapt import RewardHeadSpec
 
 # The backend refuses a request whose requested outputs lack output_ids or sequence_length
@@ -34,6 +34,10 @@ Infer = Callable[[dict[str, np.ndarray]], Awaitable[dict[str, np.ndarray]]]
 
 class EngineReplyError(RuntimeError):
     """The `tensorrt_llm` model's reply does not hold the logits a reward is read from."""
+
+
+class EngineUnavailableError(RuntimeError):
+    """The `tensorrt_llm` model refused the request for now (e.g. the server is shutting down)."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +95,8 @@ async def score_requests(fanout: FanOut, infer: Infer,
     """Score every sequence of every request concurrently, one engine request per sequence.
 
     Each request is (input_ids [B, W], input_lengths [B, 1]). A failed engine call fails only
-    the request it belongs to, with an `EngineError` naming the conversation.
+    the request it belongs to, naming the conversation: `EngineUnavailable` (retryable) when the
+    engine refused it for now, else `EngineError`.
     """
     sequences, owners = [], []
     for r, (ids, lengths) in enumerate(requests):
@@ -108,6 +113,8 @@ async def score_requests(fanout: FanOut, infer: Infer,
             if isinstance(reply, BaseException):
                 raise reply
             rows[r].append(fanout.rewards(reply))
+        except EngineUnavailableError as err:
+            errors[r] = EngineUnavailable(f"conversation {c}: {err}")
         except Exception as err:  # noqa: BLE001 - reported on its own request only
             errors[r] = EngineError(f"conversation {c}: {err}")
     return [errors.get(r) or {"rewards": np.stack(rows[r]).astype(np.float32)} for r in range(len(requests))]

@@ -5,7 +5,9 @@ MPI process. Rank 0 is the real server: every model, the ports, the launcher's s
 Ranks above 0 load only `tensorrt_llm`, serve no endpoint, and use their own Python-backend
 shared-memory prefix. Unlike upstream's launch_triton_server.py, which starts the chain in the
 background and returns, the launcher keeps mpirun as its child: a container stays up exactly as
-long as the servers, and SIGTERM to mpirun reaches every rank.
+long as the servers. To stop, the launcher signals the ranks themselves (`child_pids`): Open MPI's
+mpirun, when signalled, kills its ranks one second later (odls_base_sigkill_timeout), too soon
+for in-flight requests, and a longer timeout blocks its output forwarding (measured, 4.1.4).
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ WORKER_FLAGS = ("--model-control-mode=explicit", f"--load-model={TENSORRT_LLM_MO
 def mpirun_command(rank_command: Callable[[int], list[str]], world_size: int, mpirun: str = "mpirun") -> list[str]:
     """The whole command line: `rank_command(rank)` for each rank, one process each.
 
-    With world size 1 no MPI is needed: the server command alone.
+    With world size 1 no MPI is needed: the server command alone. `mpirun` is called by name:
+    Open MPI's mpirun called by its absolute path acts as if given --prefix and puts its own lib
+    directory first on the ranks' LD_LIBRARY_PATH (measured: /usr/lib for Debian's), where the
+    Python backend stubs then find the wrong Python (`No module named '_socket'`).
 
     Raises:
         ValueError: a world size below 1.
@@ -41,7 +46,7 @@ def mpirun_command(rank_command: Callable[[int], list[str]], world_size: int, mp
 
 
 def find_mpirun() -> str:
-    """Path of mpirun.
+    """Path of mpirun (checked before starting; the command itself names it without a path).
 
     Raises:
         FileNotFoundError: mpirun is not on PATH.
@@ -51,3 +56,18 @@ def find_mpirun() -> str:
         raise FileNotFoundError("mpirun is not on PATH: a world size above 1 needs MPI (the NGC TensorRT-LLM "
                                 "container ships Open MPI); or serve an engine built with --tp 1 --pp 1")
     return found
+
+
+def child_pids(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (the ranks mpirun started), from /proc (Linux)."""
+    from pathlib import Path
+
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # the process ended meanwhile
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
