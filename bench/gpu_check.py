@@ -67,6 +67,8 @@ LIMITS = {
     "trtllm_throughput": ((120, 20), (60, 5)),
 }
 WORK_ENTRIES = ("checkpoint", "trtllm-checkpoint", "engine", "server")
+# Seconds the fp32 transformers run needs at least (load 30 GB, 16 conversations): skipped below that.
+FP32_REFERENCE_S = 60
 NOT_IMPORTABLE = "tensorrt_llm: not importable, TensorRT-LLM steps skipped"
 _PROBE = ("import importlib.metadata as m, tensorrt_llm\n"
           "print('TRTLLM_VERSION=' + str(getattr(tensorrt_llm, '__version__', None) or m.version('tensorrt_llm')))")
@@ -89,7 +91,7 @@ class RunShape:
 
 
 GPU_RUN = RunShape(
-    device="cuda", dtype="bfloat16", model=flops.LLAMA31_8B, matmul_size=8192, token_budget=16384,
+    device="cuda", dtype="bfloat16", model=flops.LLAMA31_8B, matmul_size=8192, token_budget=32768,
     shard_size="4GB",
     check=dict(prompts=4, responses_per_prompt=4, prompt_words_median=150, response_words_median=150,
                max_words=600, seed=1),
@@ -401,7 +403,9 @@ def stage_torch_parity(ctx: Context, out: dict) -> None:
 
         free, _ = torch.cuda.mem_get_info()
         need = flops.parameters(ctx.shape, head_rows=1) * 4 * 1.15
-        if free < need:
+        if ctx.report.stage_left() < FP32_REFERENCE_S:  # the bf16 verdict above matters more: keep it
+            out["fp32_reference"] = f"skipped: {ctx.report.stage_left():.0f}s left in the stage"
+        elif free < need:
             out["fp32_reference"] = f"skipped: {free / 2**30:.0f} GiB free, fp32 needs {need / 2**30:.0f} GiB"
         else:
             model = reference.load(checkpoint, ctx.run.device, "float32")
@@ -483,6 +487,7 @@ def stage_trtllm_build(ctx: Context, out: dict) -> None:
     from bench.gpu.checkpoint import build_random_checkpoint
 
     _require_trtllm(ctx)
+    _release_engine(ctx)  # trtllm-build needs the GPU memory the PyTorch engine held
     if ctx.trtllm_shape == ctx.shape:
         ctx.trtllm_checkpoint = _need_checkpoint(ctx)
     else:
@@ -534,6 +539,7 @@ def start_server(ctx: Context, engine_dir: Path, startup_timeout_s: float) -> An
     """`reward-server serve --engine tensorrt_llm` in-process: a started `TritonServer`."""
     from reward_server.launcher import ServeOptions, TritonServer
 
+    (ctx.work / "server").mkdir(parents=True, exist_ok=True)
     options = ServeOptions(engine="tensorrt_llm", engine_dir=engine_dir, grpc_port=0, http_port=0, metrics_port=0,
                            workdir=ctx.work / "server", startup_timeout_s=startup_timeout_s)
     return TritonServer(options).start()
@@ -721,6 +727,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--trtllm-layers", type=int, default=8,
                         help="decoder layers of the TensorRT-LLM checkpoint (default 8: a full 8B build needs "
                              "~65 GB of disk for checkpoint, adapted copy, converted copy and engine)")
+    parser.add_argument("--trtllm-reserve-s", type=float, default=240,
+                        help="seconds of the budget kept for the TensorRT-LLM stages when tensorrt_llm is "
+                             "importable (default 240)")
     parser.add_argument("--tp", type=int, default=1, help="tensor parallelism of the real build (default 1)")
     parser.add_argument("--max-input-len", type=int, default=4096)
     parser.add_argument("--max-batch-size", type=int, default=256)
@@ -763,6 +772,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 report.skip(name, "skipped by --skip")
                 continue
             limit, least = LIMITS[name][1 if args.smoke else 0]
+            reserve = _trtllm_reserve(ctx, skipped) if not name.startswith("trtllm_") else 0.0
+            if reserve and report.remaining() - reserve < least:
+                report.skip(name, f"{report.remaining():.0f}s left, {reserve:.0f}s of them kept for the "
+                                  "TensorRT-LLM stages")
+                continue
+            if reserve:
+                limit = min(limit, report.remaining() - reserve)
             report.run(name, lambda out, name=name: STAGE_FUNCTIONS[name](ctx, out), timeout_s=limit, min_s=least)
     except Interrupted:
         _LOGGER.warning("interrupted: writing the partial report")
@@ -775,6 +791,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         note = stage["reason"] or stage["results"].get("summary", "")
         print(f"  {name:18s} {stage['status']:8s} {note}")
     return 0 if overall == "passed" else 1
+
+
+def _trtllm_reserve(ctx: Context, skipped: set[str]) -> float:
+    """Seconds of the budget the stages before TensorRT-LLM's must leave (0 when those will not run).
+
+    The TensorRT-LLM stages settle the one unconfirmed fact, so the PyTorch stages may not eat
+    their time; until the environment stage has probed tensorrt_llm nothing is reserved.
+    """
+    if ctx.trtllm_version is None or not ctx.cuda or {"trtllm_build", "trtllm_logits"} & skipped:
+        return 0.0
+    return float(ctx.args.trtllm_reserve_s)
 
 
 def _cleanup(ctx: Context) -> None:

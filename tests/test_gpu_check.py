@@ -253,3 +253,15 @@ def test_trtllm_stages_against_the_contract_double(trtllm_server, demo_checkpoin
     for name in ("grpo", "no-sharing"):
         result = report.results("trtllm_throughput")[name]
         assert result["engine_all_in_flight"]["tokens_per_s"] > 0 and result["served_reward"]["tokens_per_s"] > 0
+
+
+def test_time_is_kept_for_the_tensorrt_llm_stages_only_when_they_will_run(tmp_path):
+    report = Report(tmp_path, "gpu", ["environment"], budget_s=60, settings={})
+    args = Namespace(trtllm_reserve_s=240)
+    ctx = gpu_check.Context(args=args, run=gpu_check.GPU_RUN, report=report, work=tmp_path, logs=tmp_path,
+                            shape=flops.LLAMA31_8B, trtllm_shape=flops.LLAMA31_8B.with_layers(8),
+                            trtllm_version="1.2.1")
+    assert gpu_check._trtllm_reserve(ctx, skipped=set()) == 240
+    assert gpu_check._trtllm_reserve(ctx, skipped={"trtllm_build"}) == 0
+    ctx.trtllm_version = None
+    assert gpu_check._trtllm_reserve(ctx, skipped=set()) == 0
