@@ -29,7 +29,6 @@ Stages, in order (each has its own time limit inside the run's total budget):
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
 import math
@@ -47,7 +46,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bench.gpu import compare, flops
+from bench.gpu import compare, flops, reference
 from bench.gpu.report import CheckFailed, Interrupted, Report, StageSkipped, raise_on_termination
 
 _LOGGER = logging.getLogger("bench.gpu_check")
@@ -164,17 +163,6 @@ def _synchronize(ctx: Context) -> None:
         import torch
 
         torch.cuda.synchronize()
-
-
-def _free_gpu() -> None:
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
 
 
 def _tail(text: str, lines: int = 40) -> str:
@@ -362,8 +350,6 @@ def _load_engine(ctx: Context, out: dict) -> Any:
 
 
 def stage_torch_parity(ctx: Context, out: dict) -> None:
-    from bench.gpu import reference
-
     checkpoint = _need_checkpoint(ctx)
     workload = _workload(ctx.run.check, shared=True)
     ids = _encode(checkpoint, workload.conversations)
@@ -387,8 +373,8 @@ def stage_torch_parity(ctx: Context, out: dict) -> None:
     model = reference.load(checkpoint, ctx.run.device, ctx.run.dtype)
     out["reference_load_s"] = time.perf_counter() - start
     expected = reference.scores(model, ids)
-    reference.release(model)
     del model
+    reference.release()
     result = compare.compare(scores, expected, ctx.run.dtype, workload.group_ids)
     out["engine_vs_reference"] = result
     out["engine_scores"] = scores[:, 0].round(5).tolist()
@@ -410,8 +396,8 @@ def stage_torch_parity(ctx: Context, out: dict) -> None:
         else:
             model = reference.load(checkpoint, ctx.run.device, "float32")
             exact = reference.scores(model, ids)
-            reference.release(model)
             del model
+            reference.release()
             out["reference_bf16_vs_fp32"] = compare.compare(expected, exact, ctx.run.dtype)
             out["engine_vs_fp32"] = compare.compare(scores, exact, ctx.run.dtype)
             out["summary"] += (f"; against fp32: engine {out['engine_vs_fp32']['max_abs']:.3g}, "
@@ -499,6 +485,13 @@ def stage_trtllm_build(ctx: Context, out: dict) -> None:
                                         dtype=ctx.run.dtype, seed=ctx.args.seed, max_shard_size=ctx.run.shard_size)
         ctx.trtllm_checkpoint = Path(built.path)
         out["checkpoint"] = built.to_dict()
+    # The adapted copy, TensorRT-LLM's checkpoint and the engine are each about the checkpoint's size.
+    size = sum(p.stat().st_size for p in ctx.trtllm_checkpoint.glob("*.safetensors"))
+    free = shutil.disk_usage(ctx.work).free
+    out["disk_free_gib"] = round(free / 2**30, 1)
+    if free < 3.3 * size:
+        raise CheckFailed(f"{free / 2**30:.1f} GiB free in {ctx.work}; the build needs about {3.3 * size / 2**30:.1f} "
+                          "GiB (--trtllm-layers fewer, or --work-dir elsewhere)")
     output = ctx.work / "engine"
     command = ctx.python_command(
         "build-engine", "--checkpoint", str(ctx.trtllm_checkpoint), "--output", str(output),
@@ -536,13 +529,18 @@ def _token_ids(checkpoint: Path) -> tuple[int, int]:
 
 
 def start_server(ctx: Context, engine_dir: Path, startup_timeout_s: float) -> Any:
-    """`reward-server serve --engine tensorrt_llm` in-process: a started `TritonServer`."""
+    """`reward-server serve --engine tensorrt_llm` in-process: a started `TritonServer`.
+
+    It is kept in `ctx.server` before it starts, so that cleanup copies its log even when it
+    never becomes ready.
+    """
     from reward_server.launcher import ServeOptions, TritonServer
 
     (ctx.work / "server").mkdir(parents=True, exist_ok=True)
     options = ServeOptions(engine="tensorrt_llm", engine_dir=engine_dir, grpc_port=0, http_port=0, metrics_port=0,
                            workdir=ctx.work / "server", startup_timeout_s=startup_timeout_s)
-    return TritonServer(options).start()
+    ctx.server = TritonServer(options)
+    return ctx.server.start()
 
 
 def check_engine_logits(client: Any, model: Any, ids: Sequence[Sequence[int]], pad_id: int, end_id: int,
@@ -561,7 +559,7 @@ def check_engine_logits(client: Any, model: Any, ids: Sequence[Sequence[int]], p
         JSON-ready results: positions (counts), observed, references, shapes and the largest
         non-reward logit (zero rows of the adapted head).
     """
-    from bench.gpu import reference, trtllm_client
+    from bench.gpu import trtllm_client
     from reward_server.heads import pool_position
 
     expected = reference.scores(model, ids)
@@ -591,8 +589,6 @@ def check_engine_logits(client: Any, model: Any, ids: Sequence[Sequence[int]], p
 
 
 def stage_trtllm_logits(ctx: Context, out: dict) -> None:
-    from bench.gpu import reference
-
     _require_trtllm(ctx)
     if ctx.engine_dir is None:
         raise StageSkipped("no engine (trtllm_build did not pass)")
@@ -685,7 +681,7 @@ def stage_trtllm_throughput(ctx: Context, out: dict) -> None:
 
 def _release_engine(ctx: Context) -> None:
     ctx.engine = None
-    _free_gpu()
+    reference.release()
 
 
 STAGE_FUNCTIONS = {
@@ -819,7 +815,7 @@ def _cleanup(ctx: Context) -> None:
                 shutil.copy2(log, ctx.logs / "tritonserver.log")
             ctx.server = None
     ctx.engine = ctx.trtllm_reference = None
-    _free_gpu()
+    reference.release()
     if ctx.args.keep_work:
         return
     if ctx.args.work_dir is None:

@@ -47,13 +47,13 @@ def scores_at_final_token(model: Any, ids: Sequence[int]) -> np.ndarray:
         return model.score(hidden[:, -1])[0].float().cpu().numpy()
 
 
-def release(model: Any) -> None:
-    """Free a model's GPU memory now (before the TensorRT-LLM server claims its KV cache)."""
+def release() -> None:
+    """Return the memory of models the caller has deleted to the GPU now (before the next model
+    loads, or before the TensorRT-LLM server sizes its KV cache from what is free)."""
     import gc
 
     import torch
 
-    del model
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
