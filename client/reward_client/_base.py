@@ -11,7 +11,7 @@ from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple
 from reward_client.conversations import ConversationLike, encode, to_messages
 from reward_client.errors import RewardInvalidInputError
 from reward_client.retry import RetryPolicy
-from reward_client.transport import wire
+from reward_client.transport import routing, wire
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ class ClientSettings:
     """Everything a client needs besides its connection.
 
     Attributes:
-        url: gRPC ``host:port`` of the server.
+        url: gRPC ``host:port`` of the server; with several replicas, their targets joined by commas.
         model: the messages ensemble (``reward``).
         ids_model: the token-id ensemble (``reward_ids``).
         batch_size: conversations per request (the server accepts up to its max_batch_size).
@@ -85,6 +85,27 @@ def encoded_conversations(conversations: Iterable[ConversationLike]) -> Iterator
     """
     for index, conversation in enumerate(conversations):
         yield encode(to_messages(conversation, index))
+
+
+def keyed_conversations(conversations: Iterable[ConversationLike]) -> Iterator[routing.Keyed]:
+    """Normalise and encode conversations lazily, each with its group key (its prompt).
+
+    Raises:
+        RewardInvalidInputError: naming the first malformed conversation by its input index.
+    """
+    for index, conversation in enumerate(conversations):
+        messages = to_messages(conversation, index)
+        yield routing.Keyed(index, routing.prompt_key(encode(messages[:-1])), encode(messages))
+
+
+def keyed_id_rows(token_id_lists: Iterable[Sequence[int]]) -> Iterator[routing.Keyed]:
+    """Check token id lists lazily, each with its group key (its leading ids).
+
+    Raises:
+        RewardInvalidInputError: naming the first empty or non-integer list by its input index.
+    """
+    for index, ids in enumerate(checked_id_rows(token_id_lists)):
+        yield routing.Keyed(index, routing.ids_key(ids), ids)
 
 
 def checked_id_rows(token_id_lists: Iterable[Sequence[int]]) -> Iterator[List[int]]:

@@ -10,14 +10,17 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from reward_client._base import (DEFAULT_URL, AttributeNames, ClientSettings,
-                                 checked_id_rows, encoded_conversations)
+from reward_client._base import (DEFAULT_URL, AttributeNames, ClientSettings, checked_id_rows,
+                                 encoded_conversations, keyed_conversations, keyed_id_rows)
 from reward_client.conversations import ConversationLike, with_response
 from reward_client.errors import RewardUnavailableError
 from reward_client.results import RankedResponse, ScoreResult, bradley_terry
 from reward_client.retry import RetryPolicy, call_with_retries
-from reward_client.transport import wire
+from reward_client.transport import routing, wire
+from reward_client.transport.endpoints import EndpointSet, is_scale_out, parse_targets
 from reward_client.transport.pipeline import chunked, ordered_map
+from reward_client.transport.replicas import (ReplicaDown, ReplicaPool, chunk_error, chunk_results, failover,
+                                              planned_chunks)
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -31,6 +34,12 @@ class RewardClient:
     ``max_in_flight`` outstanding, and returned in input order. Overload errors are retried
     with exponential backoff and jitter; invalid input raises at once, naming the conversation.
 
+    Given several replicas (a list, ``"a:8001,b:8001"``, or ``"dns:///headless-service:8001"``),
+    conversations sharing a prompt go to the same replica (rendezvous hashing on the prompt), at
+    most ``max_in_flight`` requests per replica; a replica that fails is avoided and its requests
+    move to the next replica of each prompt's ranking, every result still delivered once, in
+    input order (see :mod:`reward_client.transport.routing`).
+
     Example::
 
         with RewardClient("localhost:8001") as client:
@@ -38,14 +47,15 @@ class RewardClient:
             results = client.score([("What is 2+2?", "4"), ("What is 2+2?", "5")])
     """
 
-    def __init__(self, url: str = DEFAULT_URL, *, model: str = wire.MESSAGES_MODEL,
+    def __init__(self, url: Union[str, Sequence[str]] = DEFAULT_URL, *, model: str = wire.MESSAGES_MODEL,
                  ids_model: str = wire.IDS_MODEL, batch_size: int = 64, max_in_flight: int = 4,
                  timeout_s: Optional[float] = 60.0, retry: Optional[RetryPolicy] = None,
-                 verbose: bool = False) -> None:
+                 verbose: bool = False, refresh_s: float = 30.0) -> None:
         """Create a client; the connection is made lazily by the first call.
 
         Args:
-            url: gRPC ``host:port``.
+            url: gRPC ``host:port``; or several replicas: a list, a comma-separated string, or
+                ``dns:///name:port`` (every address of the name, e.g. a headless Service).
             model: name of the messages ensemble.
             ids_model: name of the token-id ensemble.
             batch_size: conversations per request.
@@ -53,15 +63,25 @@ class RewardClient:
             timeout_s: deadline of each request attempt (None: none).
             retry: retry policy for overload/unavailability (default :class:`RetryPolicy`).
             verbose: log every gRPC call (tritonclient's verbose mode).
+            refresh_s: with ``dns:///`` targets, how often the name is resolved again.
 
         Raises:
-            ValueError: if ``batch_size`` or ``max_in_flight`` is < 1.
+            ValueError: if ``batch_size`` or ``max_in_flight`` is < 1, or an endpoint is not
+                ``host:port``.
         """
-        self.settings = ClientSettings(url=url, model=model, ids_model=ids_model,
+        targets = parse_targets(url)
+        self.settings = ClientSettings(url=",".join(targets), model=model, ids_model=ids_model,
                                        batch_size=batch_size, max_in_flight=max_in_flight,
                                        timeout_s=timeout_s, retry=retry or RetryPolicy())
-        self._client = grpcclient.InferenceServerClient(url=url, verbose=verbose)
+        self._pool: Optional[ReplicaPool] = None
+        if is_scale_out(targets):
+            self._pool = ReplicaPool(EndpointSet(targets, refresh_s),
+                                     lambda address: grpcclient.InferenceServerClient(url=address, verbose=verbose))
+            self._client = None
+        else:
+            self._client = grpcclient.InferenceServerClient(url=targets[0], verbose=verbose)
         self._executor: Optional[ThreadPoolExecutor] = None
+        self._executor_size = 0
         self._attributes = AttributeNames()
         self._sleep = time.sleep
 
@@ -78,16 +98,25 @@ class RewardClient:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
-        self._client.close()
+        if self._client is not None:
+            self._client.close()
+        if self._pool is not None:
+            for client in self._pool.take_clients():
+                client.close()
 
     # -- health ------------------------------------------------------------------------------
 
     def is_ready(self) -> bool:
-        """Return whether the server and the ``reward`` model are ready (never raises)."""
+        """Return whether the server and the ``reward`` model are ready (never raises).
+
+        With several replicas: whether at least one is.
+        """
+        return any(self._ready(client) for _, client in self._controls())
+
+    def _ready(self, client: Any) -> bool:
         try:
-            return bool(self._client.is_server_ready()
-                        and self._client.is_model_ready(self.settings.model))
-        except InferenceServerException:
+            return bool(client.is_server_ready() and client.is_model_ready(self.settings.model))
+        except (InferenceServerException, RewardUnavailableError):
             return False
 
     def wait_until_ready(self, timeout_s: float = 120.0, poll_s: float = 0.5) -> None:
@@ -105,16 +134,46 @@ class RewardClient:
             self._sleep(poll_s)
 
     def health(self) -> Dict[str, bool]:
-        """Return ``{"live", "ready", "model_ready"}`` flags of the server (never raises)."""
+        """Return ``{"live", "ready", "model_ready"}`` flags of the server (never raises).
+
+        With several replicas, each flag is true when it is for at least one replica.
+        """
         status = {"live": False, "ready": False, "model_ready": False}
-        for key, probe in (("live", self._client.is_server_live),
-                           ("ready", self._client.is_server_ready),
-                           ("model_ready", lambda: self._client.is_model_ready(self.settings.model))):
-            try:
-                status[key] = bool(probe())
-            except InferenceServerException:
-                pass
+        for replica in self.replica_health().values():
+            for key, value in replica.items():
+                status[key] = status[key] or value
         return status
+
+    def replica_health(self) -> Dict[str, Dict[str, bool]]:
+        """Return the :meth:`health` flags of each replica, by address (never raises)."""
+        try:
+            controls = self._controls()
+        except RewardUnavailableError:
+            return {}
+        report = {}
+        for address, client in controls:
+            status = {"live": False, "ready": False, "model_ready": False}
+            for key, probe in (("live", client.is_server_live), ("ready", client.is_server_ready),
+                               ("model_ready", lambda: client.is_model_ready(self.settings.model))):
+                try:
+                    status[key] = bool(probe())
+                except InferenceServerException:
+                    pass
+            report[address] = status
+        return report
+
+    def _controls(self) -> List[Tuple[str, Any]]:
+        """``(address, client)`` for health and metadata calls: the one server, or every replica."""
+        if self._pool is None:
+            return [(self.settings.url, self._client)]
+        return self._pool.clients()
+
+    def _control(self) -> Any:
+        """The client that answers metadata calls: the one server, or the first ready replica."""
+        if self._pool is None:
+            return self._client
+        controls = self._pool.clients()
+        return next((client for _, client in controls if self._ready(client)), controls[0][1])
 
     def models(self) -> List[Dict[str, Any]]:
         """Return each model's name, version, state and, when ready, inputs and outputs.
@@ -126,18 +185,19 @@ class RewardClient:
             RewardUnavailableError: if the server cannot be reached.
             RewardServerError: for other server failures.
         """
+        client = self._control()
         try:
-            index = self._client.get_model_repository_index(as_json=True).get("models", [])
+            index = client.get_model_repository_index(as_json=True).get("models", [])
         except InferenceServerException as exc:
             _LOGGER.info("repository index unavailable (%s); listing known models", exc)
             index = [{"name": name} for name in wire.KNOWN_MODELS]
         try:
             for entry in index:
                 if "state" not in entry:
-                    entry["state"] = ("READY" if self._client.is_model_ready(entry["name"])
+                    entry["state"] = ("READY" if client.is_model_ready(entry["name"])
                                       else "UNAVAILABLE")
                 if entry["state"] == "READY":
-                    meta = self._client.get_model_metadata(entry["name"], as_json=True)
+                    meta = client.get_model_metadata(entry["name"], as_json=True)
                     entry["version"] = entry.get("version") or ",".join(meta.get("versions", []))
                     entry["inputs"] = meta.get("inputs", [])
                     entry["outputs"] = meta.get("outputs", [])
@@ -152,9 +212,10 @@ class RewardClient:
             RewardUnavailableError: if the server cannot be reached.
             RewardServerError: for other server failures.
         """
+        client = self._control()
         try:
-            self._load_attribute_names()
-            metadata = self._client.get_model_metadata(self.settings.model)
+            self._load_attribute_names(client)
+            metadata = client.get_model_metadata(self.settings.model)
         except InferenceServerException as exc:
             raise wire.map_error(exc) from exc
         return self._attributes.names(wire.attribute_count(metadata))
@@ -187,6 +248,10 @@ class RewardClient:
             RewardTimeoutError: a request passed its deadline.
             RewardServerError: any other server failure.
         """
+        if self._pool is not None:
+            yield from self._run_routed(keyed_conversations(conversations), self.settings.model,
+                                        wire.messages_inputs)
+            return
         chunks = chunked(encoded_conversations(conversations), self.settings.batch_size)
         yield from self._run(chunks, self.settings.model, wire.messages_inputs)
 
@@ -210,6 +275,9 @@ class RewardClient:
             RewardTimeoutError: a request passed its deadline.
             RewardServerError: any other server failure.
         """
+        if self._pool is not None:
+            yield from self._run_routed(keyed_id_rows(token_id_lists), self.settings.ids_model, wire.ids_inputs)
+            return
         chunks = chunked(checked_id_rows(token_id_lists), self.settings.batch_size)
         yield from self._run(chunks, self.settings.ids_model, wire.ids_inputs)
 
@@ -240,11 +308,18 @@ class RewardClient:
 
     # -- internals ---------------------------------------------------------------------------
 
+    def _workers(self, count: int) -> ThreadPoolExecutor:
+        # Grown when more replicas appear; never shrunk (idle threads cost nothing).
+        if self._executor is None or self._executor_size < count:
+            if self._executor is not None:
+                self._executor.shutdown(wait=False)
+            self._executor = ThreadPoolExecutor(count, thread_name_prefix="reward-client")
+            self._executor_size = count
+        return self._executor
+
     def _run(self, chunks: Iterable[Tuple[int, list]], model: str, make_inputs: Any
              ) -> Iterator[ScoreResult]:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(self.settings.max_in_flight,
-                                                thread_name_prefix="reward-client")
+        self._workers(self.settings.max_in_flight)
 
         def request(chunk: Tuple[int, list]) -> List[ScoreResult]:
             offset, items = chunk
@@ -261,14 +336,51 @@ class RewardClient:
                                           client_timeout=self.settings.timeout_s)
         except InferenceServerException as exc:
             raise wire.map_error(exc, offset) from exc
-        self._load_attribute_names()
+        self._load_attribute_names(self._client)
         return wire.parse_results(response.as_numpy, offset, self._attributes.names)
 
-    def _load_attribute_names(self) -> None:
+    def _run_routed(self, keyed: Iterable[routing.Keyed], model: str, make_inputs: Any
+                    ) -> Iterator[ScoreResult]:
+        pool = self._pool
+        in_flight = self.settings.max_in_flight * len(pool.addresses())
+        executor = self._workers(in_flight)
+
+        def request(chunk: routing.RoutedChunk) -> List[Tuple[int, ScoreResult]]:
+            results = self._score_chunk(chunk, model, make_inputs)
+            return [(result.index, result) for result in results]
+
+        chunks = planned_chunks(pool, keyed, self.settings.batch_size)
+        yield from routing.reorder(ordered_map(request, chunks, in_flight, executor))
+
+    def _score_chunk(self, chunk: routing.RoutedChunk, model: str, make_inputs: Any) -> List[ScoreResult]:
+        """Score one routed chunk, moving it (or its parts) to other replicas while replicas fail."""
+        pending, done, failovers = [chunk], [], 0
+        while pending:
+            current = pending.pop(0)
+            try:
+                done.extend(call_with_retries(lambda: self._infer_routed(current, model, make_inputs),
+                                              self.settings.retry, self._sleep, self.settings.rng))
+            except ReplicaDown as down:
+                failovers += 1
+                pending.extend(failover(self._pool, current, down, self.settings.batch_size, failovers))
+        return done
+
+    def _infer_routed(self, chunk: routing.RoutedChunk, model: str, make_inputs: Any) -> List[ScoreResult]:
+        client = self._pool.client(chunk.address)
+        try:
+            response = client.infer(model, make_inputs(chunk.payloads), outputs=wire.requested_outputs(),
+                                    client_timeout=self.settings.timeout_s)
+        except InferenceServerException as exc:
+            raise chunk_error(exc, chunk) from exc
+        self._pool.health.mark_up(chunk.address)
+        self._load_attribute_names(client)
+        return chunk_results(response.as_numpy, chunk, self._attributes.names)
+
+    def _load_attribute_names(self, client: Any) -> None:
         if self._attributes.known:
             return
         try:
-            config = self._client.get_model_config(wire.POSTPROCESSING_MODEL).config
+            config = client.get_model_config(wire.POSTPROCESSING_MODEL).config
             self._attributes.set_from_config(config)
         except InferenceServerException as exc:
             _LOGGER.warning("cannot read attribute names from %r (%s); using reward_i names",

@@ -31,6 +31,10 @@ _CONVERSATION_INDEX = re.compile(r"conversation (\d+):")
 _RETRYABLE_STATUSES = {"StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED"}
 # Server-side queue rejections, whatever status a Triton version attaches to them.
 _RETRYABLE_MESSAGES = ("exceeds maximum queue size", "request timeout expired")
+# Failures of the replica itself rather than of the request: unreachable, or its engine gone
+# (a dead Python-backend stub answers INTERNAL "Stub process ... is not healthy").
+_REPLICA_FAILURE_MESSAGES = ("stub process", "failed to connect", "connection refused", "socket closed",
+                             "is not ready", "has no available versions")
 
 
 def messages_inputs(encoded: Sequence[bytes]) -> List[InferInput]:
@@ -139,6 +143,20 @@ def map_error(exc: InferenceServerException, offset: int = 0) -> RewardClientErr
     if status == "StatusCode.DEADLINE_EXCEEDED":
         return RewardTimeoutError(message)
     return RewardServerError(f"{status or 'error'}: {message}")
+
+
+def is_replica_failure(exc: InferenceServerException) -> bool:
+    """Return whether ``exc`` says the replica cannot serve (so another should), not that it is busy.
+
+    A queue rejection means the replica is alive and loaded: it is retried on the same replica,
+    keeping the group where its prompt is computed. Anything UNAVAILABLE otherwise, and the
+    engine-gone messages, mean the replica is down.
+    """
+    status = str(exc.status() or "")
+    message = str(exc.message() or exc).lower()
+    if any(marker in message for marker in _RETRYABLE_MESSAGES):
+        return False
+    return status == "StatusCode.UNAVAILABLE" or any(marker in message for marker in _REPLICA_FAILURE_MESSAGES)
 
 
 def attribute_count(metadata: object) -> int:

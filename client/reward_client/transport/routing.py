@@ -1,0 +1,204 @@
+"""Group-affine routing over replicas: the same prompt always goes to the same replica.
+
+Each conversation's *group key* is its prompt, i.e. every message but the last (the response
+being scored). Rendezvous hashing (highest random weight) ranks the replicas for each key:
+the owner is the first healthy replica of that ranking. So all responses to one prompt (a GRPO
+group, a best-of-n candidate set) are scored by one replica, which computes the shared prompt
+once; adding or removing a replica moves only the keys it owned; and when the owner dies, each
+key falls to its own next replica, spreading the dead replica's load over the others.
+
+Input is cut into windows of a few requests per replica; within a window, each replica's
+conversations are cut into requests of at most ``batch_size`` without splitting a run of
+consecutive conversations sharing a prompt (unless the run alone exceeds ``batch_size``), so a
+group also lands in one request and therefore one engine batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Callable, Generic, Iterable, Iterator, List, Sequence, Tuple, TypeVar
+
+P = TypeVar("P")
+
+# Token-id input carries no message structure: its group key is this many leading ids, which
+# covers a prompt's distinguishing start in practice (chat header plus the first user words).
+IDS_KEY_TOKENS = 128
+
+
+@dataclass(frozen=True)
+class Keyed(Generic[P]):
+    """One conversation on its way: input position, group key and wire payload."""
+
+    index: int
+    key: bytes
+    payload: P
+
+
+@dataclass
+class RoutedChunk(Generic[P]):
+    """One request's worth of conversations for one replica.
+
+    Attributes:
+        address: the replica (``host:port``).
+        items: the conversations, in input order.
+    """
+
+    address: str
+    items: List[Keyed[P]] = field(default_factory=list)
+
+    @property
+    def indices(self) -> List[int]:
+        """Input positions of the items, in order."""
+        return [item.index for item in self.items]
+
+    @property
+    def payloads(self) -> List[P]:
+        """Wire payloads of the items, in order."""
+        return [item.payload for item in self.items]
+
+
+def _weight(address: str, key: bytes) -> int:
+    digest = hashlib.blake2b(key, digest_size=8, key=address.encode()[:64]).digest()
+    return int.from_bytes(digest, "big")
+
+
+def ranking(key: bytes, addresses: Sequence[str]) -> List[str]:
+    """Return ``addresses`` ordered by preference for ``key`` (rendezvous hashing).
+
+    The order of ``addresses`` does not matter; ties (astronomically unlikely) break by address.
+    """
+    return sorted(addresses, key=lambda address: (-_weight(address, key), address))
+
+
+def owner(key: bytes, addresses: Sequence[str], healthy: Callable[[str], bool]) -> str:
+    """Return the first healthy replica of ``key``'s ranking (the first of all when none is).
+
+    Raises:
+        ValueError: if ``addresses`` is empty.
+    """
+    if not addresses:
+        raise ValueError("no replica to route to")
+    ranked = ranking(key, addresses)
+    return next((address for address in ranked if healthy(address)), ranked[0])
+
+
+def plan(items: Sequence[Keyed[P]], addresses: Sequence[str], healthy: Callable[[str], bool],
+         batch_size: int) -> List[RoutedChunk[P]]:
+    """Route one window of conversations: requests of at most ``batch_size`` per owner.
+
+    Args:
+        items: conversations in input order.
+        addresses: the current replicas.
+        healthy: whether a replica may be sent work now.
+        batch_size: most conversations per request.
+
+    Returns:
+        Chunks, grouped by replica in order of first appearance, each in input order.
+
+    Raises:
+        ValueError: if ``addresses`` is empty or ``batch_size`` < 1.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    owners: dict = {}
+    per_replica: dict = {}
+    for item in items:
+        if item.key not in owners:
+            owners[item.key] = owner(item.key, addresses, healthy)
+        per_replica.setdefault(owners[item.key], []).append(item)
+    chunks: List[RoutedChunk[P]] = []
+    for address, routed in per_replica.items():
+        for run in _cut(routed, batch_size):
+            chunks.append(RoutedChunk(address, run))
+    return chunks
+
+
+def _cut(items: List[Keyed[P]], batch_size: int) -> Iterator[List[Keyed[P]]]:
+    """Cut into lists of <= batch_size, closing a list early rather than splitting a key's run."""
+    runs: List[List[Keyed[P]]] = []
+    for item in items:
+        if runs and runs[-1][-1].key == item.key and len(runs[-1]) < batch_size:
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    chunk: List[Keyed[P]] = []
+    for run in runs:
+        if chunk and len(chunk) + len(run) > batch_size:
+            yield chunk
+            chunk = []
+        chunk.extend(run)
+    if chunk:
+        yield chunk
+
+
+def windows(items: Iterable[Keyed[P]], size: int, limit: int) -> Iterator[List[Keyed[P]]]:
+    """Yield lists of about ``size`` items, extended (to at most ``limit``) so as not to split a run
+    of consecutive items sharing a key across two windows.
+
+    Raises:
+        ValueError: if ``size`` < 1 or ``limit`` < ``size``.
+    """
+    if size < 1 or limit < size:
+        raise ValueError("window size must be >= 1 and limit >= size")
+    window: List[Keyed[P]] = []
+    for item in items:
+        if len(window) >= size and (item.key != window[-1].key or len(window) >= limit):
+            yield window
+            window = []
+        window.append(item)
+    if window:
+        yield window
+
+
+def reroute(chunk: RoutedChunk[P], addresses: Sequence[str], healthy: Callable[[str], bool],
+            batch_size: int) -> List[RoutedChunk[P]]:
+    """Re-plan a chunk whose replica failed: each key goes to its next healthy replica.
+
+    Args:
+        chunk: the failed chunk (its replica should be marked down already).
+        addresses: the current replicas.
+        healthy: whether a replica may be sent work now.
+        batch_size: most conversations per request.
+
+    Returns:
+        The chunk's items as new chunks; no item is lost or repeated.
+
+    Raises:
+        ValueError: if no replica other than the failed one exists.
+    """
+    others = [address for address in addresses if address != chunk.address]
+    if not others:
+        raise ValueError(f"no replica other than {chunk.address} to fail over to")
+    return plan(chunk.items, others, healthy, batch_size)
+
+
+def prompt_key(encoded_prompt: bytes) -> bytes:
+    """Return the group key of a conversation given its encoded prompt (all messages but the last)."""
+    return hashlib.blake2b(encoded_prompt, digest_size=16).digest()
+
+
+def ids_key(ids: Sequence[int]) -> bytes:
+    """Return the group key of a token-id conversation: its leading ids, the last one excluded."""
+    head = list(ids[:max(1, min(IDS_KEY_TOKENS, len(ids) - 1))])
+    return hashlib.blake2b(repr(head).encode(), digest_size=16).digest()
+
+
+def reorder(batches: Iterable[Sequence[Tuple[int, object]]]) -> Iterator[object]:
+    """Yield the values of ``(index, value)`` pairs in index order 0, 1, 2, ..., as soon as each is known.
+
+    Raises:
+        RuntimeError: if an index is missing or repeated when the input ends.
+    """
+    pending: dict = {}
+    next_index = 0
+    for batch in batches:
+        for index, value in batch:
+            if index < next_index or index in pending:
+                raise RuntimeError(f"result {index} delivered twice")
+            pending[index] = value
+        while next_index in pending:
+            yield pending.pop(next_index)
+            next_index += 1
+    if pending:
+        raise RuntimeError(f"results missing before index {min(pending)}")
