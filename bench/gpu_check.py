@@ -99,7 +99,7 @@ GPU_RUN = RunShape(
                     prompt_words_sigma=0.35, response_words_sigma=0.35, max_words=700, seed=0),
     concurrency=16, request_size=16)
 SMOKE_RUN = RunShape(
-    device="cpu", dtype="float32", model=flops.SMOKE, matmul_size=256, token_budget=1024, shard_size="300KB",
+    device="cpu", dtype="float32", model=flops.SMOKE, matmul_size=512, token_budget=1024, shard_size="300KB",
     check=dict(prompts=2, responses_per_prompt=3, prompt_words_median=12, response_words_median=12,
                max_words=40, seed=1),
     throughput=dict(prompts=2, responses_per_prompt=4, prompt_words_median=15, response_words_median=15,
@@ -477,8 +477,10 @@ def stage_trtllm_build(ctx: Context, out: dict) -> None:
     if ctx.trtllm_shape == ctx.shape:
         ctx.trtllm_checkpoint = _need_checkpoint(ctx)
     else:
-        if ctx.checkpoint is not None and not ctx.args.keep_work:
-            shutil.rmtree(ctx.checkpoint, ignore_errors=True)  # its disk is needed for three copies of the next one
+        needed = flops.parameters(ctx.trtllm_shape) * 2 * 4.5  # checkpoint, adapted, converted, engine
+        if ctx.checkpoint is not None and not ctx.args.keep_work and shutil.disk_usage(ctx.work).free < needed:
+            # Its disk is needed for the four copies of the next one; deferred PyTorch stages then skip.
+            shutil.rmtree(ctx.checkpoint, ignore_errors=True)
             ctx.checkpoint = None
             out["removed_torch_checkpoint"] = True
         built = build_random_checkpoint(ctx.work / "trtllm-checkpoint", ctx.trtllm_shape, device=ctx.run.device,
@@ -760,8 +762,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = Report(args.out, "smoke" if args.smoke else "gpu", STAGES, budget, settings)
     ctx = Context(args=args, run=run, report=report, work=work, logs=Path(args.out) / "logs", shape=shape,
                   trtllm_shape=shape.with_layers(min(args.trtllm_layers, shape.layers)), probe=probe)
-    raise_on_termination()
+    restore_signals = raise_on_termination()
     skipped = {s for s in args.skip.split(",") if s}
+    deferred: list[str] = []
+    run_stage = lambda name, limit, least: report.run(  # noqa: E731
+        name, lambda out: STAGE_FUNCTIONS[name](ctx, out), timeout_s=limit, min_s=least)
     try:
         for name in STAGES:
             if name in skipped:
@@ -770,23 +775,45 @@ def main(argv: Sequence[str] | None = None) -> int:
             limit, least = LIMITS[name][1 if args.smoke else 0]
             reserve = _trtllm_reserve(ctx, skipped) if not name.startswith("trtllm_") else 0.0
             if reserve and report.remaining() - reserve < least:
-                report.skip(name, f"{report.remaining():.0f}s left, {reserve:.0f}s of them kept for the "
-                                  "TensorRT-LLM stages")
+                deferred.append(name)
+                report.skip(name, f"deferred: {report.remaining():.0f}s left, {reserve:.0f}s of them kept for the "
+                                  "TensorRT-LLM stages; runs after them if time is left")
                 continue
             if reserve:
                 limit = min(limit, report.remaining() - reserve)
-            report.run(name, lambda out, name=name: STAGE_FUNCTIONS[name](ctx, out), timeout_s=limit, min_s=least)
+            run_stage(name, limit, least)
+        if deferred:
+            _stop_server(ctx)  # the PyTorch stages need the GPU memory the server's KV cache holds
+            for name in deferred:
+                report.results(name)["deferred"] = True
+                run_stage(name, *LIMITS[name][1 if args.smoke else 0])
     except Interrupted:
         _LOGGER.warning("interrupted: writing the partial report")
     finally:
         _cleanup(ctx)
         summarize(report)
         overall = report.finish()
+        restore_signals()
     print(f"gpu check: {overall}; results in {report.json_path} and {report.markdown_path}")
     for name, stage in report.data["stages"].items():
         note = stage["reason"] or stage["results"].get("summary", "")
         print(f"  {name:18s} {stage['status']:8s} {note}")
     return 0 if overall == "passed" else 1
+
+
+def _stop_server(ctx: Context) -> None:
+    """Stop the TensorRT-LLM server if one was started, keep its log, free the reference model."""
+    if ctx.server is not None:
+        try:
+            ctx.server.stop()
+        finally:
+            log = getattr(ctx.server, "log_path", None)
+            if log and Path(log).exists():
+                ctx.logs.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(log, ctx.logs / "tritonserver.log")
+            ctx.server = None
+    ctx.trtllm_reference = None
+    reference.release()
 
 
 def _trtllm_reserve(ctx: Context, skipped: set[str]) -> float:
@@ -805,16 +832,8 @@ def _cleanup(ctx: Context) -> None:
     if ctx.probe is not None and ctx.probe.poll() is None:
         os.killpg(ctx.probe.pid, 9)
         ctx.probe.wait()
-    if ctx.server is not None:
-        try:
-            ctx.server.stop()
-        finally:
-            log = getattr(ctx.server, "log_path", None)
-            if log and Path(log).exists():
-                ctx.logs.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(log, ctx.logs / "tritonserver.log")
-            ctx.server = None
-    ctx.engine = ctx.trtllm_reference = None
+    _stop_server(ctx)
+    ctx.engine = None
     reference.release()
     if ctx.args.keep_work:
         return

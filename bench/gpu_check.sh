@@ -9,8 +9,10 @@ set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 START=$SECONDS
-OUT="${1:-$ROOT/bench/results/gpu}"
-shift $(( $# > 0 ? 1 : 0 ))
+OUT="$ROOT/bench/results/gpu"
+if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then  # a first argument that is not an option is OUT_DIR
+    OUT="$1"; shift
+fi
 BUDGET_S="${GPU_CHECK_BUDGET_S:-480}"
 SMOKE=0
 for arg in "$@"; do [ "$arg" = "--smoke" ] && SMOKE=1; done

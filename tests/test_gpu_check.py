@@ -265,3 +265,16 @@ def test_time_is_kept_for_the_tensorrt_llm_stages_only_when_they_will_run(tmp_pa
     assert gpu_check._trtllm_reserve(ctx, skipped={"trtllm_build"}) == 0
     ctx.trtllm_version = None
     assert gpu_check._trtllm_reserve(ctx, skipped=set()) == 0
+
+
+def test_stages_deferred_for_tensorrt_llm_run_after_it(tmp_path, monkeypatch):
+    # Pretend tensorrt_llm was found and needs all the time left: the PyTorch stages after the
+    # environment are deferred, then run at the end because the TensorRT-LLM ones skip.
+    monkeypatch.setattr(gpu_check, "_trtllm_reserve", lambda ctx, skipped: ctx.report.remaining()
+                        if ctx.report.status("environment") == "passed" else 0.0)
+    assert gpu_check.main(["--smoke", "--out", str(tmp_path), "--budget-s", "110"]) == 0
+    stages = json.loads((tmp_path / "gpu_check.json").read_text())["stages"]
+    assert stages["environment"]["status"] == "passed" and "deferred" not in stages["environment"]["results"]
+    for name in TORCH_STAGES[1:]:
+        assert stages[name]["status"] == "passed" and stages[name]["reason"] is None, name
+        assert stages[name]["results"]["deferred"] is True

@@ -47,11 +47,14 @@ def time_limit(seconds: float) -> Iterator[None]:
     """Raise `StageTimeout` in the main thread after `seconds` (SIGALRM; main thread only).
 
     A call blocked in C code is interrupted when it next returns to Python; child processes
-    must be given their own timeouts as well.
+    must be given their own timeouts as well. An alarm that was already set (e.g. by a test
+    runner) is put back with its remaining time afterwards.
     """
     def expire(signum, frame):
         raise StageTimeout(f"time limit of {seconds:.0f}s reached")
 
+    outer_delay, _ = signal.getitimer(signal.ITIMER_REAL)
+    started = time.monotonic()
     previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.001))
     try:
@@ -59,15 +62,21 @@ def time_limit(seconds: float) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if outer_delay:
+            signal.setitimer(signal.ITIMER_REAL, max(outer_delay - (time.monotonic() - started), 0.001))
 
 
-def raise_on_termination() -> None:
-    """Turn SIGTERM and SIGINT into `Interrupted`, so cleanup and the last report write run."""
+def raise_on_termination() -> Callable[[], None]:
+    """Turn SIGTERM and SIGINT into `Interrupted`, so cleanup and the last report write run.
+
+    Returns:
+        A function that puts the previous handlers back.
+    """
     def interrupt(signum, frame):
         raise Interrupted(f"signal {signal.Signals(signum).name}")
 
-    signal.signal(signal.SIGTERM, interrupt)
-    signal.signal(signal.SIGINT, interrupt)
+    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGTERM, signal.SIGINT)}
+    return lambda: [signal.signal(signum, handler) for signum, handler in previous.items()] and None
 
 
 def _now() -> str:
@@ -147,7 +156,7 @@ class Report:
                                                 f"{self.budget_s:.0f}s, stage needs at least {min_s:.0f}s")
             self.write()
             return False
-        stage.update(status=RUNNING, timeout_s=round(limit, 1), started=_now())
+        stage.update(status=RUNNING, reason=None, timeout_s=round(limit, 1), started=_now())
         self.write()
         _LOGGER.info("stage %s: started (limit %.0fs)", name, limit)
         start = time.monotonic()
