@@ -49,7 +49,9 @@ def test_smoke_run_passes_every_stage_it_can_run_on_cpu(smoke):
         for name in TRTLLM_STAGES:
             assert report["stages"][name]["status"] == "skipped"
             assert report["stages"][name]["reason"] == gpu_check.NOT_IMPORTABLE
-    assert smoke.seconds < 60, f"the smoke run took {smoke.seconds:.0f}s"
+    # About 10 s on a quiet 2-core machine; the bound only catches a run that went wrong (a big
+    # shape, a stage waiting for its limit), not a busy machine.
+    assert report["elapsed_s"] < 120, f"the smoke stages took {report['elapsed_s']:.0f}s"
     assert f"{smoke.out}/gpu_check.json" in smoke.run.stdout
 
 
