@@ -8,6 +8,7 @@ losing and doubling nothing. The kill test is last in the file: it leaves one re
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -20,13 +21,15 @@ import pytest
 from tritonclient.utils import InferenceServerException, deserialize_bytes_tensor
 
 from bench.grpc_load import engine_counters
-from reward_client import RetryPolicy, RewardClient, RewardInvalidInputError, RewardUnavailableError
+from reward_client import (AsyncRewardClient, RetryPolicy, RewardClient, RewardInvalidInputError,
+                           RewardUnavailableError)
+from reward_client.cli import main as cli_main
 from reward_client.conversations import encode, to_messages
 from reward_client.transport import routing
 from reward_client.transport.endpoints import EndpointSet, ReplicaHealth, parse_targets, resolve_all
 from reward_client.transport.replicas import ReplicaPool
 from reward_server.launcher import ServeOptions, TritonServer
-from tests.test_client_unit import FakeTriton, expected_scores
+from tests.test_client_unit import FakeAioTriton, FakeTriton, expected_scores
 
 # --------------------------------------------------------------------------- endpoints and health
 
@@ -254,6 +257,51 @@ def test_routed_client_names_an_invalid_conversation_by_its_input_index():
     assert caught.value.index == 29
 
 
+class FakeAioReplica(FakeAioTriton):
+    """The asyncio flavour of :class:`FakeReplica` (prompts recorded, dies after some calls)."""
+
+    def __init__(self, die_after_calls=None, **kwargs):
+        super().__init__(**kwargs)
+        self.die_after_calls = die_after_calls
+        self.prompts = Counter()
+
+    async def infer(self, model, inputs, outputs=None, client_timeout=None, **_):
+        if self.die_after_calls is not None and self.calls >= self.die_after_calls:
+            raise InferenceServerException("Socket closed", status="StatusCode.UNAVAILABLE")
+        response = await super().infer(model, inputs, outputs, client_timeout)
+        for row in deserialize_bytes_tensor(inputs[0]._raw_content):
+            self.prompts[json.dumps(json.loads(row)[:-1])] += 1
+        return response
+
+
+def test_async_routed_client_keeps_affinity_and_fails_over():
+    replicas = {ADDRESSES[0]: FakeAioReplica(), ADDRESSES[1]: FakeAioReplica(),
+                ADDRESSES[2]: FakeAioReplica(die_after_calls=3)}
+    convs = grpo(groups=36, size=5)
+
+    async def produce():  # an async iterable input, as a trainer's rollout stream would be
+        for conversation in convs:
+            yield conversation
+
+    async def main():
+        async with AsyncRewardClient(ADDRESSES, batch_size=10, max_in_flight=2) as client:
+            await client.close()
+            client._pool = ReplicaPool(EndpointSet(ADDRESSES), replicas.__getitem__)
+            client._sleep = lambda s: asyncio.sleep(0)
+            return [r async for r in client.iter_scores(produce())]
+
+    results = asyncio.run(main())
+    assert [r.index for r in results] == list(range(len(convs)))
+    assert [r.score for r in results] == pytest.approx(expected_scores(convs))
+    assert sum(sum(r.prompts.values()) for r in replicas.values()) == len(convs)
+    survivors = defaultdict(set)
+    for address in ADDRESSES[:2]:
+        for prompt in replicas[address].prompts:
+            survivors[prompt].add(address)
+    assert all(len(places) == 1 for places in survivors.values())  # no group split among survivors
+    assert replicas[ADDRESSES[2]].calls == 3
+
+
 # --------------------------------------------------------------------------- 3 real replicas
 
 
@@ -334,6 +382,31 @@ def test_three_replicas_score_like_one_server_and_compute_each_prompt_once(repli
     assert single["shared_tokens"] > GROUPS * (GROUP_SIZE - 1) * 32
     assert sum(a["shared_tokens"] for a in after) == single["shared_tokens"]
     assert sum(a["tokens"] for a in after) == single["tokens"]
+
+
+def test_async_client_over_real_replicas_scores_like_one_server(replicas, reference_run):
+    convs, expected, _ = reference_run
+
+    async def main():
+        async with AsyncRewardClient([s.grpc_url for s in replicas], batch_size=12) as client:
+            assert await client.is_ready()
+            return [r async for r in client.iter_scores(convs)], await client.replica_health()
+
+    results, health = asyncio.run(main())
+    assert [r.index for r in results] == list(range(len(convs)))
+    assert [r.score for r in results] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    assert set(health) == {s.grpc_url for s in replicas} and all(h["model_ready"] for h in health.values())
+
+
+def test_cli_scores_a_file_over_the_replicas(replicas, reference_run, tmp_path):
+    convs, expected, _ = reference_run
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps({"id": i, "messages": c}) + "\n" for i, c in enumerate(convs)))
+    url = ",".join(s.grpc_url for s in replicas)
+    assert cli_main(["score", str(source), "-o", str(out), "--url", url, "--batch-size", "12", "--no-progress"]) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["id"] for line in lines] == list(range(len(convs)))
+    assert [line["reward"]["score"] for line in lines] == pytest.approx(expected, rel=1e-4, abs=1e-5)
 
 
 def test_killing_a_replica_mid_run_loses_and_doubles_nothing(replicas, reference_run, caplog):

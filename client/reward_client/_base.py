@@ -94,8 +94,17 @@ def keyed_conversations(conversations: Iterable[ConversationLike]) -> Iterator[r
         RewardInvalidInputError: naming the first malformed conversation by its input index.
     """
     for index, conversation in enumerate(conversations):
-        messages = to_messages(conversation, index)
-        yield routing.Keyed(index, routing.prompt_key(encode(messages[:-1])), encode(messages))
+        yield keyed_conversation(conversation, index)
+
+
+def keyed_conversation(conversation: ConversationLike, index: int) -> routing.Keyed:
+    """Normalise and encode one conversation, keyed by its prompt (all messages but the last).
+
+    Raises:
+        RewardInvalidInputError: if the conversation is malformed.
+    """
+    messages = to_messages(conversation, index)
+    return routing.Keyed(index, routing.prompt_key(encode(messages[:-1])), encode(messages))
 
 
 def keyed_id_rows(token_id_lists: Iterable[Sequence[int]]) -> Iterator[routing.Keyed]:

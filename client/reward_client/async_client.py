@@ -11,14 +11,18 @@ from typing import (Any, AsyncIterable, AsyncIterator, Dict, Iterable, List, Opt
 import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
-from reward_client._base import (DEFAULT_URL, AttributeNames, ClientSettings,
-                                 checked_id_rows, encoded_conversations)
+from reward_client._base import (DEFAULT_URL, AttributeNames, ClientSettings, checked_id_rows,
+                                 encoded_conversations, keyed_conversation, keyed_conversations,
+                                 keyed_id_rows)
 from reward_client.conversations import ConversationLike, encode, to_messages, with_response
 from reward_client.errors import RewardUnavailableError
 from reward_client.results import RankedResponse, ScoreResult, bradley_terry
 from reward_client.retry import RetryPolicy, acall_with_retries
-from reward_client.transport import wire
-from reward_client.transport.pipeline import achunked, aordered_map, chunked
+from reward_client.transport import routing, wire
+from reward_client.transport.endpoints import EndpointSet, is_scale_out, parse_targets
+from reward_client.transport.pipeline import _as_async, achunked, aordered_map, chunked
+from reward_client.transport.replicas import (ReplicaDown, ReplicaPool, aplanned_chunks, chunk_error,
+                                              chunk_results, failover)
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -29,7 +33,8 @@ class AsyncRewardClient:
     """Score conversations with a Triton reward server over gRPC (asyncio API).
 
     The same behaviour as :class:`reward_client.RewardClient` (chunking, bounded in-flight
-    requests, ordered results, retries, typed errors), as coroutines.
+    requests, ordered results, retries, typed errors, scale-out over several replicas), as
+    coroutines. Resolving a ``dns:///`` target blocks briefly, once per ``refresh_s``.
 
     Example::
 
@@ -39,19 +44,27 @@ class AsyncRewardClient:
                 ...
     """
 
-    def __init__(self, url: str = DEFAULT_URL, *, model: str = wire.MESSAGES_MODEL,
+    def __init__(self, url: Union[str, Sequence[str]] = DEFAULT_URL, *, model: str = wire.MESSAGES_MODEL,
                  ids_model: str = wire.IDS_MODEL, batch_size: int = 64, max_in_flight: int = 4,
                  timeout_s: Optional[float] = 60.0, retry: Optional[RetryPolicy] = None,
-                 verbose: bool = False) -> None:
+                 verbose: bool = False, refresh_s: float = 30.0) -> None:
         """Create a client; see :class:`reward_client.RewardClient` for the arguments.
 
         Raises:
-            ValueError: if ``batch_size`` or ``max_in_flight`` is < 1.
+            ValueError: if ``batch_size`` or ``max_in_flight`` is < 1, or an endpoint is not
+                ``host:port``.
         """
-        self.settings = ClientSettings(url=url, model=model, ids_model=ids_model,
+        targets = parse_targets(url)
+        self.settings = ClientSettings(url=",".join(targets), model=model, ids_model=ids_model,
                                        batch_size=batch_size, max_in_flight=max_in_flight,
                                        timeout_s=timeout_s, retry=retry or RetryPolicy())
-        self._client = aioclient.InferenceServerClient(url=url, verbose=verbose)
+        self._pool: Optional[ReplicaPool] = None
+        if is_scale_out(targets):
+            self._pool = ReplicaPool(EndpointSet(targets, refresh_s),
+                                     lambda address: aioclient.InferenceServerClient(url=address, verbose=verbose))
+            self._client = None
+        else:
+            self._client = aioclient.InferenceServerClient(url=targets[0], verbose=verbose)
         self._attributes = AttributeNames()
         self._sleep = asyncio.sleep
 
@@ -62,16 +75,46 @@ class AsyncRewardClient:
         await self.close()
 
     async def close(self) -> None:
-        """Close the connection."""
-        await self._client.close()
+        """Close the connection (every replica's)."""
+        if self._client is not None:
+            await self._client.close()
+        if self._pool is not None:
+            for client in self._pool.take_clients():
+                await client.close()
 
     async def is_ready(self) -> bool:
-        """Return whether the server and the ``reward`` model are ready (never raises)."""
+        """Return whether the server and the ``reward`` model are ready (never raises).
+
+        With several replicas: whether at least one is.
+        """
         try:
-            return bool(await self._client.is_server_ready()
-                        and await self._client.is_model_ready(self.settings.model))
+            controls = self._controls()
+        except RewardUnavailableError:
+            return False
+        for _, client in controls:
+            if await self._ready(client):
+                return True
+        return False
+
+    async def _ready(self, client: Any) -> bool:
+        try:
+            return bool(await client.is_server_ready() and await client.is_model_ready(self.settings.model))
         except InferenceServerException:
             return False
+
+    def _controls(self) -> List[Tuple[str, Any]]:
+        """``(address, client)`` for health and metadata calls: the one server, or every replica."""
+        if self._pool is None:
+            return [(self.settings.url, self._client)]
+        return self._pool.clients()
+
+    async def _control(self) -> Any:
+        """The client that answers metadata calls: the one server, or the first ready replica."""
+        controls = self._controls()
+        for _, client in controls:
+            if self._pool is None or await self._ready(client):
+                return client
+        return controls[0][1]
 
     async def wait_until_ready(self, timeout_s: float = 120.0, poll_s: float = 0.5) -> None:
         """Wait until the server and the ``reward`` model are ready.
@@ -88,16 +131,34 @@ class AsyncRewardClient:
             await self._sleep(poll_s)
 
     async def health(self) -> Dict[str, bool]:
-        """Return ``{"live", "ready", "model_ready"}`` flags of the server (never raises)."""
+        """Return ``{"live", "ready", "model_ready"}`` flags of the server (never raises).
+
+        With several replicas, each flag is true when it is for at least one replica.
+        """
         status = {"live": False, "ready": False, "model_ready": False}
-        probes = (("live", self._client.is_server_live), ("ready", self._client.is_server_ready),
-                  ("model_ready", lambda: self._client.is_model_ready(self.settings.model)))
-        for key, probe in probes:
-            try:
-                status[key] = bool(await probe())
-            except InferenceServerException:
-                pass
+        for replica in (await self.replica_health()).values():
+            for key, value in replica.items():
+                status[key] = status[key] or value
         return status
+
+    async def replica_health(self) -> Dict[str, Dict[str, bool]]:
+        """Return the :meth:`health` flags of each replica, by address (never raises)."""
+        try:
+            controls = self._controls()
+        except RewardUnavailableError:
+            return {}
+        report = {}
+        for address, client in controls:
+            status = {"live": False, "ready": False, "model_ready": False}
+            probes = (("live", client.is_server_live), ("ready", client.is_server_ready),
+                      ("model_ready", lambda: client.is_model_ready(self.settings.model)))
+            for key, probe in probes:
+                try:
+                    status[key] = bool(await probe())
+                except InferenceServerException:
+                    pass
+            report[address] = status
+        return report
 
     async def attribute_names(self) -> Tuple[str, ...]:
         """Return the model's attribute names (``reward_i`` defaults when unnamed).
@@ -106,9 +167,10 @@ class AsyncRewardClient:
             RewardUnavailableError: if the server cannot be reached.
             RewardServerError: for other server failures.
         """
+        client = await self._control()
         try:
-            await self._load_attribute_names()
-            metadata = await self._client.get_model_metadata(self.settings.model)
+            await self._load_attribute_names(client)
+            metadata = await client.get_model_metadata(self.settings.model)
         except InferenceServerException as exc:
             raise wire.map_error(exc) from exc
         return self._attributes.names(wire.attribute_count(metadata))
@@ -139,6 +201,12 @@ class AsyncRewardClient:
             RewardTimeoutError: a request passed its deadline.
             RewardServerError: any other server failure.
         """
+        if self._pool is not None:
+            keyed = (_akeyed(conversations) if isinstance(conversations, AsyncIterable)
+                     else _as_async(keyed_conversations(conversations)))
+            async for result in self._run_routed(keyed, self.settings.model, wire.messages_inputs):
+                yield result
+            return
         if isinstance(conversations, AsyncIterable):
             encoded: Any = _aencoded(conversations)
         else:
@@ -168,6 +236,11 @@ class AsyncRewardClient:
             RewardTimeoutError: a request passed its deadline.
             RewardServerError: any other server failure.
         """
+        if self._pool is not None:
+            keyed = _as_async(keyed_id_rows(token_id_lists))
+            async for result in self._run_routed(keyed, self.settings.ids_model, wire.ids_inputs):
+                yield result
+            return
         chunks = chunked(checked_id_rows(token_id_lists), self.settings.batch_size)
         async for result in self._run(chunks, self.settings.ids_model, wire.ids_inputs):
             yield result
@@ -216,19 +289,66 @@ class AsyncRewardClient:
                                                 client_timeout=self.settings.timeout_s)
         except InferenceServerException as exc:
             raise wire.map_error(exc, offset) from exc
-        await self._load_attribute_names()
+        await self._load_attribute_names(self._client)
         return wire.parse_results(response.as_numpy, offset, self._attributes.names)
 
-    async def _load_attribute_names(self) -> None:
+    async def _run_routed(self, keyed: Any, model: str, make_inputs: Any) -> AsyncIterator[ScoreResult]:
+        in_flight = self.settings.max_in_flight * len(self._pool.addresses())
+
+        async def request(chunk: routing.RoutedChunk) -> List[Tuple[int, ScoreResult]]:
+            results = await self._score_chunk(chunk, model, make_inputs)
+            return [(result.index, result) for result in results]
+
+        order = routing.InputOrder()
+        chunks = aplanned_chunks(self._pool, keyed, self.settings.batch_size)
+        async for batch in aordered_map(request, chunks, in_flight):
+            for result in order.add(batch):
+                yield result
+        order.close()
+
+    async def _score_chunk(self, chunk: routing.RoutedChunk, model: str, make_inputs: Any
+                           ) -> List[ScoreResult]:
+        """Score one routed chunk, moving it (or its parts) to other replicas while replicas fail."""
+        pending, done, failovers = [chunk], [], 0
+        while pending:
+            current = pending.pop(0)
+            try:
+                done.extend(await acall_with_retries(lambda: self._infer_routed(current, model, make_inputs),
+                                                     self.settings.retry, self._sleep, self.settings.rng))
+            except ReplicaDown as down:
+                failovers += 1
+                pending.extend(failover(self._pool, current, down, self.settings.batch_size, failovers))
+        return done
+
+    async def _infer_routed(self, chunk: routing.RoutedChunk, model: str, make_inputs: Any
+                            ) -> List[ScoreResult]:
+        client = self._pool.client(chunk.address)
+        try:
+            response = await client.infer(model, make_inputs(chunk.payloads), outputs=wire.requested_outputs(),
+                                          client_timeout=self.settings.timeout_s)
+        except InferenceServerException as exc:
+            raise chunk_error(exc, chunk) from exc
+        self._pool.health.mark_up(chunk.address)
+        await self._load_attribute_names(client)
+        return chunk_results(response.as_numpy, chunk, self._attributes.names)
+
+    async def _load_attribute_names(self, client: Any) -> None:
         if self._attributes.known:
             return
         try:
-            response = await self._client.get_model_config(wire.POSTPROCESSING_MODEL)
+            response = await client.get_model_config(wire.POSTPROCESSING_MODEL)
             self._attributes.set_from_config(response.config)
         except InferenceServerException as exc:
             _LOGGER.warning("cannot read attribute names from %r (%s); using reward_i names",
                             wire.POSTPROCESSING_MODEL, exc)
             self._attributes.set_unknown()
+
+
+async def _akeyed(conversations: AsyncIterable[ConversationLike]) -> AsyncIterator[routing.Keyed]:
+    index = 0
+    async for conversation in conversations:
+        yield keyed_conversation(conversation, index)
+        index += 1
 
 
 async def _aencoded(conversations: AsyncIterable[ConversationLike]) -> AsyncIterator[bytes]:

@@ -21,7 +21,8 @@ def connection_options() -> argparse.ArgumentParser:
     """Return a parent parser with the options every subcommand takes."""
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("connection")
-    group.add_argument("--url", default=DEFAULT_URL, help="gRPC host:port (default %(default)s)")
+    group.add_argument("--url", default=DEFAULT_URL,
+                       help="gRPC host:port (default %(default)s); several replicas: a,b or dns:///name:port")
     group.add_argument("--timeout", type=float, default=60.0,
                        help="deadline of each request attempt in seconds (default %(default)s)")
     group.add_argument("--retries", type=int, default=8,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Tuple
+from typing import Any, AsyncIterable, AsyncIterator, Callable, Dict, Iterable, Iterator, List, Tuple
 
 from tritonclient.utils import InferenceServerException
 
@@ -105,6 +105,24 @@ def planned_chunks(pool: ReplicaPool, keyed: Iterable[routing.Keyed], batch_size
     size = batch_size * len(pool.addresses())
     for window in routing.windows(keyed, size, size + batch_size):
         yield from routing.plan(window, pool.addresses(), pool.health.is_healthy, batch_size)
+
+
+async def aplanned_chunks(pool: ReplicaPool, keyed: AsyncIterable[routing.Keyed], batch_size: int
+                          ) -> AsyncIterator[routing.RoutedChunk]:
+    """Asyncio twin of :func:`planned_chunks` for an async iterable.
+
+    Raises:
+        RewardUnavailableError: if no replica address is known.
+    """
+    size = batch_size * len(pool.addresses())
+    cutter: routing.WindowCutter = routing.WindowCutter(size, size + batch_size)
+    async for item in keyed:
+        window = cutter.add(item)
+        for chunk in routing.plan(window, pool.addresses(), pool.health.is_healthy, batch_size) if window else []:
+            yield chunk
+    window = cutter.flush()
+    for chunk in routing.plan(window, pool.addresses(), pool.health.is_healthy, batch_size) if window else []:
+        yield chunk
 
 
 def chunk_error(exc: InferenceServerException, chunk: routing.RoutedChunk) -> Exception:

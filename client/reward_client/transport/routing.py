@@ -132,21 +132,50 @@ def _cut(items: List[Keyed[P]], batch_size: int) -> Iterator[List[Keyed[P]]]:
         yield chunk
 
 
+class WindowCutter(Generic[P]):
+    """Cuts a stream into windows of about ``size`` items without splitting a run of consecutive
+    items sharing a key, unless the window reaches ``limit``. Feed with :meth:`add`, end with
+    :meth:`flush`; shared by the sync and asyncio clients.
+    """
+
+    def __init__(self, size: int, limit: int) -> None:
+        """Create a cutter.
+
+        Raises:
+            ValueError: if ``size`` < 1 or ``limit`` < ``size``.
+        """
+        if size < 1 or limit < size:
+            raise ValueError("window size must be >= 1 and limit >= size")
+        self.size, self.limit = size, limit
+        self._window: List[Keyed[P]] = []
+
+    def add(self, item: Keyed[P]) -> List[Keyed[P]]:
+        """Add an item; return the window it closed (empty when none closed)."""
+        window = self._window
+        closed: List[Keyed[P]] = []
+        if len(window) >= self.size and (item.key != window[-1].key or len(window) >= self.limit):
+            closed, self._window = window, []
+        self._window.append(item)
+        return closed
+
+    def flush(self) -> List[Keyed[P]]:
+        """Return the last, partial window (empty when none)."""
+        window, self._window = self._window, []
+        return window
+
+
 def windows(items: Iterable[Keyed[P]], size: int, limit: int) -> Iterator[List[Keyed[P]]]:
-    """Yield lists of about ``size`` items, extended (to at most ``limit``) so as not to split a run
-    of consecutive items sharing a key across two windows.
+    """Yield the windows of :class:`WindowCutter` over ``items``.
 
     Raises:
         ValueError: if ``size`` < 1 or ``limit`` < ``size``.
     """
-    if size < 1 or limit < size:
-        raise ValueError("window size must be >= 1 and limit >= size")
-    window: List[Keyed[P]] = []
+    cutter: WindowCutter[P] = WindowCutter(size, limit)
     for item in items:
-        if len(window) >= size and (item.key != window[-1].key or len(window) >= limit):
+        window = cutter.add(item)
+        if window:
             yield window
-            window = []
-        window.append(item)
+    window = cutter.flush()
     if window:
         yield window
 
@@ -184,21 +213,50 @@ def ids_key(ids: Sequence[int]) -> bytes:
     return hashlib.blake2b(repr(head).encode(), digest_size=16).digest()
 
 
+class InputOrder:
+    """Puts ``(index, value)`` pairs arriving in any order back into index order 0, 1, 2, ...
+
+    Shared by the sync and asyncio clients; memory holds only the values that arrived early.
+    """
+
+    def __init__(self) -> None:
+        """Start at index 0."""
+        self._pending: dict = {}
+        self._next = 0
+
+    def add(self, batch: Iterable[Tuple[int, object]]) -> List[object]:
+        """Add pairs; return the values now deliverable, in order.
+
+        Raises:
+            RuntimeError: if an index arrives twice.
+        """
+        for index, value in batch:
+            if index < self._next or index in self._pending:
+                raise RuntimeError(f"result {index} delivered twice")
+            self._pending[index] = value
+        ready = []
+        while self._next in self._pending:
+            ready.append(self._pending.pop(self._next))
+            self._next += 1
+        return ready
+
+    def close(self) -> None:
+        """Check that nothing is left waiting for a missing index.
+
+        Raises:
+            RuntimeError: if an index never arrived.
+        """
+        if self._pending:
+            raise RuntimeError(f"results missing before index {min(self._pending)}")
+
+
 def reorder(batches: Iterable[Sequence[Tuple[int, object]]]) -> Iterator[object]:
-    """Yield the values of ``(index, value)`` pairs in index order 0, 1, 2, ..., as soon as each is known.
+    """Yield the values of ``(index, value)`` pairs in index order, as soon as each is known.
 
     Raises:
         RuntimeError: if an index is missing or repeated when the input ends.
     """
-    pending: dict = {}
-    next_index = 0
+    order = InputOrder()
     for batch in batches:
-        for index, value in batch:
-            if index < next_index or index in pending:
-                raise RuntimeError(f"result {index} delivered twice")
-            pending[index] = value
-        while next_index in pending:
-            yield pending.pop(next_index)
-            next_index += 1
-    if pending:
-        raise RuntimeError(f"results missing before index {min(pending)}")
+        yield from order.add(batch)
+    order.close()
