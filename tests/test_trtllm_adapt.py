@@ -111,6 +111,9 @@ def test_adapted_checkpoint_scores_like_the_classifier(seq_cls, tmp_path, arch, 
     assert config["tie_word_embeddings"] is False
     assert not {"num_labels", "id2label", "label2id", "problem_type"} & set(config)
     assert config["pad_token_id"] == source_config["pad_token_id"] == spec.pad_token_id
+    # transformers 4.x spellings for TensorRT-LLM 1.2's converter, next to 5.x's own keys
+    assert config["rope_theta"] == source_config["rope_parameters"]["rope_theta"]
+    assert config["torch_dtype"] == source_config["dtype"] and config["rope_parameters"] == source_config["rope_parameters"]
     assert not (out / INDEX_FILE).exists()
 
     assert spec == RewardHeadSpec(str(source.resolve()), str(out.resolve()), f"{prefix}ForSequenceClassification",

@@ -177,6 +177,7 @@ def _adapt_sequence_classification(source: Path, output: Path, config: dict, spe
     causal_config = {key: value for key, value in config.items() if key not in _LABEL_KEYS}
     # A tied lm_head would be the embedding matrix, not the score rows (seq-cls Qwen2 configs say true).
     causal_config.update(architectures=[spec.architecture], tie_word_embeddings=False)
+    causal_config.update(_legacy_keys(causal_config))
     (output / "config.json").write_text(json.dumps(causal_config, indent=2, sort_keys=True) + "\n")
     if sharded:
         # Only total_size is rewritten: other totals of the source (parameter counts) no longer hold.
@@ -248,6 +249,25 @@ def _prepare_output(output: Path) -> None:
     """Create `output` and remove a finished run's marker, so a new interrupted run is detectable."""
     output.mkdir(parents=True, exist_ok=True)
     (output / METADATA_FILE).unlink(missing_ok=True)
+
+
+def _legacy_keys(config: dict) -> dict:
+    """The transformers 4.x spellings of keys that transformers 5 writes differently.
+
+    TensorRT-LLM 1.2's converter reads configs with transformers 4.x, which knows `rope_theta`,
+    `rope_scaling` and `torch_dtype`, not 5.x's `rope_parameters` and `dtype`; without them it
+    would silently fall back to the default rope base. Keys already present are kept.
+    """
+    extra = {}
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict):
+        if "rope_theta" in rope and "rope_theta" not in config:
+            extra["rope_theta"] = rope["rope_theta"]
+        if rope.get("rope_type", "default") != "default" and "rope_scaling" not in config:
+            extra["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    if "dtype" in config and "torch_dtype" not in config:
+        extra["torch_dtype"] = config["dtype"]
+    return extra
 
 
 def _attribute_names(config: dict, k: int) -> list[str]:
