@@ -2,8 +2,9 @@
 
 Pure routing logic and the routed client against in-process fakes first; then 3 real
 tritonserver processes on loopback: the same scores as one server, the engines' shared-token
-counters proving each GRPO group was computed on one replica, and a replica killed mid-run
-losing and doubling nothing. The kill test is last in the file: it leaves one replica dead.
+counters proving each GRPO group was computed on one replica, a replica killed mid-run
+losing and doubling nothing, and a replica whose engine stub died being caught by the liveness
+probe and avoided by the client. The last two tests break replicas: they stay last in the file.
 """
 
 from __future__ import annotations
@@ -433,3 +434,48 @@ def test_killing_a_replica_mid_run_loses_and_doubles_nothing(replicas, reference
     moved = [r.getMessage() for r in caplog.records if r.getMessage().startswith("moved ")]
     assert moved and all(f" from {victim.grpc_url} to " in m for m in moved), moved
     assert all(health[s.grpc_url]["model_ready"] for s in replicas if s is not victim)
+
+
+def engine_stub_pids(server) -> list:
+    """PIDs of the reward_engine Python-backend stubs that `server`'s tritonserver started."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                args = cmdline.read().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == server.process.pid and any(arg.endswith(b"/reward_engine/1/model.py") for arg in args):
+            pids.append(int(entry))
+    return pids
+
+
+def test_a_replica_whose_engine_died_fails_the_probe_and_the_client_moves_its_work(replicas, reference_run, caplog):
+    """Issue 10's hole: Triton keeps answering ready while every inference fails. The liveness
+    probe must see it, and the client must move the work away from that replica."""
+    from reward_server.probe import probe
+
+    caplog.set_level(logging.INFO, logger="reward_client.transport.replicas")
+    convs, expected, _ = reference_run
+    broken, healthy = replicas[0], replicas[2]  # replicas[1] was killed by the previous test
+    stubs = engine_stub_pids(broken)
+    assert len(stubs) == 1
+    try:
+        os.kill(stubs[0], signal.SIGKILL)
+        result = probe(broken.grpc_url, timeout_s=10)
+        assert not result.alive and "is not healthy" in result.reason, result.reason
+        assert probe(healthy.grpc_url, timeout_s=10).alive
+        with RewardClient([broken.grpc_url, healthy.grpc_url], batch_size=12) as client:
+            results = client.score(convs)
+        assert [r.index for r in results] == list(range(len(convs)))
+        assert [r.score for r in results] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+        assert any(r.getMessage().startswith("moved ") and f" from {broken.grpc_url} to " in r.getMessage()
+                   for r in caplog.records)
+    finally:
+        # A server with a dead stub takes its whole exit timeout to stop: end it at once.
+        os.killpg(broken.process.pid, signal.SIGKILL)
+        broken.process.wait()
