@@ -20,8 +20,6 @@ The tests (tests/test_deploy_manifests.py) import this file; CI of a fork can ru
 from __future__ import annotations
 
 import logging
-import os
-import re
 import shutil
 import subprocess
 import sys

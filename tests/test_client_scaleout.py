@@ -316,7 +316,8 @@ def grpo_workload(groups: int = GROUPS, size: int = GROUP_SIZE) -> list:
     words = ["apples", "rivers", "engines", "violins", "glaciers", "tensors", "lanterns", "orbits"]
     convs = []
     for g in range(groups):
-        prompt = f"{words[g % 8]} {g}: " + LONG_CONTEXT + f"Question {g}: how many {words[(g + 3) % 8]} fit in {g + 2} boxes?"
+        question = f"Question {g}: how many {words[(g + 3) % 8]} fit in {g + 2} boxes?"
+        prompt = f"{words[g % 8]} {g}: " + LONG_CONTEXT + question
         for i in range(size):
             convs.append([{"role": "user", "content": prompt},
                           {"role": "assistant", "content": f"{chr(65 + i)}{i}. " + "Because " * (i + 1) + str(g * i)}])

@@ -103,7 +103,7 @@ def test_cpu_image_builds_the_demo_checkpoint_in_a_build_stage_and_copies_no_too
     copies = [rest for keyword, rest in final if keyword == "COPY"]
     assert copies == ["--from=build /opt/venv /opt/venv", "--from=build /opt/reward-server /opt/reward-server",
                       "--from=build /models/demo /models/demo"]
-    for keyword, rest in [*build, *final]:
+    for _, rest in [*build, *final]:
         assert not re.search(r"\b(apt-get|apk|gcc|build-essential)\b", rest), rest
 
 
@@ -139,7 +139,8 @@ def test_every_copied_path_exists_and_passes_the_dockerignore(dockerfile):
     assert not included(".venv") and not included("tests/conftest.py")
 
 
-@pytest.mark.parametrize("overlay, image", [("overlays/cpu", "reward-server-cpu"), ("overlays/gpu", "reward-server-gpu"),
+@pytest.mark.parametrize("overlay, image", [("overlays/cpu", "reward-server-cpu"),
+                                            ("overlays/gpu", "reward-server-gpu"),
                                             ("overlays/gpu-tp", "reward-server-gpu")])
 def test_overlays_run_the_matching_image_and_the_cpu_overlay_its_baked_checkpoint(overlay, image):
     container = server_container(rendered(overlay))

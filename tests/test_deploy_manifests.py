@@ -228,7 +228,8 @@ def test_tensor_parallel_overlay_serves_the_engine_the_build_job_writes():
     assert tp == int(_arg(build, "--tp")) == int(_arg(server, "--world-size"))
     assert tp == server["resources"]["limits"]["nvidia.com/gpu"] == build["resources"]["limits"]["nvidia.com/gpu"]
     assert _arg(build, "--checkpoint") == f"/models/{model}"
-    for pod in (only(rendered("overlays/gpu-tp"), "Deployment")["spec"]["template"]["spec"], job["spec"]["template"]["spec"]):
+    server_pod = only(rendered("overlays/gpu-tp"), "Deployment")["spec"]["template"]["spec"]
+    for pod in (server_pod, job["spec"]["template"]["spec"]):
         terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
         assert terms[0]["matchExpressions"][0] == {"key": "nvidia.com/gpu.product", "operator": "In",
                                                    "values": [gpu_product]}

@@ -36,7 +36,7 @@ def rewrite(argv: list[str], values: dict[str, str]) -> list[str]:
         AssertionError: a flag to rewrite is absent or given twice.
     """
     out, seen, skip = [], {}, False
-    for i, arg in enumerate(argv):
+    for arg in argv:
         if skip:
             skip = False
             continue

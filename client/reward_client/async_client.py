@@ -151,7 +151,7 @@ class AsyncRewardClient:
         for address, client in controls:
             status = {"live": False, "ready": False, "model_ready": False}
             probes = (("live", client.is_server_live), ("ready", client.is_server_ready),
-                      ("model_ready", lambda: client.is_model_ready(self.settings.model)))
+                      ("model_ready", lambda c=client: c.is_model_ready(self.settings.model)))
             for key, probe in probes:
                 try:
                     status[key] = bool(await probe())
@@ -313,8 +313,8 @@ class AsyncRewardClient:
         while pending:
             current = pending.pop(0)
             try:
-                done.extend(await acall_with_retries(lambda: self._infer_routed(current, model, make_inputs),
-                                                     self.settings.retry, self._sleep, self.settings.rng))
+                attempt = lambda chunk=current: self._infer_routed(chunk, model, make_inputs)  # noqa: E731
+                done.extend(await acall_with_retries(attempt, self.settings.retry, self._sleep, self.settings.rng))
             except ReplicaDown as down:
                 failovers += 1
                 pending.extend(failover(self._pool, current, down, self.settings.batch_size, failovers))

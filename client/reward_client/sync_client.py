@@ -154,7 +154,7 @@ class RewardClient:
         for address, client in controls:
             status = {"live": False, "ready": False, "model_ready": False}
             for key, probe in (("live", client.is_server_live), ("ready", client.is_server_ready),
-                               ("model_ready", lambda: client.is_model_ready(self.settings.model))):
+                               ("model_ready", lambda c=client: c.is_model_ready(self.settings.model))):
                 try:
                     status[key] = bool(probe())
                 except InferenceServerException:
@@ -358,7 +358,7 @@ class RewardClient:
         while pending:
             current = pending.pop(0)
             try:
-                done.extend(call_with_retries(lambda: self._infer_routed(current, model, make_inputs),
+                done.extend(call_with_retries(lambda chunk=current: self._infer_routed(chunk, model, make_inputs),
                                               self.settings.retry, self._sleep, self.settings.rng))
             except ReplicaDown as down:
                 failovers += 1
