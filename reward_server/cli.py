@@ -60,6 +60,12 @@ def _serve_parser(sub) -> None:
     p.add_argument("--score-mean", type=float, default=0.0, help="score = (raw - mean) / std")
     p.add_argument("--score-std", type=float, default=1.0)
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="torch engine: auto = bf16 on CUDA, and on CPUs with bf16 instructions for a bf16 "
+                        "checkpoint; else fp32")
+    p.add_argument("--compile", action="store_true",
+                   help="torch engine: compile the decoder layers at load (fused element-wise kernels; first start "
+                        "pays the compile time, later starts reuse the on-disk cache)")
     p.add_argument("--threads", type=int, help="torch threads per engine instance (default: cores / instances)")
     p.add_argument("--token-budget", type=int, help="tokens per packed engine row, one forward pass (default 4096)")
     p.add_argument("--min-shared-prefix", type=int,
@@ -77,8 +83,8 @@ def _options(args: argparse.Namespace) -> ServeOptions:
         chat_template=args.chat_template.read_text() if args.chat_template else None,
         head_type=args.head_type, reward_indices=args.reward_indices, attribute_names=args.attribute_names,
         attribute_weights=args.attribute_weights, score_mean=args.score_mean, score_std=args.score_std,
-        device=args.device, torch_threads=args.threads, token_budget=args.token_budget,
-        min_shared_prefix=args.min_shared_prefix, max_queue_size=args.max_queue_size, log_to_console=True,
+        device=args.device, dtype=args.dtype, compile=args.compile, torch_threads=args.threads,
+        token_budget=args.token_budget, min_shared_prefix=args.min_shared_prefix, max_queue_size=args.max_queue_size, log_to_console=True,
         log_verbose=args.log_verbose)
 
 

@@ -9,12 +9,18 @@ are cut just after that position: in a causal model later tokens cannot change i
 Sequences that share a long prefix (one prompt, many responses) compute it once: a first
 pass over the prefixes records their keys and values, and each member's own suffix then
 attends to them, its positions continuing where the prefix ended.
+
+Optionally (`compile=True`) each decoder layer is compiled with torch.compile and dynamic
+shapes, attention excluded: the element-wise work (norms, rotary embedding, activation,
+residuals) is fused into few kernels, compiled once at load for every row length and cached
+on disk for later starts.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,6 +34,39 @@ from reward_server.heads import RewardHead, detect_head_type, parse_indices, spl
 
 _LOGGER = logging.getLogger(__name__)
 ATTENTION = "reward_packed"
+DTYPES = ("auto", "float32", "bfloat16")
+# Where compiled kernels are kept between starts (unless TORCHINDUCTOR_CACHE_DIR says otherwise).
+COMPILE_CACHE = Path(os.environ.get("REWARD_SERVER_CACHE", Path.home() / ".cache" / "reward-server")) / "torch-compile"
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when this CPU multiplies bf16 matrices in hardware (AVX-512 BF16 or AMX); without it
+    bf16 runs emulated, hundreds of times slower than fp32 (DESIGN.md: 0.3 GFLOP/s)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str, device_type: str, checkpoint_dtype: str | None) -> str:
+    """The dtype the engine runs in: "float32" or "bfloat16".
+
+    "auto": bf16 on CUDA; on CPU the checkpoint's dtype when it is bf16 and the CPU has bf16
+    matrix instructions, else fp32.
+
+    Raises:
+        ValueError: an unknown dtype, or bf16 asked for on a CPU without fast bf16.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if dtype == "auto":
+        if device_type == "cuda":
+            return "bfloat16"
+        return "bfloat16" if checkpoint_dtype == "bfloat16" and cpu_has_fast_bf16() else "float32"
+    if dtype == "bfloat16" and device_type == "cpu" and not cpu_has_fast_bf16():
+        raise ValueError("bfloat16 on this CPU would be emulated (no AVX-512 BF16 or AMX): use float32 or auto")
+    return dtype
 
 
 @dataclass
@@ -85,9 +124,12 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
 
 
 def _register_attention() -> None:
+    import torch
     from transformers import AttentionInterface
 
-    AttentionInterface.register(ATTENTION, packed_attention)
+    # Kept out of compiled graphs: its per-segment loop is data-dependent Python, and a
+    # variable-length attention kernel for the whole row measured no faster on CPU (docs/tuning.md).
+    AttentionInterface.register(ATTENTION, torch.compiler.disable(packed_attention))
 
 
 @dataclass
@@ -126,7 +168,8 @@ class RewardEngine:
     def from_checkpoint(cls, checkpoint: str | Path, head_type: str = "auto",
                         reward_indices: str | Sequence[int] | None = None, device: str = "auto",
                         threads: int | None = None, token_budget: int = DEFAULT_TOKEN_BUDGET,
-                        min_shared: int = DEFAULT_MIN_SHARED) -> "RewardEngine":
+                        min_shared: int = DEFAULT_MIN_SHARED, dtype: str = "auto",
+                        compile: bool = False) -> "RewardEngine":
         """Load a local Hugging Face reward checkpoint.
 
         Args:
@@ -134,7 +177,9 @@ class RewardEngine:
             head_type: "auto" (from the config's architectures), "sequence_classification"
                 or "lm_logits".
             reward_indices: for lm_logits, the vocabulary indices read as rewards ("0,1").
-            device: "auto" (CUDA when present), "cpu" or "cuda[:N]". fp32 on CPU, bf16 on CUDA.
+            device: "auto" (CUDA when present), "cpu" or "cuda[:N]".
+            dtype: "auto" (see `resolve_dtype`), "float32" or "bfloat16".
+            compile: compile each decoder layer (dynamic shapes, attention excluded) at load.
             threads: torch intra-op threads (CPU); None leaves torch's default.
             token_budget: tokens per packed row (one forward pass).
             min_shared: shortest token prefix worth computing once for a group; 0 disables.
@@ -155,7 +200,8 @@ class RewardEngine:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(device)
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        checkpoint_dtype = config.get("dtype") or config.get("torch_dtype")
+        dtype = getattr(torch, resolve_dtype(dtype, device.type, checkpoint_dtype))
         if threads and device.type == "cpu":
             torch.set_num_threads(threads)
         auto = (transformers.AutoModelForSequenceClassification if head_type == "sequence_classification"
@@ -168,7 +214,31 @@ class RewardEngine:
         outputs = head.module.weight.shape[0]
         _LOGGER.info("loaded %s (%s, %d outputs) on %s %s in %.1fs", checkpoint, head_type, outputs,
                      device, dtype, time.perf_counter() - start)
-        return cls(backbone, head, device, outputs, token_budget, min_shared)
+        engine = cls(backbone, head, device, outputs, token_budget, min_shared)
+        if compile:
+            engine.compile()
+        return engine
+
+    def compile(self) -> float:
+        """Compile every decoder layer (dynamic row length; attention stays eager) and warm it up
+        on two row lengths, so no request pays for compilation. Returns the seconds it took.
+
+        Kernels are cached on disk (`COMPILE_CACHE`): later starts reuse them.
+        """
+        import torch
+
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(COMPILE_CACHE))
+        started = time.perf_counter()
+        for layer in self.backbone.layers:
+            layer.compile(dynamic=True)
+        vocab = self.backbone.config.vocab_size
+        with torch.inference_mode():  # two lengths: the second call proves the shape is dynamic
+            for length in (48, 80):
+                self._run([Segment([i % vocab for i in range(1, length + 1)])], {})
+        self.stats = EngineStats()
+        seconds = time.perf_counter() - started
+        _LOGGER.info("compiled %d decoder layers in %.1fs", len(self.backbone.layers), seconds)
+        return seconds
 
     def score(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
         """Raw reward outputs, float32 [N, K], one row per sequence in input order.

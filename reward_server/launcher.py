@@ -80,6 +80,8 @@ class ServeOptions:
     score_mean: float = 0.0
     score_std: float = 1.0
     device: str = "auto"
+    dtype: str = "auto"                      # torch engine: auto | float32 | bfloat16
+    compile: bool = False                    # torch engine: torch.compile the decoder layers at load
     torch_threads: int | None = None
     token_budget: int | None = None
     min_shared_prefix: int | None = None
@@ -230,7 +232,8 @@ def model_parameters(options: ServeOptions, checkpoint: Path,
                           settings.CHAT_TEMPLATE: options.chat_template or ""},
         ENGINE_MODEL: {settings.CHECKPOINT: str(checkpoint), settings.HEAD_TYPE: head,
                        settings.REWARD_INDICES: ",".join(map(str, indices)), settings.DEVICE: options.device,
-                       settings.TORCH_THREADS: str(threads)},
+                       settings.TORCH_THREADS: str(threads), settings.DTYPE: options.dtype,
+                       settings.COMPILE: "true" if options.compile else "false"},
         "postprocessing": {settings.ATTRIBUTE_NAMES: ",".join(names or [f"reward_{i}" for i in range(k)]),
                            settings.ATTRIBUTE_WEIGHTS: options.attribute_weights or "",
                            settings.SCORE_MEAN: str(options.score_mean),

@@ -22,6 +22,8 @@ DEVICE = "device"
 TORCH_THREADS = "torch_threads"
 TOKEN_BUDGET = "token_budget"
 MIN_SHARED_PREFIX = "min_shared_prefix"
+DTYPE = "dtype"
+COMPILE = "compile"
 ATTRIBUTE_NAMES = "attribute_names"
 ATTRIBUTE_WEIGHTS = "attribute_weights"
 SCORE_MEAN = "score_mean"
@@ -73,7 +75,9 @@ def engine_from_parameters(params: dict[str, str]):
                                         device=params.get(DEVICE) or "auto",
                                         threads=_int_or_none(params, TORCH_THREADS),
                                         token_budget=_int_or_none(params, TOKEN_BUDGET) or DEFAULT_TOKEN_BUDGET,
-                                        min_shared=DEFAULT_MIN_SHARED if min_shared is None else min_shared)
+                                        min_shared=DEFAULT_MIN_SHARED if min_shared is None else min_shared,
+                                        dtype=params.get(DTYPE) or "auto",
+                                        compile=params.get(COMPILE, "").strip().lower() in ("1", "true", "yes"))
 
 
 def score_spec_from_parameters(params: dict[str, str]):

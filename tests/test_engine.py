@@ -110,3 +110,38 @@ def test_shared_prefixes_are_computed_once_and_scores_stay_exact(demo_checkpoint
         # at least the three prompts' prefixes were computed once per group, not six times
         assert shared.stats.shared_tokens > 3 * 5 * 20
         assert shared.stats.tokens + shared.stats.shared_tokens == alone.stats.tokens
+
+
+def test_dtype_resolution(monkeypatch):
+    from reward_server import engine as engine_module
+    from reward_server.engine import resolve_dtype
+
+    monkeypatch.setattr(engine_module, "cpu_has_fast_bf16", lambda: False)
+    assert resolve_dtype("auto", "cuda", "float32") == "bfloat16"
+    assert resolve_dtype("auto", "cpu", "bfloat16") == "float32"  # emulated bf16 would be far slower
+    with pytest.raises(ValueError, match="emulated"):
+        resolve_dtype("bfloat16", "cpu", "bfloat16")
+    monkeypatch.setattr(engine_module, "cpu_has_fast_bf16", lambda: True)
+    assert resolve_dtype("auto", "cpu", "bfloat16") == "bfloat16"
+    assert resolve_dtype("auto", "cpu", "float32") == "float32"
+    assert resolve_dtype("float32", "cpu", "bfloat16") == "float32"
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        resolve_dtype("fp8", "cpu", None)
+
+
+def test_compiled_engine_matches_reference_without_recompiling(demo_checkpoint):
+    """torch.compile of the decoder layers (dynamic shapes, attention eager): same scores, and
+    new row lengths and shared prefixes after the warm-up compile nothing new."""
+    import torch._dynamo.utils as dynamo_utils
+
+    engine = RewardEngine.from_checkpoint(demo_checkpoint, token_budget=300, compile=True)
+    graphs = dynamo_utils.counters["stats"]["unique_graphs"]
+    encoder = ChatEncoder.from_checkpoint(demo_checkpoint)
+    prompt = [{"role": "user", "content": "Name three prime numbers, and explain why each one is prime, briefly."}]
+    group = [prompt + [{"role": "assistant", "content": f"{a}, {a + 2} and {a + 4}."}] for a in (3, 5, 11)]
+    conversations = CONVERSATIONS + group
+    ids = [e.token_ids for e in encoder.encode_batch(conversations)]
+    np.testing.assert_allclose(engine.score(ids), reference_rewards(demo_checkpoint, conversations), rtol=1e-4,
+                               atol=1e-6)
+    assert engine.stats.shared_tokens > 0
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs
