@@ -44,13 +44,15 @@ class NaiveRun:
 class NaiveBaseline:
     """Transformers sequence-classification forward in fixed, padded, arrival-order batches."""
 
-    def __init__(self, checkpoint: str | Path, threads: int = 2, batch_size: int = NAIVE_BATCH_SIZE):
-        """Load the checkpoint in fp32 on CPU.
+    def __init__(self, checkpoint: str | Path, threads: int = 2, batch_size: int = NAIVE_BATCH_SIZE,
+                 dtype: str = "float32"):
+        """Load the checkpoint on CPU in `dtype` (fp32 by default).
 
         Args:
             checkpoint: Hugging Face directory with a `*ForSequenceClassification` model.
             threads: torch intra-op threads.
             batch_size: conversations per forward pass.
+            dtype: "float32" or "bfloat16".
 
         Raises:
             ValueError: when the tokenizer has no pad token (the baseline must pad with it).
@@ -66,7 +68,7 @@ class NaiveBaseline:
             raise ValueError(f"{checkpoint}: tokenizer has no pad token; the naive baseline pads with it")
         self.pad_token_id = int(tokenizer.pad_token_id)
         self.model = AutoModelForSequenceClassification.from_pretrained(
-            str(checkpoint), dtype=torch.float32).eval()
+            str(checkpoint), dtype=getattr(torch, dtype)).eval()
         # Pooling looks for the last token != config.pad_token_id; it must be the id we pad with.
         if self.model.config.pad_token_id != self.pad_token_id:
             _LOGGER.warning("config.pad_token_id %s != tokenizer pad %s: scores would read padding",
@@ -103,23 +105,24 @@ class NaiveBaseline:
                         latencies=latencies, padding_ratio=metrics.padding_ratio(lengths, batches))
 
 
-def matmul_peak(size: int = 2048, repeats: int = 9, threads: int = 2) -> dict:
-    """Measure fp32 `torch.mm` throughput on square matrices.
+def matmul_peak(size: int = 2048, repeats: int = 9, threads: int = 2, dtype: str = "float32") -> dict:
+    """Measure `torch.mm` throughput on square matrices of `dtype`.
 
     Args:
         size: matrix side (the FLOP count per product is 2 * size**3).
         repeats: timed products after one warm-up; the median is reported.
         threads: torch intra-op threads.
+        dtype: "float32" or "bfloat16".
 
     Returns:
-        {"gflops": median GFLOP/s, "samples_gflops": every sample, "size", "threads"}.
+        {"gflops": median GFLOP/s, "samples_gflops": every sample, "size", "threads", "dtype"}.
     """
     import torch
 
     torch.set_num_threads(threads)
     generator = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=generator)
-    b = torch.randn(size, size, generator=generator)
+    a = torch.randn(size, size, generator=generator).to(getattr(torch, dtype))
+    b = torch.randn(size, size, generator=generator).to(getattr(torch, dtype))
     torch.mm(a, b)
     samples = []
     for _ in range(repeats):
@@ -127,6 +130,6 @@ def matmul_peak(size: int = 2048, repeats: int = 9, threads: int = 2) -> dict:
         torch.mm(a, b)
         samples.append(2.0 * size ** 3 / (time.perf_counter() - t0) / 1e9)
     result = {"gflops": metrics.median(samples), "samples_gflops": samples, "size": size,
-              "threads": threads}
-    _LOGGER.info("fp32 matmul %d^3 on %d threads: %.1f GFLOP/s", size, threads, result["gflops"])
+              "threads": threads, "dtype": dtype}
+    _LOGGER.info("%s matmul %d^3 on %d threads: %.1f GFLOP/s", dtype, size, threads, result["gflops"])
     return result

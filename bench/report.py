@@ -95,7 +95,9 @@ def markdown(document: dict) -> str:
         f"Command: `{document['command']}` (started {document['started']}, "
         f"{document['duration_s'] / 60:.1f} min).",
         f"Checkpoint: `{document['checkpoint']}`, {document['non_embedding_params'] / 1e6:.1f}M "
-        f"non-embedding parameters. fp32 matmul peak (2048^3, median): {_fmt(peak)} GFLOP/s.",
+        f"non-embedding parameters. dtype {document.get('dtype', 'float32')}"
+        f"{', decoder layers compiled' if document.get('compile') else ''}; "
+        f"{document['matmul_peak'].get('dtype', 'float32')} matmul peak (2048^3, median): {_fmt(peak)} GFLOP/s.",
         f"Every figure is the median of {document['repeats']} repeats. 1-minute load average at start "
         f"{document['load_average_1min']['start']:.2f}, at end {document['load_average_1min']['end']:.2f} "
         f"(above the core count means other work competed for the CPUs).",

@@ -2,7 +2,7 @@
 
     python -m bench.run --checkpoint DIR --out bench/results
 
-In one run, on both workloads (GRPO groups and no sharing), it measures: the fp32 matmul
+In one run, on each workload (GRPO groups, no sharing, large GRPO), it measures: the matmul
 peak; the naive baseline; the project's engine in-process; the full server through gRPC at
 several client concurrencies; and, when its virtual environment exists, vLLM's CPU pooling
 runner. Every measurement is repeated (`--repeats`, at least 3 for reported numbers) and the
@@ -47,7 +47,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch threads in-process")
     parser.add_argument("--concurrency", default="1,2,4,8", help="comma-separated client concurrencies")
     parser.add_argument("--request-size", type=int, default=8, help="conversations per gRPC request")
-    parser.add_argument("--workloads", default="grpo,no-sharing")
+    parser.add_argument("--workloads", default="grpo,no-sharing",
+                        help="comma-separated: grpo, no-sharing, grpo-large (16 x 16, prompts ~500 and responses "
+                             "~800 tokens; --prompts/--responses do not apply to it)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="dtype of every system (engine, server, vLLM, naive) and of the matmul peak")
+    parser.add_argument("--compile", action="store_true",
+                        help="engine and server with torch.compile of the decoder layers (--compile of serve)")
     parser.add_argument("--systems", default=",".join(SYSTEMS),
                         help=f"comma-separated subset of {','.join(SYSTEMS + OPTIONAL_SYSTEMS)}; "
                         "perf_analyzer (CSV per workload, same server) runs only when named")
@@ -116,8 +122,7 @@ class Bench:
         self.token_ids: dict[str, list[list[int]]] = {}
         encode = workload.load_encoder(self.checkpoint)
         for name in [w.strip() for w in args.workloads.split(",") if w.strip()]:
-            spec = workload.WorkloadSpec(prompts=args.prompts, responses_per_prompt=args.responses,
-                                         shared_prompt=(name == "grpo"), seed=args.seed)
+            spec = workload.spec_for(name, prompts=args.prompts, responses=args.responses, seed=args.seed)
             self.workloads[name] = workload.generate(spec)
             self.token_ids[name] = workload.tokenize(self.workloads[name].conversations, encode)
 
@@ -140,10 +145,10 @@ class Bench:
         return measurement
 
     def run_matmul(self) -> dict:
-        return baselines.matmul_peak(threads=self.args.threads)
+        return baselines.matmul_peak(threads=self.args.threads, dtype=self.args.dtype)
 
     def run_naive(self) -> None:
-        model = baselines.NaiveBaseline(self.checkpoint, threads=self.args.threads)
+        model = baselines.NaiveBaseline(self.checkpoint, threads=self.args.threads, dtype=self.args.dtype)
         for name, ids in self.token_ids.items():
             model.warm_up(ids)
             last = {}
@@ -169,7 +174,8 @@ class Bench:
             self.notes.append(f"engine not available: {err}")
             _LOGGER.warning("engine not available: %s", err)
             return
-        engine = RewardEngine.from_checkpoint(self.checkpoint, device="cpu", threads=self.args.threads)
+        engine = RewardEngine.from_checkpoint(self.checkpoint, device="cpu", threads=self.args.threads,
+                                              dtype=self.args.dtype, compile=self.args.compile)
         for name, ids in self.token_ids.items():
             engine.score([s[:64] for s in ids[:2]])
             last = {}
@@ -199,7 +205,8 @@ class Bench:
             _LOGGER.warning("server not available: %s", err)
             return
         levels = [int(c) for c in self.args.concurrency.split(",") if c.strip()]
-        with TritonServer(ServeOptions(checkpoint=str(self.checkpoint))) as server:
+        options = ServeOptions(checkpoint=str(self.checkpoint), dtype=self.args.dtype, compile=self.args.compile)
+        with TritonServer(options) as server:
             url = server.grpc_url
             metrics_url = getattr(server, "metrics_url", None)
             _LOGGER.info("server ready at %s", url)
@@ -253,7 +260,7 @@ class Bench:
             return
         try:
             out = vllm_bridge.run(python, self.checkpoint, self.token_ids, self.args.repeats, self.args.out,
-                                  threads=self.args.threads)
+                                  threads=self.args.threads, dtype=self.args.dtype)
         except (subprocess.SubprocessError, OSError, ValueError) as err:
             detail = (getattr(err, "stderr", None) or "").strip().splitlines()[-1:]
             self.notes.append(f"vLLM failed: {str(err)[:200]} {' '.join(detail)[:300]}")
@@ -334,6 +341,8 @@ def write_outputs(bench: Bench, context: dict, plot: bool) -> dict:
         "load_average_1min": {"start": context["load_before"], "end": os.getloadavg()[0]},
         "checkpoint": str(bench.checkpoint),
         "non_embedding_params": bench.params,
+        "dtype": args.dtype,
+        "compile": args.compile,
         "matmul_peak": peak,
         "workloads": {name: {"conversations": len(ids), "tokens": sum(len(s) for s in ids),
                              "unique_tokens": metrics.unique_tokens(ids),

@@ -22,7 +22,8 @@ RUNNER = BENCH_DIR / "vllm_runner.py"
 
 
 def run(python: str | Path, checkpoint: str | Path, workloads: Mapping[str, Sequence[Sequence[int]]],
-        repeats: int, work_dir: str | Path, threads: int = 2, timeout_s: float = 1800.0) -> dict:
+        repeats: int, work_dir: str | Path, threads: int = 2, timeout_s: float = 1800.0,
+        dtype: str = "float32") -> dict:
     """Time vLLM's pooling runner on each workload's token ids, with one engine.
 
     Args:
@@ -32,6 +33,7 @@ def run(python: str | Path, checkpoint: str | Path, workloads: Mapping[str, Sequ
         repeats: timed passes.
         work_dir: where the request/answer JSON files go.
         threads: CPU threads for vLLM.
+        dtype: the model dtype vLLM runs ("float32" or "bfloat16"), as the other systems do.
         timeout_s: limit for the whole subprocess.
 
     Returns:
@@ -45,7 +47,7 @@ def run(python: str | Path, checkpoint: str | Path, workloads: Mapping[str, Sequ
     work_dir.mkdir(parents=True, exist_ok=True)
     request, answer = work_dir / "vllm_request.json", work_dir / "vllm_answer.json"
     request.write_text(json.dumps({"checkpoint": str(Path(checkpoint).resolve()), "repeats": repeats,
-                                   "threads": threads, "workloads": {name: [list(map(int, s)) for s in sequences]
+                                   "threads": threads, "dtype": dtype, "workloads": {name: [list(map(int, s)) for s in sequences]
                                                  for name, sequences in workloads.items()}}))
     answer.unlink(missing_ok=True)
     log = work_dir / "vllm_runner.log"

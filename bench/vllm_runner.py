@@ -2,7 +2,8 @@
 
     bench/.venv-vllm/bin/python bench/vllm_runner.py IN.json OUT.json
 
-IN.json: {"checkpoint": DIR, "workloads": {NAME: [[int, ...], ...]}, "repeats": R, "threads": T}.
+IN.json: {"checkpoint": DIR, "workloads": {NAME: [[int, ...], ...]}, "repeats": R, "threads": T,
+"dtype": "float32" | "bfloat16"}.
 OUT.json: {"version": str, "workloads": {NAME: {"seconds": [R wall times of one classify()
 over all sequences], "scores": [[float, ...], ...] raw head outputs (activation off) from the
 last repeat}}}. One engine serves every workload: its start-up takes over a minute on 2 cores.
@@ -60,7 +61,7 @@ if __name__ == "__main__":
     workloads = request["workloads"]
     longest = max(len(ids) for sequences in workloads.values() for ids in sequences)
     llm = vllm.LLM(model=request["checkpoint"], runner="pooling", enable_prefix_caching=True,
-                   dtype="float32", max_model_len=max(longest, 512), seed=0)
+                   dtype=request.get("dtype", "float32"), max_model_len=max(longest, 512), seed=0)
     answer = {"version": vllm.__version__, "workloads": {}}
     for name, sequences in workloads.items():
         seconds, scores = _measure(llm, vllm, sequences, int(request.get("repeats", 3)))

@@ -76,8 +76,29 @@ class WorkloadSpec:
 
     @property
     def name(self) -> str:
-        """Short workload name used in reports: "grpo" or "no-sharing"."""
-        return "grpo" if self.shared_prompt else "no-sharing"
+        """Short workload name used in reports: "grpo", "grpo-large" or "no-sharing"."""
+        if not self.shared_prompt:
+            return "no-sharing"
+        return "grpo-large" if self.prompt_words_median >= LARGE_PROMPT_WORDS else "grpo"
+
+
+# About 2 tokens per word: prompts of ~500 tokens and responses of ~800, as long-form RL workloads.
+LARGE_PROMPT_WORDS, LARGE_RESPONSE_WORDS = 250.0, 400.0
+WORKLOAD_NAMES = ("grpo", "no-sharing", "grpo-large")
+
+
+def spec_for(name: str, prompts: int = 16, responses: int = 8, seed: int = 0) -> WorkloadSpec:
+    """The spec of a named workload; "grpo-large" is always 16 prompts x 16 responses.
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    if name == "grpo-large":
+        return WorkloadSpec(prompts=16, responses_per_prompt=16, prompt_words_median=LARGE_PROMPT_WORDS,
+                            response_words_median=LARGE_RESPONSE_WORDS, seed=seed)
+    if name not in WORKLOAD_NAMES:
+        raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOAD_NAMES)}")
+    return WorkloadSpec(prompts=prompts, responses_per_prompt=responses, shared_prompt=(name == "grpo"), seed=seed)
 
 
 @dataclass

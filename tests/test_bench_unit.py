@@ -242,3 +242,23 @@ def test_perf_analyzer_input_data_has_one_step_per_conversation():
     step = document["data"][1]["messages"]
     assert step["shape"] == [1]
     assert json.loads(step["content"][0]) == conversations[1]
+
+
+def test_named_workload_specs():
+    from bench import workload
+
+    large = workload.spec_for("grpo-large", prompts=3, responses=2)
+    assert (large.prompts, large.responses_per_prompt, large.name) == (16, 16, "grpo-large")
+    assert large.prompt_words_median * 2 >= 500 and large.response_words_median * 2 >= 800  # ~2 tokens a word
+    assert workload.spec_for("grpo", prompts=3, responses=2).name == "grpo"
+    assert workload.spec_for("no-sharing").shared_prompt is False
+    with pytest.raises(ValueError, match="unknown workload"):
+        workload.spec_for("grpo-huge")
+
+
+def test_matmul_peak_in_each_dtype():
+    from bench import baselines
+
+    for dtype in ("float32", "bfloat16"):
+        result = baselines.matmul_peak(size=64, repeats=2, threads=1, dtype=dtype)
+        assert result["dtype"] == dtype and result["gflops"] > 0
