@@ -192,6 +192,14 @@ def ensure_demo_checkpoint(size: str) -> Path:
     return target
 
 
+def _check_outputs(k: int, score: ScoreSpec, names: list[str]) -> int:
+    """K, after checking the attribute weights and names against it."""
+    score.check(k)
+    if names and len(names) != k:
+        raise ValueError(f"{len(names)} attribute names given for a model with {k} outputs")
+    return k
+
+
 def model_parameters(options: ServeOptions, checkpoint: Path,
                      serving=None) -> tuple[dict[str, dict[str, str]], int]:
     """Per-model parameter overrides and K, checked against the checkpoint (or, for TensorRT-LLM,
@@ -205,10 +213,7 @@ def model_parameters(options: ServeOptions, checkpoint: Path,
     if serving is not None:
         from reward_server.trtllm.serving import model_parameters as engine_parameters
 
-        k = serving.num_outputs
-        score.check(k)
-        if names and len(names) != k:
-            raise ValueError(f"{len(names)} attribute names given for a model with {k} outputs")
+        k = _check_outputs(serving.num_outputs, score, names)
         params = engine_parameters(serving, options.max_length, names, options.reward_indices)
         params["preprocessing"].update({settings.CHECKPOINT: str(checkpoint), settings.TRUNCATION: options.truncation,
                                         settings.CHAT_TEMPLATE: options.chat_template or ""})
@@ -219,10 +224,7 @@ def model_parameters(options: ServeOptions, checkpoint: Path,
     config = json.loads((checkpoint / "config.json").read_text())
     head = detect_head_type(config.get("architectures"), options.head_type)
     indices = parse_indices(options.reward_indices)
-    k = num_outputs(config, head, indices)
-    score.check(k)
-    if names and len(names) != k:
-        raise ValueError(f"{len(names)} attribute names given for a model with {k} outputs")
+    k = _check_outputs(num_outputs(config, head, indices), score, names)
     cores = os.cpu_count() or 1
     threads = options.torch_threads or max(1, cores // max(1, options.instances))
     optional = lambda value: "" if value is None else str(value)  # noqa: E731
