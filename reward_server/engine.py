@@ -132,6 +132,22 @@ def _register_attention() -> None:
     AttentionInterface.register(ATTENTION, torch.compiler.disable(packed_attention))
 
 
+def _utf8_text_files() -> None:
+    """Make open()'s default encoding UTF-8 when the process runs under the C locale.
+
+    Triton's Python-backend stub embeds an isolated interpreter that never sets its locale, so
+    text files open as ASCII there, and the compiler fails reading its own UTF-8 templates
+    (UnicodeDecodeError in torch/_inductor, measured). The setting is per process.
+    """
+    import locale
+
+    if locale.getpreferredencoding(False).lower().replace("-", "") != "utf8":
+        try:
+            locale.setlocale(locale.LC_CTYPE, "C.UTF-8")
+        except locale.Error:
+            _LOGGER.warning("no UTF-8 locale: compilation may fail reading non-ASCII files")
+
+
 @dataclass
 class EngineStats:
     """Running totals of what the engine computed, for benchmarks and metrics."""
@@ -228,6 +244,7 @@ class RewardEngine:
         import torch
 
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(COMPILE_CACHE))
+        _utf8_text_files()
         started = time.perf_counter()
         for layer in self.backbone.layers:
             layer.compile(dynamic=True)

@@ -256,3 +256,12 @@ def test_any_subset_of_outputs_can_be_requested(any_server, demo_checkpoint, exp
             assert all(v is not None for v in got.values()), names
             if "score" in got:
                 np.testing.assert_allclose(got["score"][:, 0], expected[: len(got["score"]), 0], rtol=1e-4, atol=1e-6)
+
+
+def test_compiled_engine_serves_the_same_scores(demo_checkpoint, expected):
+    """--compile inside the Python backend stub (own interpreter, C locale by default)."""
+    from reward_server.launcher import ServeOptions, TritonServer
+
+    with TritonServer(ServeOptions(checkpoint=demo_checkpoint, max_length=512, compile=True)) as srv:
+        out = score_grpc(srv.grpc_url, CONVERSATIONS)
+    np.testing.assert_allclose(out["score"], expected, rtol=1e-4, atol=1e-6)
