@@ -157,8 +157,8 @@ def _default_shm(objects):
     (_no_liveness, "container server: no livenessProbe"),
     (_no_startup, "container server: no startupProbe"),
     (_http_liveness, "livenessProbe does not score through reward_server.probe"),
-    (_gpu_requests_below_limits, "GPU requests (1) != limits (2)"),
-    (_gpu_limit_missing, "GPU requests (2) != limits (None)"),
+    (_gpu_requests_below_limits, "GPU requests (1) != limits (4)"),
+    (_gpu_limit_missing, "GPU requests (4) != limits (None)"),
     (_root_user, "runs as root (runAsUser 0)"),
     (_root_allowed, "runAsNonRoot is not true"),
     (_writable_root, "root filesystem is not read-only"),
@@ -205,7 +205,7 @@ def _arg(container: dict, flag: str) -> str:
     return values[0]
 
 
-@pytest.mark.parametrize("overlay, gpus", [("overlays/cpu", None), ("overlays/gpu", "1"), ("overlays/gpu-tp", "2")])
+@pytest.mark.parametrize("overlay, gpus", [("overlays/cpu", None), ("overlays/gpu", "1"), ("overlays/gpu-tp", "4")])
 def test_each_overlay_serves_on_all_interfaces_with_its_gpu_count(overlay, gpus):
     container = server_container(rendered(overlay))
     assert container["command"] == ["reward-server", "serve"]
