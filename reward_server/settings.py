@@ -30,6 +30,7 @@ SCORE_MEAN = "score_mean"
 SCORE_STD = "score_std"
 ENGINE_DIR = "engine_dir"
 TENSORRT_LLM_MODEL = "tensorrt_llm_model"
+PROMPT_FIRST = "prompt_first"
 
 
 def parameters_of(args: dict[str, Any]) -> dict[str, str]:
@@ -97,4 +98,5 @@ def fanout_from_parameters(params: dict[str, str]):
     if not engine_dir:
         raise ValueError(f"parameter {ENGINE_DIR} is empty: start the server with `reward-server serve --engine "
                          "tensorrt_llm --engine-dir DIR`, or set it in config.pbtxt")
-    return FanOut.from_spec(EngineLayout(Path(engine_dir)).head_spec())
+    prompt_first = _int_or_none(params, PROMPT_FIRST)
+    return FanOut.from_spec(EngineLayout(Path(engine_dir)).head_spec(), 32 if prompt_first is None else prompt_first)

@@ -123,3 +123,48 @@ def test_mpirun_command_lines(world_size):
             assert set(WORKER_FLAGS) <= set(args) and "--load-model=tensorrt_llm" in args
             assert not any(a.startswith(("--grpc-port", "--http-port", "--metrics-port")) for a in args)
     assert len(prefixes) == world_size  # each rank its own shared-memory prefix
+
+
+def test_shared_prompts_go_leader_first():
+    """A group's members wait for its leader (whose KV blocks are then cached); groups and unshared
+    sequences start at once; a failed leader does not block its followers."""
+    prompt = list(range(100, 140))  # 40 shared tokens: at least one KV block
+    group = [prompt + [1, 2], prompt + [3], prompt + [4, 5, 6]]
+    other = [prompt[:10] + [7] * 40]  # shares too little to wait for anyone
+    failing_group = [[99] + prompt + [8], [99] + prompt + [9]]
+    events = []
+
+    async def infer(inputs):
+        ids = inputs["input_ids"][0].tolist()
+        events.append(("start", tuple(ids)))
+        await asyncio.sleep(0.01)
+        events.append(("end", tuple(ids)))
+        if ids[0] == 99 and ids[-1] == 8:
+            raise RuntimeError("leader failed")
+        logits = np.zeros((1, 1, 1, 2), dtype=np.float32)
+        logits[0, 0, 0, 0] = len(ids)
+        return {"generation_logits": logits}
+
+    sequences = group + other + failing_group
+    ids = np.zeros((len(sequences), 50), dtype=np.int32)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = seq
+    lengths = np.array([[len(s)] for s in sequences])
+    [result] = asyncio.run(score_requests(FanOut((0,), "last", None, prompt_first=32), infer, [(ids, lengths)]))
+    assert "conversation 4: leader failed" in result  # only that request's error, after every sequence ran
+    started = [tuple(ids_) for kind, ids_ in events if kind == "start"]
+    assert len(started) == 6
+    position = {tuple(seq): started.index(tuple(seq)) for seq in sequences}
+    leader = min(group, key=lambda s: position[tuple(s)])
+    ended_leader = events.index(("end", tuple(leader)))
+    for member in group:
+        if member is not leader:  # followers start only after the leader ended
+            assert events.index(("start", tuple(member))) > ended_leader
+    assert events.index(("start", tuple(other[0]))) < ended_leader  # no waiting outside a group
+    followers = [s for s in failing_group if s[-1] == 9]
+    assert followers and ("start", tuple(followers[0])) in events
+    # all at once when turned off
+    events.clear()
+    ok = [(ids[:4], lengths[:4])]
+    asyncio.run(score_requests(FanOut((0,), "last", None, prompt_first=0), infer, ok))
+    assert [kind for kind, _ in events[:4]] == ["start"] * 4

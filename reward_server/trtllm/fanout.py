@@ -9,6 +9,13 @@ together with every other request in flight. For a batch of one the backend also
 `input_lengths` and reads the whole `input_ids` row, so each sequence is sent already cut after
 its pooled token (a causal model's later tokens cannot change that position's logits).
 
+Conversations sharing a prompt (a GRPO group) are sent leader first: TensorRT-LLM 1.2 reuses KV
+blocks only once a request has filled them, and requests with the same uncached prefix admitted
+in the same step all compute it (TensorRT-LLM docs/source/features/kvcache.md). So one member of
+each group goes first and the others follow when it is done, reusing its prompt blocks; groups
+and unshared conversations still run concurrently. The gain is for a GPU run to measure
+(bench/gpu_check.sh); `prompt_first=0` sends everything at once.
+
 Pure logic; the Triton calls are passed in as an async `infer` callable.
 """
 
@@ -20,6 +27,7 @@ from typing import Awaitable, Callable, Sequence
 
 import numpy as np
 
+from reward_server.batching import group_shared_prefixes
 from reward_server.heads import pool_position
 from reward_server.stages import EngineError, EngineUnavailable, RequestError
 from reward_server.trtllm.adapt import RewardHeadSpec
@@ -47,9 +55,10 @@ class FanOut:
     reward_indices: tuple[int, ...]
     pooling: str
     pad_token_id: int | None
+    prompt_first: int = 32  # shortest shared prefix (tokens) sent leader first; 0: all at once
 
     @classmethod
-    def from_spec(cls, spec: RewardHeadSpec) -> "FanOut":
+    def from_spec(cls, spec: RewardHeadSpec, prompt_first: int = 32) -> "FanOut":
         """From the engine directory's reward_head.json.
 
         Raises:
@@ -58,7 +67,7 @@ class FanOut:
         if spec.pooling not in POOLING_HEADS:
             raise ValueError(f"unknown pooling {spec.pooling!r} in reward_head.json; expected one of "
                              f"{sorted(POOLING_HEADS)}")
-        return cls(tuple(spec.reward_indices), spec.pooling, spec.pad_token_id)
+        return cls(tuple(spec.reward_indices), spec.pooling, spec.pad_token_id, prompt_first)
 
     def request(self, ids: Sequence[int]) -> dict[str, np.ndarray]:
         """The `tensorrt_llm` inputs for one sequence: cut after its pooled token, one output token,
@@ -103,7 +112,21 @@ async def score_requests(fanout: FanOut, infer: Infer,
         for c, (row, n) in enumerate(zip(np.asarray(ids), np.asarray(lengths).reshape(-1))):
             sequences.append(row[:n].tolist())
             owners.append((r, c))
-    replies = await asyncio.gather(*(infer(fanout.request(seq)) for seq in sequences), return_exceptions=True)
+    inputs = [fanout.request(seq) for seq in sequences]
+    leader_of: dict[int, int] = {}
+    if fanout.prompt_first > 0:
+        groups, _ = group_shared_prefixes([x["input_ids"][0].tolist() for x in inputs], fanout.prompt_first)
+        leader_of = {member: group.members[0] for group in groups for member in group.members[1:]}
+    tasks: dict[int, asyncio.Future] = {}
+
+    async def send(i: int):
+        if i in leader_of:  # after the leader, whatever its outcome: its prompt blocks are then cached
+            await asyncio.wait([tasks[leader_of[i]]])
+        return await infer(inputs[i])
+
+    for i in range(len(inputs)):
+        tasks[i] = asyncio.ensure_future(send(i))
+    replies = await asyncio.gather(*tasks.values(), return_exceptions=True)
     rows: list[list[np.ndarray]] = [[] for _ in requests]
     errors: dict[int, RequestError] = {}
     for (r, c), reply in zip(owners, replies):
