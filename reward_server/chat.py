@@ -15,6 +15,9 @@ from typing import Any, Sequence
 ROLES = ("system", "user", "assistant")
 TRUNCATION_POLICIES = ("reject", "truncate_left")
 DEFAULT_MAX_LENGTH = 4096
+# Generous for max_length 4096 (a token is rarely over 16 bytes), and bounded for the server:
+DEFAULT_MAX_CONVERSATION_BYTES = 1 << 20      # 1 MiB per conversation
+DEFAULT_MAX_REQUEST_BYTES = 64 << 20          # 64 MiB per request (256 conversations of 256 KiB)
 
 
 class ConversationError(ValueError):
@@ -29,12 +32,38 @@ class Encoded:
     truncated: bool
 
 
+@dataclass(frozen=True)
+class InputLimits:
+    """Byte limits checked before any parsing or tokenisation, so that a huge payload costs
+    nothing but its transfer. Sizes are of the UTF-8 JSON text as received.
+
+    Attributes:
+        max_conversation_bytes: one conversation's `messages` JSON.
+        max_request_bytes: all conversations of one request together.
+    """
+
+    max_conversation_bytes: int = DEFAULT_MAX_CONVERSATION_BYTES
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+
+    def __post_init__(self):
+        if self.max_conversation_bytes < 1 or self.max_request_bytes < 1:
+            raise ValueError("byte limits must be positive")
+
+    def check_conversation(self, raw: bytes | str) -> None:
+        """Raises ConversationError when one conversation's JSON is over the limit."""
+        size = len(raw)
+        if size > self.max_conversation_bytes:
+            raise ConversationError(f"messages is {size} bytes, over the limit of {self.max_conversation_bytes} "
+                                    "bytes per conversation")
+
+
 def parse_messages(raw: bytes | str | list) -> list[dict[str, str]]:
     """Parse and validate one conversation: a JSON array of {"role", "content"} messages.
 
     Raises:
-        ConversationError: malformed JSON, not a list, empty, a message that is not an object,
-            an unknown role, non-string content, or a last message not from the assistant.
+        ConversationError: invalid UTF-8, malformed or too deeply nested JSON, not a list, empty,
+            a message that is not an object, an unknown role, non-string content, content with a
+            NUL character or a lone surrogate, or a last message not from the assistant.
     """
     if isinstance(raw, (bytes, bytearray)):
         try:
@@ -47,6 +76,9 @@ def parse_messages(raw: bytes | str | list) -> list[dict[str, str]]:
         except json.JSONDecodeError as err:
             raise ConversationError(f"messages is not valid JSON: {err.msg} at line {err.lineno} "
                                     f"column {err.colno}") from None
+        except RecursionError:  # "[[[[...": the decoder recurses once per level
+            raise ConversationError("messages is nested too deeply: expected an array of "
+                                    "{role, content} objects") from None
     if not isinstance(raw, list):
         raise ConversationError(f"messages must be a JSON array of messages, got {type(raw).__name__}")
     if not raw:
@@ -58,15 +90,34 @@ def parse_messages(raw: bytes | str | list) -> list[dict[str, str]]:
                                     f"got {type(message).__name__}")
         role = message.get("role")
         if role not in ROLES:
-            raise ConversationError(f"message {i} has unknown role {role!r}; expected one of {', '.join(ROLES)}")
+            raise ConversationError(f"message {i} has unknown role {_short(role)}; expected one of {', '.join(ROLES)}")
         content = message.get("content")
         if not isinstance(content, str):
             raise ConversationError(f"message {i} content must be a string, got {type(content).__name__}")
+        _check_text(content, f"message {i} content")
         messages.append({"role": role, "content": content})
     if messages[-1]["role"] != "assistant":
         raise ConversationError(f"the last message (message {len(messages) - 1}) must be the assistant "
                                 f"response being scored, got role {messages[-1]['role']!r}")
     return messages
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    """repr() of a caller's value, cut so that an error message never echoes a huge payload."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "...(cut)"
+
+
+def _check_text(text: str, what: str) -> None:
+    # JSON escapes can smuggle in what UTF-8 bytes cannot: \u0000 and lone surrogates (\ud800);
+    # the tokenizer cannot encode the latter (it would fail the whole batch).
+    if "\0" in text:
+        raise ConversationError(f"{what} contains a NUL character (\\u0000)")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ConversationError(f"{what} contains a lone surrogate ({text[err.start]!r} at character "
+                                f"{err.start}), which is not Unicode text") from None
 
 
 @dataclass(frozen=True)
@@ -162,6 +213,12 @@ class ChatEncoder:
             out.append([self._bos] + ids[start:])
         return out
 
+    def _render_one(self, messages: list[dict]) -> list[int] | ConversationError:
+        try:
+            return self._render([messages])[0]
+        except Exception as err:  # noqa: BLE001 - Jinja's TemplateError and whatever a template raises
+            return ConversationError(f"the chat template rejected this conversation: {_short(str(err), 200)}")
+
     def encode(self, messages: list[dict]) -> list[int]:
         """Token ids of one validated conversation, before the length policy."""
         return self._render([messages])[0]
@@ -173,9 +230,15 @@ class ChatEncoder:
         """
         if not conversations:
             return []
-        rendered = self._render(conversations)
+        try:
+            rendered = self._render(conversations)
+        except Exception:  # noqa: BLE001 - a template that raises (e.g. roles must alternate)
+            rendered = [self._render_one(messages) for messages in conversations]
         results: list[Encoded | ConversationError] = []
         for messages, ids in zip(conversations, rendered):
+            if isinstance(ids, ConversationError):
+                results.append(ids)
+                continue
             try:
                 results.append(self._fit(messages, ids))
             except ConversationError as err:

@@ -16,7 +16,7 @@ from reward_server import demo_checkpoint
 from reward_server.chat import TRUNCATION_POLICIES
 from reward_server.engines import ENGINES
 from reward_server.heads import HEAD_TYPES
-from reward_server.launcher import ServeOptions, ServerStartError, TritonServer
+from reward_server.launcher import ServeOptions, ServerStartError, TlsOptions, TritonServer
 from reward_server.trtllm.builder import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_NUM_TOKENS, DTYPES
 
 _LOGGER = logging.getLogger("reward_server")
@@ -71,7 +71,28 @@ def _serve_parser(sub) -> None:
     p.add_argument("--min-shared-prefix", type=int,
                    help="shortest shared token prefix computed once per group (default 32; 0 disables)")
     p.add_argument("--max-queue-size", type=int, help="engine queue limit; beyond it requests get UNAVAILABLE")
+    p.add_argument("--queue-timeout-ms", type=int,
+                   help="requests waiting longer than this in the engine queue get UNAVAILABLE (default: no limit)")
+    p.add_argument("--max-conversation-bytes", type=int, help="byte limit of one conversation's JSON, checked "
+                                                              "before parsing (default 1 MiB)")
+    p.add_argument("--max-request-bytes", type=int, help="byte limit of one request's conversations (default 64 MiB)")
+    p.add_argument("--exit-timeout", type=int, default=30,
+                   help="seconds a stop waits for in-flight requests before ending them (default 30)")
+    p.add_argument("--no-watchdog", action="store_true",
+                   help="do not restart tritonserver when it or a Python-backend stub dies (docs/reliability.md)")
+    p.add_argument("--tls-cert", type=Path, help="gRPC over TLS: the server's certificate chain (PEM)")
+    p.add_argument("--tls-key", type=Path, help="gRPC over TLS: the server's private key (PEM)")
+    p.add_argument("--tls-ca", type=Path, help="gRPC over TLS: CA certificate(s) that sign client certificates")
+    p.add_argument("--tls-mutual", action="store_true", help="require a client certificate signed by --tls-ca")
     p.add_argument("--log-verbose", type=int, default=0)
+
+
+def _tls(args: argparse.Namespace) -> TlsOptions | None:
+    if not (args.tls_cert or args.tls_key or args.tls_ca or args.tls_mutual):
+        return None
+    if not (args.tls_cert and args.tls_key):
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    return TlsOptions(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca, mutual=args.tls_mutual)
 
 
 def _options(args: argparse.Namespace) -> ServeOptions:
@@ -84,7 +105,10 @@ def _options(args: argparse.Namespace) -> ServeOptions:
         head_type=args.head_type, reward_indices=args.reward_indices, attribute_names=args.attribute_names,
         attribute_weights=args.attribute_weights, score_mean=args.score_mean, score_std=args.score_std,
         device=args.device, dtype=args.dtype, compile=args.compile, torch_threads=args.threads,
-        token_budget=args.token_budget, min_shared_prefix=args.min_shared_prefix, max_queue_size=args.max_queue_size, log_to_console=True,
+        token_budget=args.token_budget, min_shared_prefix=args.min_shared_prefix, max_queue_size=args.max_queue_size,
+        queue_timeout_us=args.queue_timeout_ms * 1000 if args.queue_timeout_ms else None,
+        max_conversation_bytes=args.max_conversation_bytes, max_request_bytes=args.max_request_bytes,
+        exit_timeout_s=args.exit_timeout, tls=_tls(args), watchdog=not args.no_watchdog, log_to_console=True,
         log_verbose=args.log_verbose)
 
 
@@ -93,8 +117,8 @@ def serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    server = TritonServer(_options(args))
     try:
+        server = TritonServer(_options(args))
         server.start()
     except (ServerStartError, FileNotFoundError, ValueError, RuntimeError) as err:
         _LOGGER.error("%s", err)
@@ -102,9 +126,11 @@ def serve(args: argparse.Namespace) -> int:
     print(EXAMPLE.format(checkpoint=server.checkpoint, grpc=server.grpc_url, http=server.http_url,
                          metrics=server.metrics_url), flush=True)
     while not stop.wait(0.5):
-        if server.process.poll() is not None:
-            _LOGGER.error("tritonserver exited unexpectedly with code %s", server.process.returncode)
-            return server.process.returncode or 1
+        code = server.exit_code()  # with the watchdog, only once it gave up restarting
+        if code is not None:
+            _LOGGER.error("tritonserver exited unexpectedly with code %s", code)
+            server.stop()
+            return code or 1
     _LOGGER.info("stopping: waiting for in-flight requests")
     code = server.stop()
     return 0 if code in (0, -signal.SIGTERM) else code

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reward_server import engines, settings
+from reward_server.drain import DrainState, settle_time_from_metrics
 from reward_server.heads import detect_head_type, num_outputs, parse_indices
 from reward_server.scoring import ScoreSpec, parse_floats
 from reward_server.trtllm.mpi import WORKER_FLAGS, child_pids, find_mpirun, mpirun_command
@@ -52,8 +54,39 @@ def _die_with_parent() -> None:
         pass
 
 
+def _shm_prefix() -> str:
+    return f"reward{os.getpid()}x{secrets.token_hex(3)}"
+
+
 class ServerStartError(RuntimeError):
     """tritonserver exited or did not become ready; the message ends with its log tail."""
+
+
+@dataclass(frozen=True)
+class TlsOptions:
+    """gRPC TLS with Triton's own options: the server's certificate chain and key (PEM files) and,
+    for mutual TLS, the CA whose certificates clients must present."""
+
+    cert: Path
+    key: Path
+    ca: Path | None = None
+    mutual: bool = False
+
+    def __post_init__(self):
+        if self.mutual and self.ca is None:
+            raise ValueError("mutual TLS needs the CA that signs client certificates (--tls-ca)")
+        for path in (self.cert, self.key, self.ca):
+            if path is not None and not Path(path).is_file():
+                raise FileNotFoundError(f"TLS file {path} does not exist")
+
+    def flags(self) -> list[str]:
+        """tritonserver's --grpc-* SSL flags."""
+        flags = ["--grpc-use-ssl=true", f"--grpc-server-cert={self.cert}", f"--grpc-server-key={self.key}"]
+        if self.ca is not None:
+            flags.append(f"--grpc-root-cert={self.ca}")
+        if self.mutual:
+            flags.append("--grpc-use-ssl-mutual=true")
+        return flags
 
 
 @dataclass
@@ -87,6 +120,11 @@ class ServeOptions:
     min_shared_prefix: int | None = None
     max_queue_size: int | None = None
     max_queue_delay_us: int | None = None
+    queue_timeout_us: int | None = None      # engine queue: reject (UNAVAILABLE) requests waiting longer
+    max_conversation_bytes: int | None = None  # preprocessing: byte limits checked before parsing
+    max_request_bytes: int | None = None
+    tls: TlsOptions | None = None            # gRPC over TLS (mutual TLS when tls.mutual)
+    watchdog: bool = False                   # restart tritonserver when it or a stub dies (reward_server.health)
     model_repository: Path = MODEL_REPOSITORY
     workdir: Path | None = None
     log_to_console: bool = False
@@ -200,6 +238,11 @@ def _check_outputs(k: int, score: ScoreSpec, names: list[str]) -> int:
     return k
 
 
+def _byte_limits(options: ServeOptions) -> dict[str, str]:
+    return {settings.MAX_CONVERSATION_BYTES: str(options.max_conversation_bytes or ""),
+            settings.MAX_REQUEST_BYTES: str(options.max_request_bytes or "")}
+
+
 def model_parameters(options: ServeOptions, checkpoint: Path,
                      serving=None) -> tuple[dict[str, dict[str, str]], int]:
     """Per-model parameter overrides and K, checked against the checkpoint (or, for TensorRT-LLM,
@@ -216,7 +259,7 @@ def model_parameters(options: ServeOptions, checkpoint: Path,
         k = _check_outputs(serving.num_outputs, score, names)
         params = engine_parameters(serving, options.max_length, names, options.reward_indices)
         params["preprocessing"].update({settings.CHECKPOINT: str(checkpoint), settings.TRUNCATION: options.truncation,
-                                        settings.CHAT_TEMPLATE: options.chat_template or ""})
+                                        settings.CHAT_TEMPLATE: options.chat_template or "", **_byte_limits(options)})
         params["postprocessing"].update({settings.ATTRIBUTE_WEIGHTS: options.attribute_weights or "",
                                          settings.SCORE_MEAN: str(options.score_mean),
                                          settings.SCORE_STD: str(options.score_std)})
@@ -231,7 +274,7 @@ def model_parameters(options: ServeOptions, checkpoint: Path,
     params = {
         "preprocessing": {settings.CHECKPOINT: str(checkpoint), settings.MAX_LENGTH: optional(options.max_length),
                           settings.TRUNCATION: options.truncation,
-                          settings.CHAT_TEMPLATE: options.chat_template or ""},
+                          settings.CHAT_TEMPLATE: options.chat_template or "", **_byte_limits(options)},
         ENGINE_MODEL: {settings.CHECKPOINT: str(checkpoint), settings.HEAD_TYPE: head,
                        settings.REWARD_INDICES: ",".join(map(str, indices)), settings.DEVICE: options.device,
                        settings.TORCH_THREADS: str(threads), settings.DTYPE: options.dtype,
@@ -266,6 +309,8 @@ def render_repository(options: ServeOptions, checkpoint: Path, dest: Path, servi
             engines.wire_ensemble(config, options.engine)
         for key, value in params.get(config.name, {}).items():
             config.parameters[key].string_value = value
+        if settings.DRAIN_DIR in config.parameters:
+            config.parameters[settings.DRAIN_DIR].string_value = str(drain_dir(dest))
         for tensor in [*config.input, *config.output]:
             if tensor.name in ("rewards", "attributes"):
                 tensor.dims[:] = [k]
@@ -275,12 +320,22 @@ def render_repository(options: ServeOptions, checkpoint: Path, dest: Path, servi
                 config.dynamic_batching.default_queue_policy.max_queue_size = options.max_queue_size
             if options.max_queue_delay_us is not None:
                 config.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_us
+            if options.queue_timeout_us:
+                policy = config.dynamic_batching.default_queue_policy
+                policy.default_timeout_microseconds = options.queue_timeout_us
+                policy.timeout_action = model_config_pb2.ModelQueuePolicy.REJECT
+                policy.allow_timeout_override = True
         shutil.copytree(model_dir, dest / model_dir.name, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("__pycache__", "config.pbtxt"))
         (dest / model_dir.name / "config.pbtxt").write_text(text_format.MessageToString(config))
         if config.backend == "python":
             (dest / model_dir.name / "reward_server_paths.py").write_text(python_paths_module())
     return dest
+
+
+def drain_dir(repository: Path) -> Path:
+    """Where the launcher and the models of a runtime repository share the drain state."""
+    return repository.parent / "drain"
 
 
 def model_backend(model_dir: Path) -> str:
@@ -307,7 +362,12 @@ class TritonServer:
         self.checkpoint: Path | None = None
         self.serving = None  # the opened engine directory, with --engine tensorrt_llm
         self._own_workdir = False
-        self._shm_prefix = f"reward{os.getpid()}x{secrets.token_hex(3)}"
+        self._shm_prefix = _shm_prefix()
+        self._launch = None
+        self._drain: DrainState | None = None
+        self._lock = threading.Lock()  # the watchdog replaces `process` while stop() may read it
+        self.watchdog = None           # reward_server.health.Watchdog, with options.watchdog
+        self._stopping = threading.Event()
 
     @property
     def _client_host(self) -> str:
@@ -343,6 +403,7 @@ class TritonServer:
                     f"--metrics-address={o.host}", f"--metrics-port={o.metrics_port}",
                     "--model-control-mode=none", "--strict-readiness=true", "--exit-on-error=true",
                     f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}"]
+            cmd += o.tls.flags() if o.tls else []
         else:
             cmd += list(WORKER_FLAGS)
         # A per-server (and per-rank) prefix keeps concurrent servers' shared-memory regions apart.
@@ -395,21 +456,71 @@ class TritonServer:
 
             check_host(self.serving, model_backend(repository / engines.TENSORRT_LLM_MODEL), bundle is not None)
         self.log_path = self.workdir / "tritonserver.log"
-        output = None if o.log_to_console else open(self.log_path, "wb")
-        started = time.monotonic()
-        self.process = subprocess.Popen(self.command_line(binary, repository, backends), env=server_environment(bundle),
-                                        stdout=output, stderr=subprocess.STDOUT if output else None,
-                                        start_new_session=True, preexec_fn=_die_with_parent)
-        if output:
-            output.close()
+        self._launch = (binary, repository, backends, server_environment(bundle))
+        self._drain = DrainState(drain_dir(repository))
+        self._drain.reset()
         try:
-            self.wait_ready(o.startup_timeout_s)
+            self._spawn()
         except BaseException:
             self.stop()
             raise
+        if o.watchdog:
+            from reward_server.health import Watchdog
+
+            self.watchdog = Watchdog(self).start()
+        return self
+
+    def _spawn(self) -> None:
+        """Start tritonserver (the command prepared by `start`) and wait until it is ready."""
+        binary, repository, backends, env = self._launch
+        output = None if self.options.log_to_console else open(self.log_path, "ab")
+        started = time.monotonic()
+        with self._lock:
+            self.process = subprocess.Popen(self.command_line(binary, repository, backends), env=env,
+                                            stdout=output, stderr=subprocess.STDOUT if output else None,
+                                            start_new_session=True, preexec_fn=_die_with_parent)
+        if output:
+            output.close()
+        self.wait_ready(self.options.startup_timeout_s)
         _LOGGER.info("tritonserver ready in %.1fs (gRPC %s, HTTP %s)", time.monotonic() - started,
                      self.grpc_url, self.http_url)
-        return self
+
+    def restart(self) -> None:
+        """Kill tritonserver and its stubs at once, then start it again on the same ports and repository.
+
+        Raises:
+            ServerStartError: the new server exited or was not ready in time.
+        """
+        with self._lock:
+            self._kill_group()
+            self._remove_shared_memory()
+            self._shm_prefix = _shm_prefix()  # the new server's regions never meet the old ones
+            self._drain.reset()  # what the old process had in flight is gone with it
+        self._spawn()
+
+    def _kill_group(self) -> int:
+        try:  # stubs left behind by a killed server share its process group
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        return self.process.wait()
+
+    def _remove_shared_memory(self) -> None:
+        """Remove the regions a killed server's stubs left in /dev/shm (a clean exit removes its own)."""
+        for region in Path("/dev/shm").glob(f"{self._shm_prefix}*"):
+            with contextlib.suppress(OSError):
+                region.unlink()
+
+    @property
+    def stopping(self) -> bool:
+        """True once `stop()` began."""
+        return self._stopping.is_set()
+
+    def exit_code(self) -> int | None:
+        """None while the server is up or being restarted by the watchdog; else its exit code."""
+        if self.watchdog is not None:
+            return None if not self.watchdog.gave_up.is_set() else (self.process.poll() or 1)
+        return self.process.poll() if self.process else None
 
     def log_tail(self, lines: int = 40) -> str:
         """The last lines of the server log (empty when logging to the console)."""
@@ -433,6 +544,8 @@ class TritonServer:
         """
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            if self._stopping.is_set():
+                raise ServerStartError("stopped while waiting for tritonserver to be ready")
             if self.process.poll() is not None:
                 raise ServerStartError(f"tritonserver exited with code {self.process.returncode}:\n{self.log_tail()}")
             if self.is_ready():
@@ -444,6 +557,17 @@ class TritonServer:
         """Graceful stop: SIGTERM lets in-flight requests finish, then SIGKILL after the exit timeout."""
         if self.process is None:
             return None
+        self._stopping.set()  # from here on, the watchdog restarts nothing
+        if self.process.poll() is None and self._drain is not None:
+            settle = settle_time_from_metrics(self.metrics_url, engines.engine(self.options.engine).step_model)
+            left = self._drain.drain(self.options.exit_timeout_s, settle)
+            if left:
+                _LOGGER.warning("drain: %d accepted requests never reached postprocessing (failed at the engine "
+                                "step, or still running at the exit timeout); stopping", left)
+        if self.watchdog is not None:
+            # Only after the drain: a server the watchdog restarted gets SIGTERM when its thread ends.
+            self.watchdog.stop()
+            self.watchdog = None
         if self.process.poll() is None:
             # Under mpirun the ranks get SIGTERM themselves: mpirun, signalled, kills them 1 s later
             # (and blocks its output forwarding meanwhile); ranks that finish cleanly end mpirun.
@@ -455,11 +579,8 @@ class TritonServer:
                 self.process.wait(self.options.exit_timeout_s + 15)
             except subprocess.TimeoutExpired:
                 _LOGGER.warning("tritonserver did not stop in time; killing it")
-        try:  # stubs left behind by a killed server share its process group
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        code = self.process.wait()
+        code = self._kill_group()
+        self._remove_shared_memory()
         if self._own_workdir and self.workdir and not self.options.log_to_console and code not in (0, None):
             _LOGGER.warning("tritonserver exited with %s; log kept at %s", code, self.log_path)
         elif self._own_workdir and self.workdir:

@@ -16,6 +16,9 @@ CHECKPOINT = "checkpoint_dir"
 MAX_LENGTH = "max_length"
 TRUNCATION = "truncation"
 CHAT_TEMPLATE = "chat_template"
+MAX_CONVERSATION_BYTES = "max_conversation_bytes"
+MAX_REQUEST_BYTES = "max_request_bytes"
+DRAIN_DIR = "drain_dir"
 HEAD_TYPE = "head_type"
 REWARD_INDICES = "reward_indices"
 DEVICE = "device"
@@ -62,6 +65,22 @@ def encoder_from_parameters(params: dict[str, str]):
     return ChatEncoder.from_checkpoint(_checkpoint(params), max_length=_int_or_none(params, MAX_LENGTH),
                                        truncation=params.get(TRUNCATION) or "reject",
                                        chat_template=params.get(CHAT_TEMPLATE) or None)
+
+
+def limits_from_parameters(params: dict[str, str]):
+    """The preprocessing model's `InputLimits` (byte limits checked before parsing)."""
+    from reward_server.chat import DEFAULT_MAX_CONVERSATION_BYTES, DEFAULT_MAX_REQUEST_BYTES, InputLimits
+
+    return InputLimits(_int_or_none(params, MAX_CONVERSATION_BYTES) or DEFAULT_MAX_CONVERSATION_BYTES,
+                       _int_or_none(params, MAX_REQUEST_BYTES) or DEFAULT_MAX_REQUEST_BYTES)
+
+
+def drain_from_parameters(params: dict[str, str]):
+    """The `DrainState` shared with the launcher, or None when `drain_dir` is empty."""
+    from reward_server.drain import DrainState
+
+    directory = params.get(DRAIN_DIR, "").strip()
+    return DrainState(directory) if directory else None
 
 
 def engine_from_parameters(params: dict[str, str]):

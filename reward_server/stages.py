@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from reward_server.chat import ChatEncoder, ConversationError, Encoded, parse_messages
+from reward_server.chat import ChatEncoder, ConversationError, Encoded, InputLimits, parse_messages
 
 
 class RequestError(str):
@@ -66,8 +66,12 @@ def _token_rows(request: PreprocessInput) -> list[np.ndarray]:
     return rows
 
 
-def preprocess(encoder: ChatEncoder, requests: Sequence[PreprocessInput]) -> list[dict | RequestError]:
-    """Validate and tokenise every conversation of every request with one tokenizer call."""
+def preprocess(encoder: ChatEncoder, requests: Sequence[PreprocessInput],
+               limits: InputLimits = InputLimits()) -> list[dict | RequestError]:
+    """Validate and tokenise every conversation of every request with one tokenizer call.
+
+    Byte limits are checked first, before any JSON parsing or tokenisation.
+    """
     results: list[dict | RequestError | None] = [None] * len(requests)
     pending: list[tuple[int, list[list[dict]]]] = []
     for r, request in enumerate(requests):
@@ -77,9 +81,16 @@ def preprocess(encoder: ChatEncoder, requests: Sequence[PreprocessInput]) -> lis
         if request.messages is None:
             results[r] = _check_ids(encoder, request)
             continue
+        rows = np.asarray(request.messages, dtype=object).reshape(-1)
+        size = sum(len(raw) if isinstance(raw, (bytes, str)) else 0 for raw in rows)
+        if size > limits.max_request_bytes:
+            results[r] = RequestError(f"the request's {len(rows)} conversations are {size} bytes together, over "
+                                      f"the limit of {limits.max_request_bytes} bytes per request")
+            continue
         conversations = []
-        for c, raw in enumerate(np.asarray(request.messages, dtype=object).reshape(-1)):
+        for c, raw in enumerate(rows):
             try:
+                limits.check_conversation(raw)
                 conversations.append(parse_messages(raw))
             except ConversationError as err:
                 results[r] = RequestError(f"conversation {c}: {err}")

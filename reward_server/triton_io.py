@@ -34,6 +34,27 @@ def respond(result: dict | RequestError):
         output_tensors=[pb_utils.Tensor(name, np.ascontiguousarray(value)) for name, value in result.items()])
 
 
+def refuse_if_draining(drain, requests) -> list | None:
+    """Count `requests` as accepted, then, if the server is draining (reward_server.drain), the
+    UNAVAILABLE responses refusing them; else None. Counting first closes the race with the
+    launcher, which sets the flag and then reads the counters."""
+    if drain is None:
+        return None
+    drain.accepted(len(requests))
+    if not drain.draining():
+        return None
+    drain.finished(len(requests))
+    from reward_server.drain import STOPPING_MESSAGE
+
+    return [respond(EngineUnavailable(STOPPING_MESSAGE)) for _ in requests]
+
+
+def count_finished(drain, responses, failed_only: bool = False) -> None:
+    """Count answered requests (all, or those answered with an error) as finished for the drain."""
+    if drain is not None:
+        drain.finished(sum(1 for r in responses if r.has_error()) if failed_only else len(responses))
+
+
 def guarded(stage, requests, *args):
     """Run `stage`; if it fails as a whole, answer every request with an INTERNAL error, not a crash."""
     try:

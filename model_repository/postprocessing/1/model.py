@@ -6,14 +6,18 @@ except ImportError:  # a tritonserver whose own Python has the packages installe
     pass
 
 from reward_server import settings, stages
-from reward_server.triton_io import guarded, input_array
+from reward_server.triton_io import count_finished, guarded, input_array
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.spec = settings.score_spec_from_parameters(settings.parameters_of(args))
+        params = settings.parameters_of(args)
+        self.spec = settings.score_spec_from_parameters(params)
+        self.drain = settings.drain_from_parameters(params)
 
     def execute(self, requests):
         inputs = [(input_array(r, "rewards"), input_array(r, "input_lengths"), input_array(r, "truncated"))
                   for r in requests]
-        return guarded(stages.postprocess, requests, self.spec, inputs)
+        responses = guarded(stages.postprocess, requests, self.spec, inputs)
+        count_finished(self.drain, responses)
+        return responses

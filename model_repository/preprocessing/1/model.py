@@ -6,15 +6,23 @@ except ImportError:  # a tritonserver whose own Python has the packages installe
     pass
 
 from reward_server import settings, stages
-from reward_server.triton_io import guarded, input_array
+from reward_server.triton_io import count_finished, guarded, input_array, refuse_if_draining
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.encoder = settings.encoder_from_parameters(settings.parameters_of(args))
+        params = settings.parameters_of(args)
+        self.encoder = settings.encoder_from_parameters(params)
+        self.limits = settings.limits_from_parameters(params)
+        self.drain = settings.drain_from_parameters(params)
 
     def execute(self, requests):
+        refused = refuse_if_draining(self.drain, requests)
+        if refused is not None:
+            return refused
         inputs = [stages.PreprocessInput(messages=input_array(r, "messages"),
                                          token_ids=input_array(r, "token_ids"),
                                          token_lengths=input_array(r, "token_lengths")) for r in requests]
-        return guarded(stages.preprocess, requests, self.encoder, inputs)
+        responses = guarded(stages.preprocess, requests, self.encoder, inputs, self.limits)
+        count_finished(self.drain, responses, failed_only=True)  # the others finish in postprocessing
+        return responses

@@ -1,0 +1,124 @@
+"""Graceful drain: finish every accepted request, refuse new ones, then stop tritonserver.
+
+Triton 2.51, on SIGTERM, stops the scheduler of every model at once: a `reward` request that had
+passed preprocessing then fails at the engine step with "Server is stopping, scheduler for model
+has stopped accepting new inference requests" (measured), so an accepted request is lost. The
+launcher therefore drains before it signals tritonserver:
+
+1. it creates the `draining` flag file; the preprocessing model, which checks it at the start of
+   every execution, answers every new request UNAVAILABLE ("the server is stopping"), which
+   clients retry elsewhere or later;
+2. it waits until every request that preprocessing accepted has left postprocessing: both models
+   append one byte per request to a counter file (`accepted`, `finished`; O_APPEND writes of a
+   few bytes are atomic), so in flight = size(accepted) - size(finished);
+3. then SIGTERM, with nothing left in flight.
+
+A request that failed at the engine step (rejected by a full queue or its queue timeout, or an
+engine error) never reaches postprocessing and stays counted. So waiting also ends once the count
+has not moved for a settle time while Triton reports nothing queued at the engine and
+postprocessing (from the metrics endpoint): settle = max(5 s, 3 x the engine's mean execution
+time; none before the first execution finished). And it always ends at the exit timeout.
+
+The directory is a model parameter (`drain_dir`); empty (a stock tritonserver on the checked-in
+configs) disables all of it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import urllib.request
+from pathlib import Path
+from typing import Callable
+
+DRAINING, ACCEPTED, FINISHED = "draining", "accepted", "finished"
+MIN_SETTLE_S = 5.0
+STOPPING_MESSAGE = "the server is stopping and takes no new requests; retry (another replica)"
+
+
+class DrainState:
+    """The flag and counters in one directory, shared by the launcher and the model stubs."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+
+    def draining(self) -> bool:
+        """Whether new requests must be refused."""
+        return (self.directory / DRAINING).exists()
+
+    def _count(self, name: str, n: int) -> None:
+        if n > 0:
+            fd = os.open(self.directory / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, b"." * n)
+            finally:
+                os.close(fd)
+
+    def accepted(self, n: int) -> None:
+        """Preprocessing passed `n` requests on to the engine."""
+        self._count(ACCEPTED, n)
+
+    def finished(self, n: int) -> None:
+        """Postprocessing answered `n` requests."""
+        self._count(FINISHED, n)
+
+    def in_flight(self) -> int:
+        """Requests accepted and not yet finished."""
+        sizes = []
+        for name in (ACCEPTED, FINISHED):
+            try:
+                sizes.append((self.directory / name).stat().st_size)
+            except FileNotFoundError:
+                sizes.append(0)
+        return sizes[0] - sizes[1]
+
+    def reset(self) -> None:
+        """Forget everything (a new server process: what the old one had in flight is gone)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for name in (DRAINING, ACCEPTED, FINISHED):
+            (self.directory / name).unlink(missing_ok=True)
+
+    def drain(self, timeout_s: float, settle: Callable[[], float | None] | None = None,
+              poll_s: float = 0.05) -> int:
+        """Refuse new requests and wait until none is in flight, or the count stopped moving for
+        `settle()` seconds (None: something is still queued), or `timeout_s` passed. Returns the
+        count left (0 when drained)."""
+        (self.directory / DRAINING).touch()
+        deadline = time.monotonic() + timeout_s
+        last, since = self.in_flight(), time.monotonic()
+        while last > 0 and time.monotonic() < deadline:
+            time.sleep(poll_s)
+            now = self.in_flight()
+            if now != last:
+                last, since = now, time.monotonic()
+                continue
+            if settle is not None and time.monotonic() - since >= 0.5:
+                needed = settle()
+                if needed is not None and time.monotonic() - since >= needed:
+                    break
+        return max(0, last)
+
+
+def settle_time_from_metrics(metrics_url: str, engine_model: str) -> Callable[[], float | None]:
+    """A `settle` callback for `DrainState.drain` reading Triton's Prometheus endpoint: None while a
+    request waits in any queue or no execution finished yet, else max(5 s, 3 x the engine's mean
+    execution time)."""
+    pending = re.compile(r'^nv_inference_pending_request_count\{model="([^"]+)"[^}]*\} (\S+)$', re.M)
+    engine = re.compile(r'^nv_inference_(exec_count|compute_infer_duration_us)\{model="%s"[^}]*\} (\S+)$'
+                        % re.escape(engine_model), re.M)
+
+    def settle() -> float | None:
+        try:
+            with urllib.request.urlopen(metrics_url, timeout=2) as reply:
+                text = reply.read().decode()
+        except OSError:
+            return None
+        if any(float(value) > 0 for _, value in pending.findall(text)):
+            return None
+        values = {name: float(value) for name, value in engine.findall(text)}
+        if not values.get("exec_count"):
+            return None  # no execution finished yet: no idea how long one takes (the first is slow)
+        return max(MIN_SETTLE_S, 3 * values.get("compute_infer_duration_us", 0.0) / 1e6 / values["exec_count"])
+
+    return settle
