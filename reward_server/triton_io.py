@@ -55,24 +55,51 @@ def count_finished(drain, responses, failed_only: bool = False) -> None:
         drain.finished(sum(1 for r in responses if r.has_error()) if failed_only else len(responses))
 
 
-def guarded(stage, requests, *args):
-    """Run `stage`; if it fails as a whole, answer every request with an INTERNAL error, not a crash."""
+def _internal_error(stage, requests):
+    # The traceback goes to the server log; the client gets no internal detail (paths, shm names).
+    _LOGGER.exception("stage %s failed", getattr(stage, "__name__", stage))
+    error = pb_utils.TritonError(f"internal error in {getattr(stage, '__name__', 'a stage')}; the server log has "
+                                 "the details", pb_utils.TritonError.INTERNAL)
+    return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in requests]
+
+
+def guarded(stage, requests, *args, observe=None):
+    """Run `stage`; if it fails as a whole, answer every request with an INTERNAL error, not a crash.
+
+    `observe(requests, results)`, when given, sees the stage's results first (metrics, logging);
+    its failures are logged and never fail requests.
+    """
     try:
-        return [respond(result) for result in stage(*args)]
-    except Exception as err:  # noqa: BLE001 - the server must keep serving
-        _LOGGER.exception("stage %s failed", getattr(stage, "__name__", stage))
-        error = pb_utils.TritonError(f"{type(err).__name__}: {err}", pb_utils.TritonError.INTERNAL)
-        return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in requests]
+        results = stage(*args)
+    except Exception:  # noqa: BLE001 - the server must keep serving
+        return _internal_error(stage, requests)
+    if observe is not None:
+        try:
+            observe(requests, results)
+        except Exception:  # noqa: BLE001
+            _LOGGER.exception("observing the results of %s failed", getattr(stage, "__name__", stage))
+    return [respond(result) for result in results]
+
+
+def request_id(request) -> str:
+    """The id the client set on its request (Triton's `id` field; ensembles pass it to each step), or ""."""
+    try:
+        return request.request_id() or ""
+    except Exception:  # noqa: BLE001
+        return ""
+
+
+def log_info(message: str) -> None:
+    """One line in tritonserver's log at INFO (the stub's own logging is not configured)."""
+    pb_utils.Logger.log_info(message)
 
 
 async def guarded_async(stage, requests, *args):
     """`guarded` for a coroutine stage (the TensorRT-LLM fan-out awaits its engine requests)."""
     try:
         return [respond(result) for result in await stage(*args)]
-    except Exception as err:  # noqa: BLE001 - the server must keep serving
-        _LOGGER.exception("stage %s failed", getattr(stage, "__name__", stage))
-        error = pb_utils.TritonError(f"{type(err).__name__}: {err}", pb_utils.TritonError.INTERNAL)
-        return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in requests]
+    except Exception:  # noqa: BLE001 - the server must keep serving
+        return _internal_error(stage, requests)
 
 
 def bls_caller(model_name: str, outputs: list[str]):

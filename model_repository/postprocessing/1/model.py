@@ -6,6 +6,7 @@ except ImportError:  # a tritonserver whose own Python has the packages installe
     pass
 
 from reward_server import settings, stages
+from reward_server.metrics import RewardMetrics
 from reward_server.triton_io import count_finished, guarded, input_array
 
 
@@ -14,10 +15,11 @@ class TritonPythonModel:
         params = settings.parameters_of(args)
         self.spec = settings.score_spec_from_parameters(params)
         self.drain = settings.drain_from_parameters(params)
+        self.metrics = RewardMetrics(args["model_name"], scores=True)
 
     def execute(self, requests):
         inputs = [(input_array(r, "rewards"), input_array(r, "input_lengths"), input_array(r, "truncated"))
                   for r in requests]
-        responses = guarded(stages.postprocess, requests, self.spec, inputs)
+        responses = guarded(stages.postprocess, requests, self.spec, inputs, observe=self.metrics.after_postprocessing)
         count_finished(self.drain, responses)
         return responses

@@ -6,6 +6,7 @@ except ImportError:  # a tritonserver whose own Python has the packages installe
     pass
 
 from reward_server import settings, stages
+from reward_server.metrics import RewardMetrics
 from reward_server.triton_io import count_finished, guarded, input_array, refuse_if_draining
 
 
@@ -15,14 +16,17 @@ class TritonPythonModel:
         self.encoder = settings.encoder_from_parameters(params)
         self.limits = settings.limits_from_parameters(params)
         self.drain = settings.drain_from_parameters(params)
+        self.metrics = RewardMetrics(args["model_name"], scores=False)
 
     def execute(self, requests):
         refused = refuse_if_draining(self.drain, requests)
         if refused is not None:
+            self.metrics.reject("stopping", len(requests))
             return refused
         inputs = [stages.PreprocessInput(messages=input_array(r, "messages"),
                                          token_ids=input_array(r, "token_ids"),
                                          token_lengths=input_array(r, "token_lengths")) for r in requests]
-        responses = guarded(stages.preprocess, requests, self.encoder, inputs, self.limits)
+        responses = guarded(stages.preprocess, requests, self.encoder, inputs, self.limits,
+                            observe=self.metrics.after_preprocessing)
         count_finished(self.drain, responses, failed_only=True)  # the others finish in postprocessing
         return responses

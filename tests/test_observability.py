@@ -1,0 +1,105 @@
+"""Reward metrics on Triton's metrics port, parsed with prometheus_client, and client-set request
+ids in the server log (issue 10)."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.utils import InferenceServerException
+
+from reward_server.metrics import SCORE_BUCKETS, bucket_counts, rejection_reason
+from tests.conversations import make_conversations
+
+
+def scrape(server) -> dict[tuple, float]:
+    """{(sample name, sorted labels): value} of every sample on the metrics endpoint."""
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as reply:
+        text = reply.read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def value(samples, name, **labels) -> float:
+    # prometheus_client's parser names a counter's samples NAME_total even where Triton wrote NAME
+    key = tuple(sorted(labels.items()))
+    return samples.get((name, key), samples.get((name + "_total", key), 0.0))
+
+
+def infer(url, conversations, request_id=""):
+    client = grpcclient.InferenceServerClient(url)
+    data = np.array([[json.dumps(c).encode()] for c in conversations], dtype=object)
+    tensor = grpcclient.InferInput("messages", list(data.shape), "BYTES")
+    tensor.set_data_from_numpy(data)
+    try:
+        return client.infer("reward", [tensor], request_id=request_id)
+    finally:
+        client.close()
+
+
+def _log_has(server, text, timeout_s=10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if text in server.log_path.read_text(errors="replace"):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_reward_metrics_move_as_expected_and_request_ids_reach_the_log(server):
+    prompt = "Shared prompt: " + "please rate the following answer carefully. " * 8
+    group = [[{"role": "user", "content": prompt}, {"role": "assistant", "content": f"Answer {i}"}] for i in range(4)]
+    conversations = make_conversations(6, seed=31) + group
+    before = scrape(server)
+    result = infer(server.grpc_url, conversations, request_id="obs-42")
+    with pytest.raises(InferenceServerException):
+        infer(server.grpc_url, [conversations[0], "not json"], request_id="obs-bad")
+    with pytest.raises(InferenceServerException):
+        infer(server.grpc_url, [[{"role": "user", "content": "x " * 3000}, {"role": "assistant", "content": "y"}]])
+    after = scrape(server)
+    delta = lambda name, **labels: value(after, name, **labels) - value(before, name, **labels)  # noqa: E731
+
+    scores, tokens = result.as_numpy("score").ravel(), result.as_numpy("num_tokens").ravel()
+    post = {"model": "postprocessing"}
+    assert delta("reward_conversations_scored_total", **post) == len(conversations)
+    assert delta("reward_tokens_scored_total", **post) == int(tokens.sum())
+    assert delta("reward_truncated_conversations_total", **post) == 0
+    assert delta("reward_score_count", **post) == len(conversations)
+    assert delta("reward_score_sum", **post) == pytest.approx(float(scores.sum()), abs=1e-3)
+    expected = np.cumsum(bucket_counts(scores))
+    bounds = [f"{b:g}" for b in SCORE_BUCKETS] + ["+Inf"]
+    assert [delta("reward_score_bucket", le=le, **post) for le in bounds] == expected.tolist()
+    pre = {"model": "preprocessing"}
+    assert delta("reward_requests_rejected_total", reason="invalid_messages", **pre) == 1
+    assert delta("reward_requests_rejected_total", reason="too_long", **pre) == 1
+    assert delta("reward_engine_shared_tokens_total", model="reward_engine") >= 3 * 32  # the group's prompt
+    # Triton's own metrics are still there, on the same port.
+    assert delta("nv_inference_request_success", model="reward", version="1") == 1
+
+    assert _log_has(server, f"request obs-42: scored {len(conversations)} conversations, {int(tokens.sum())} tokens")
+    assert _log_has(server, "request obs-bad: rejected (invalid_messages): conversation 1: messages must be a JSON array")
+
+
+def test_truncations_are_counted(qwen_server):
+    long = [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "short answer"}]
+    before = scrape(qwen_server)
+    result = infer(qwen_server.grpc_url, [long, long])
+    assert result.as_numpy("truncated").all()
+    after = scrape(qwen_server)
+    name, labels = "reward_truncated_conversations_total", {"model": "postprocessing"}
+    assert value(after, name, **labels) - value(before, name, **labels) == 2
+
+
+def test_rejection_reasons_and_buckets_units():
+    assert rejection_reason("conversation 3: messages is 9 bytes, over the limit of 8 bytes per conversation") == \
+        "too_large"
+    assert rejection_reason("conversation 0: messages is nested too deeply: ...") == "invalid_json"
+    assert rejection_reason("conversation 1: message 0 has unknown role 'robot'") == "invalid_messages"
+    assert rejection_reason("the server is stopping and takes no new requests") == "stopping"
+    assert bucket_counts(np.array([-100.0, -8.0, -7.9, 0.0, 8.0, 8.1, np.inf, np.nan])) == \
+        [2, 1, 0, 0, 0, 1, 0, 0, 0, 0, 1, 3]

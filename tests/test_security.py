@@ -1,0 +1,124 @@
+"""gRPC over TLS and mutual TLS with certificates made here, against a real tritonserver (issue 10;
+docs/security.md). The restricted APIs and the loopback default are tested in test_server.py."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from tritonclient.utils import InferenceServerException
+
+from reward_server.cli import _serve_parser, _tls
+from reward_server.launcher import ServeOptions, TlsOptions, TritonServer
+
+CONVERSATION = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+
+
+def _write(path: Path, key, cert) -> None:
+    path.with_suffix(".key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                           serialization.PrivateFormat.PKCS8,
+                                                           serialization.NoEncryption()))
+    path.with_suffix(".crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def _certificate(subject: str, issuer_key, issuer_name, key, *, ca: bool, san=None):
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+               .issuer_name(issuer_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if san:
+        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Path:
+    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate, as PEM files;
+    plus a second, unrelated CA's client certificate."""
+    root = tmp_path_factory.mktemp("pki")
+    for prefix in ("", "rogue-"):
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{prefix}test CA")])
+        _write(root / f"{prefix}ca", ca_key, _certificate(f"{prefix}test CA", ca_key, ca_name, ca_key, ca=True))
+        client_key = ec.generate_private_key(ec.SECP256R1())
+        _write(root / f"{prefix}client", client_key,
+               _certificate("trainer", ca_key, ca_name, client_key, ca=False))
+        if not prefix:
+            server_key = ec.generate_private_key(ec.SECP256R1())
+            san = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            _write(root / "server", server_key, _certificate("localhost", ca_key, ca_name, server_key, ca=False,
+                                                             san=san))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tls_server(demo_checkpoint, pki):
+    tls = TlsOptions(cert=pki / "server.crt", key=pki / "server.key", ca=pki / "ca.crt", mutual=True)
+    with TritonServer(ServeOptions(checkpoint=demo_checkpoint, max_length=512, tls=tls, startup_timeout_s=120)) as srv:
+        yield srv
+
+
+def _score(url: str, **ssl) -> float:
+    client = grpcclient.InferenceServerClient(url, **ssl)
+    data = np.array([[json.dumps(CONVERSATION).encode()]], dtype=object)
+    tensor = grpcclient.InferInput("messages", list(data.shape), "BYTES")
+    tensor.set_data_from_numpy(data)
+    try:
+        return float(client.infer("reward", [tensor], client_timeout=20).as_numpy("score")[0, 0])
+    finally:
+        client.close()
+
+
+def test_mutual_tls_scores_with_a_client_certificate_and_refuses_everyone_else(tls_server, pki):
+    trusted = dict(ssl=True, root_certificates=str(pki / "ca.crt"))
+    score = _score(tls_server.grpc_url, **trusted, private_key=str(pki / "client.key"),
+                   certificate_chain=str(pki / "client.crt"))
+    assert np.isfinite(score)
+    refused = {
+        "plaintext": {},
+        "no client certificate": trusted,
+        "certificate of another CA": dict(trusted, private_key=str(pki / "rogue-client.key"),
+                                          certificate_chain=str(pki / "rogue-client.crt")),
+        "server not trusted": dict(ssl=True, root_certificates=str(pki / "rogue-ca.crt"),
+                                   private_key=str(pki / "client.key"), certificate_chain=str(pki / "client.crt")),
+    }
+    for name, ssl in refused.items():
+        with pytest.raises(InferenceServerException) as info:
+            _score(tls_server.grpc_url, **ssl)
+        assert info.value.status() == "StatusCode.UNAVAILABLE", (name, info.value)
+    # The HTTP endpoint (loopback only by default) still answers the readiness probe.
+    assert tls_server.is_ready()
+
+
+def test_tls_flags_reach_tritonserver_and_bad_settings_fail_early(pki, tmp_path):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    _serve_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["serve", "--tls-cert", str(pki / "server.crt"), "--tls-key", str(pki / "server.key")])
+    tls = _tls(args)
+    assert tls.flags() == ["--grpc-use-ssl=true", f"--grpc-server-cert={pki / 'server.crt'}",
+                           f"--grpc-server-key={pki / 'server.key'}"]
+    server = TritonServer(ServeOptions(tls=tls))
+    command = server.command(Path("tritonserver"), tmp_path, None)
+    assert "--grpc-use-ssl=true" in command and "--grpc-use-ssl-mutual=true" not in command
+    assert "--grpc-use-ssl=true" not in server.command(Path("tritonserver"), tmp_path, None, rank=1)
+    mutual = TlsOptions(cert=pki / "server.crt", key=pki / "server.key", ca=pki / "ca.crt", mutual=True)
+    assert mutual.flags()[-2:] == [f"--grpc-root-cert={pki / 'ca.crt'}", "--grpc-use-ssl-mutual=true"]
+    assert _tls(parser.parse_args(["serve"])) is None
+    with pytest.raises(ValueError, match="both --tls-cert and --tls-key"):
+        _tls(parser.parse_args(["serve", "--tls-cert", str(pki / "server.crt")]))
+    with pytest.raises(ValueError, match="needs the CA"):
+        TlsOptions(cert=pki / "server.crt", key=pki / "server.key", mutual=True)
+    with pytest.raises(FileNotFoundError):
+        TlsOptions(cert=tmp_path / "missing.crt", key=pki / "server.key")
