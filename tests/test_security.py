@@ -122,3 +122,28 @@ def test_tls_flags_reach_tritonserver_and_bad_settings_fail_early(pki, tmp_path)
         TlsOptions(cert=pki / "server.crt", key=pki / "server.key", mutual=True)
     with pytest.raises(FileNotFoundError):
         TlsOptions(cert=tmp_path / "missing.crt", key=pki / "server.key")
+
+
+def test_grpc_restricted_apis_need_the_admin_header_and_the_default_bind_is_loopback(server):
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        with pytest.raises(InferenceServerException, match="This protocol is restricted"):
+            client.get_system_shared_memory_status()
+        # Over gRPC, Triton expects the header name behind its own prefix.
+        key = "triton-grpc-protocol-reward-server-admin"
+        assert client.get_system_shared_memory_status(headers={key: server.options.admin_token}) is not None
+        with pytest.raises(InferenceServerException, match="This protocol is restricted"):
+            client.get_system_shared_memory_status(headers={key: "wrong"})
+    finally:
+        client.close()
+    listening = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if state == "0A":  # LISTEN
+                address, port = local.rsplit(":", 1)
+                listening.add((address, int(port, 16)))
+    ports = {server.options.grpc_port, server.options.http_port, server.options.metrics_port}
+    bound = {address for address, port in listening if port in ports}
+    # 127.0.0.1 (and gRPC's IPv4-mapped ::ffff:127.0.0.1 socket), nothing on 0.0.0.0 or ::
+    assert bound and bound <= {"0100007F", "0000000000000000FFFF00000100007F"}, bound
