@@ -195,3 +195,16 @@ def test_sigterm_under_load_finishes_accepted_requests_refuses_new_ones_and_exit
     refused = [o for o in outcomes if o[1] != "ok"]
     assert all(o[1] == "StatusCode.UNAVAILABLE" or "has no available versions" in o[2] for o in refused), refused
     assert "watchdog: giving up" not in served.log() and not python_stubs(served.proc.pid)
+
+
+@pytest.mark.parametrize("status, message", [
+    ("StatusCode.INTERNAL", "Failed to process the request(s) for model instance 'reward_engine_0_0', message: "
+                            "Stub process 'reward_engine_0_0' is not healthy."),
+    ("StatusCode.NOT_FOUND", "Request for unknown model: 'reward' has no available versions"),
+    ("StatusCode.UNAVAILABLE", "Server is stopping, scheduler for model has stopped accepting new inference requests"),
+])
+def test_the_sdk_retries_what_a_restarting_or_stopping_server_answers(status, message):
+    from reward_client import RewardUnavailableError
+    from reward_client.transport import wire
+
+    assert isinstance(wire.map_error(InferenceServerException(message, status=status)), RewardUnavailableError)

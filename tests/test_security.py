@@ -147,3 +147,34 @@ def test_grpc_restricted_apis_need_the_admin_header_and_the_default_bind_is_loop
     bound = {address for address, port in listening if port in ports}
     # 127.0.0.1 (and gRPC's IPv4-mapped ::ffff:127.0.0.1 socket), nothing on 0.0.0.0 or ::
     assert bound and bound <= {"0100007F", "0000000000000000FFFF00000100007F"}, bound
+
+
+def test_the_client_sdk_and_cli_speak_mutual_tls(tls_server, pki, tmp_path):
+    import asyncio
+
+    from reward_client import AsyncRewardClient, RewardClient, RewardUnavailableError, RetryPolicy, TlsConfig
+    from reward_client.cli import main as client_main
+
+    tls = TlsConfig(root_certificates=str(pki / "ca.crt"), certificate_chain=str(pki / "client.crt"),
+                    private_key=str(pki / "client.key"))
+    expected = _score(tls_server.grpc_url, **tls.client_kwargs())
+    with RewardClient(tls_server.grpc_url, tls=tls) as client:
+        assert client.score([CONVERSATION])[0].score == pytest.approx(expected, rel=1e-5)
+
+    async def run():
+        async with AsyncRewardClient(tls_server.grpc_url, tls=tls) as client:
+            return [r.score async for r in client.iter_scores([CONVERSATION])]
+
+    assert asyncio.run(run()) == pytest.approx([expected], rel=1e-5)
+    with RewardClient(tls_server.grpc_url, tls=TlsConfig(root_certificates=str(pki / "ca.crt")),
+                      retry=RetryPolicy(max_attempts=1)) as client:
+        with pytest.raises(RewardUnavailableError):
+            client.score([CONVERSATION])  # no client certificate: refused at the handshake
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text(json.dumps({"messages": CONVERSATION}) + "\n")
+    assert client_main(["score", str(source), "-o", str(out), "--url", tls_server.grpc_url, "--no-progress",
+                        "--tls-ca", str(pki / "ca.crt"), "--tls-cert", str(pki / "client.crt"),
+                        "--tls-key", str(pki / "client.key")]) == 0
+    assert json.loads(out.read_text())["reward"]["score"] == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="both certificate_chain and private_key"):
+        TlsConfig(certificate_chain=str(pki / "client.crt"))

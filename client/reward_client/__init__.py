@@ -14,6 +14,7 @@ from reward_client.errors import (RewardClientError, RewardInvalidInputError, Re
 from reward_client.results import RankedResponse, ScoreResult, bradley_terry
 from reward_client.retry import RetryPolicy
 from reward_client.sync_client import RewardClient
+from reward_client.tls import TlsConfig
 
 __all__ = [
     "AsyncRewardClient",
@@ -26,6 +27,7 @@ __all__ = [
     "RewardTimeoutError",
     "RewardUnavailableError",
     "ScoreResult",
+    "TlsConfig",
     "bradley_terry",
 ]
 __version__ = "0.1.0"

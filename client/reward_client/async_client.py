@@ -18,6 +18,7 @@ from reward_client.conversations import ConversationLike, encode, to_messages, w
 from reward_client.errors import RewardUnavailableError
 from reward_client.results import RankedResponse, ScoreResult, bradley_terry
 from reward_client.retry import RetryPolicy, acall_with_retries
+from reward_client.tls import TlsConfig, client_kwargs
 from reward_client.transport import routing, wire
 from reward_client.transport.endpoints import EndpointSet, is_scale_out, parse_targets
 from reward_client.transport.pipeline import _as_async, achunked, aordered_map, chunked
@@ -47,7 +48,7 @@ class AsyncRewardClient:
     def __init__(self, url: Union[str, Sequence[str]] = DEFAULT_URL, *, model: str = wire.MESSAGES_MODEL,
                  ids_model: str = wire.IDS_MODEL, batch_size: int = 64, max_in_flight: int = 4,
                  timeout_s: Optional[float] = 60.0, retry: Optional[RetryPolicy] = None,
-                 verbose: bool = False, refresh_s: float = 30.0) -> None:
+                 verbose: bool = False, refresh_s: float = 30.0, tls: Optional[TlsConfig] = None) -> None:
         """Create a client; see :class:`reward_client.RewardClient` for the arguments.
 
         Raises:
@@ -61,10 +62,11 @@ class AsyncRewardClient:
         self._pool: Optional[ReplicaPool] = None
         if is_scale_out(targets):
             self._pool = ReplicaPool(EndpointSet(targets, refresh_s),
-                                     lambda address: aioclient.InferenceServerClient(url=address, verbose=verbose))
+                                     lambda address: aioclient.InferenceServerClient(
+                                         url=address, verbose=verbose, **client_kwargs(tls)))
             self._client = None
         else:
-            self._client = aioclient.InferenceServerClient(url=targets[0], verbose=verbose)
+            self._client = aioclient.InferenceServerClient(url=targets[0], verbose=verbose, **client_kwargs(tls))
         self._attributes = AttributeNames()
         self._sleep = asyncio.sleep
 

@@ -16,6 +16,7 @@ from reward_client.conversations import ConversationLike, with_response
 from reward_client.errors import RewardUnavailableError
 from reward_client.results import RankedResponse, ScoreResult, bradley_terry
 from reward_client.retry import RetryPolicy, call_with_retries
+from reward_client.tls import TlsConfig, client_kwargs
 from reward_client.transport import routing, wire
 from reward_client.transport.endpoints import EndpointSet, is_scale_out, parse_targets
 from reward_client.transport.pipeline import chunked, ordered_map
@@ -50,7 +51,7 @@ class RewardClient:
     def __init__(self, url: Union[str, Sequence[str]] = DEFAULT_URL, *, model: str = wire.MESSAGES_MODEL,
                  ids_model: str = wire.IDS_MODEL, batch_size: int = 64, max_in_flight: int = 4,
                  timeout_s: Optional[float] = 60.0, retry: Optional[RetryPolicy] = None,
-                 verbose: bool = False, refresh_s: float = 30.0) -> None:
+                 verbose: bool = False, refresh_s: float = 30.0, tls: Optional[TlsConfig] = None) -> None:
         """Create a client; the connection is made lazily by the first call.
 
         Args:
@@ -64,6 +65,7 @@ class RewardClient:
             retry: retry policy for overload/unavailability (default :class:`RetryPolicy`).
             verbose: log every gRPC call (tritonclient's verbose mode).
             refresh_s: with ``dns:///`` targets, how often the name is resolved again.
+            tls: gRPC over TLS (and mutual TLS with a client certificate); None: plaintext.
 
         Raises:
             ValueError: if ``batch_size`` or ``max_in_flight`` is < 1, or an endpoint is not
@@ -76,10 +78,11 @@ class RewardClient:
         self._pool: Optional[ReplicaPool] = None
         if is_scale_out(targets):
             self._pool = ReplicaPool(EndpointSet(targets, refresh_s),
-                                     lambda address: grpcclient.InferenceServerClient(url=address, verbose=verbose))
+                                     lambda address: grpcclient.InferenceServerClient(
+                                         url=address, verbose=verbose, **client_kwargs(tls)))
             self._client = None
         else:
-            self._client = grpcclient.InferenceServerClient(url=targets[0], verbose=verbose)
+            self._client = grpcclient.InferenceServerClient(url=targets[0], verbose=verbose, **client_kwargs(tls))
         self._executor: Optional[ThreadPoolExecutor] = None
         self._executor_size = 0
         self._attributes = AttributeNames()

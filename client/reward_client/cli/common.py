@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from reward_client._base import DEFAULT_URL
 from reward_client.conversations import Message, to_messages
 from reward_client.retry import RetryPolicy
 from reward_client.sync_client import RewardClient
+from reward_client.tls import TlsConfig
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -28,7 +29,24 @@ def connection_options() -> argparse.ArgumentParser:
     group.add_argument("--retries", type=int, default=8,
                        help="attempts per request on overload/unavailability (default %(default)s)")
     group.add_argument("--log-level", default="WARNING", help="logging level (default %(default)s)")
+    tls = parent.add_argument_group("TLS (gRPC)")
+    tls.add_argument("--tls", action="store_true", help="connect over TLS, trusting the system's CAs")
+    tls.add_argument("--tls-ca", help="CA certificate (PEM) that signs the server's certificate; implies --tls")
+    tls.add_argument("--tls-cert", help="client certificate (PEM) for mutual TLS; implies --tls")
+    tls.add_argument("--tls-key", help="key (PEM) of --tls-cert")
     return parent
+
+
+def tls_config(args: argparse.Namespace) -> Optional[TlsConfig]:
+    """Return the TLS settings of the parsed options, or None for plaintext.
+
+    Raises:
+        ValueError: if only one of ``--tls-cert`` and ``--tls-key`` is given, or a file does not exist.
+    """
+    ca, cert, key = getattr(args, "tls_ca", None), getattr(args, "tls_cert", None), getattr(args, "tls_key", None)
+    if not (getattr(args, "tls", False) or ca or cert or key):
+        return None
+    return TlsConfig(root_certificates=ca, certificate_chain=cert, private_key=key)
 
 
 def scoring_options() -> argparse.ArgumentParser:
@@ -47,11 +65,11 @@ def make_client(args: argparse.Namespace) -> RewardClient:
     """Return a client configured from the parsed options.
 
     Raises:
-        ValueError: if a batching option is out of range.
+        ValueError: if a batching option is out of range, or the TLS options are incomplete.
     """
     return RewardClient(args.url, batch_size=getattr(args, "batch_size", 64),
                         max_in_flight=getattr(args, "concurrency", 4), timeout_s=args.timeout,
-                        retry=RetryPolicy(max_attempts=max(1, args.retries)))
+                        retry=RetryPolicy(max_attempts=max(1, args.retries)), tls=tls_config(args))
 
 
 def record_messages(record: Any, index: int) -> List[Message]:

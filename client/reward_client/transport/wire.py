@@ -35,6 +35,9 @@ _RETRYABLE_MESSAGES = ("exceeds maximum queue size", "request timeout expired")
 # (a dead Python-backend stub answers INTERNAL "Stub process ... is not healthy").
 _REPLICA_FAILURE_MESSAGES = ("stub process", "failed to connect", "connection refused", "socket closed",
                              "is not ready", "has no available versions")
+# A server that is restarting a dead stub (its watchdog) or stopping answers these for a moment,
+# whatever the status: worth retrying, like UNAVAILABLE.
+_RESTARTING_MESSAGES = ("stub process", "has no available versions", "server is stopping")
 
 
 def messages_inputs(encoded: Sequence[bytes]) -> List[InferInput]:
@@ -138,7 +141,7 @@ def map_error(exc: InferenceServerException, offset: int = 0) -> RewardClientErr
         # The server numbers conversations within the request; drop that local number.
         reason = (message[:match.start()] + message[match.end():].lstrip()).strip()
         return RewardInvalidInputError(reason, offset + int(match.group(1)))
-    if status in _RETRYABLE_STATUSES or any(m in message.lower() for m in _RETRYABLE_MESSAGES):
+    if status in _RETRYABLE_STATUSES or any(m in message.lower() for m in _RETRYABLE_MESSAGES + _RESTARTING_MESSAGES):
         return RewardUnavailableError(f"{status}: {message}")
     if status == "StatusCode.DEADLINE_EXCEEDED":
         return RewardTimeoutError(message)
