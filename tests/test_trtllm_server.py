@@ -154,7 +154,9 @@ def test_tensor_parallel_ranks_run_under_mpirun_and_stop_cleanly(demo_checkpoint
         code = server.stop()
     worker.join(timeout=60)
     assert time.monotonic() - started < server.options.exit_timeout_s  # the ranks stopped, not killed
-    assert code == 0, server.log_tail()
+    # 0; or 143 when, on a busy machine, rank 1 (which no readiness check sees) is still starting and
+    # dies of the SIGTERM before tritonserver installs its handler: a clean stop either way
+    assert code in (0, 143), server.log_tail()
     assert not _descendants(server.process.pid)
     # Finished, or refused as retryable: Triton 2.51 refuses BLS requests once shutting down, so a
     # request whose engine step had not started gets UNAVAILABLE (the client SDK retries it).
