@@ -120,16 +120,23 @@ def _check_ids(encoder: ChatEncoder, request: PreprocessInput) -> dict | Request
     return _pack(encoded)
 
 
-def score_requests(engine, requests: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[dict]:
-    """Run the engine once over all sequences of all requests and split rewards back.
-
-    Each request is (input_ids [B, W], input_lengths [B, 1]).
-    """
+def engine_sequences(requests: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[list[list[int]], list[int]]:
+    """Every request's (input_ids [B, W], input_lengths [B, 1]) as unpadded token lists, in order,
+    and the number of sequences each request holds."""
     sequences, counts = [], []
     for ids, lengths in requests:
         lengths = np.asarray(lengths).reshape(-1)
         sequences.extend(row[:n].tolist() for row, n in zip(np.asarray(ids), lengths))
         counts.append(len(lengths))
+    return sequences, counts
+
+
+def score_requests(engine, requests: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[dict]:
+    """Run the engine once over all sequences of all requests and split rewards back.
+
+    Each request is (input_ids [B, W], input_lengths [B, 1]).
+    """
+    sequences, counts = engine_sequences(requests)
     rewards = engine.score(sequences)
     offsets = np.cumsum([0] + counts)
     return [{"rewards": rewards[offsets[i]:offsets[i + 1]]} for i in range(len(requests))]

@@ -29,7 +29,7 @@ import numpy as np
 
 from reward_server.batching import group_shared_prefixes
 from reward_server.heads import pool_position
-from reward_server.stages import EngineError, EngineUnavailable, RequestError
+from reward_server.stages import EngineError, EngineUnavailable, RequestError, engine_sequences
 from reward_server.trtllm.adapt import RewardHeadSpec
 
 # The backend refuses a request whose requested outputs lack output_ids or sequence_length
@@ -107,11 +107,8 @@ async def score_requests(fanout: FanOut, infer: Infer,
     the request it belongs to, naming the conversation: `EngineUnavailable` (retryable) when the
     engine refused it for now, else `EngineError`.
     """
-    sequences, owners = [], []
-    for r, (ids, lengths) in enumerate(requests):
-        for c, (row, n) in enumerate(zip(np.asarray(ids), np.asarray(lengths).reshape(-1))):
-            sequences.append(row[:n].tolist())
-            owners.append((r, c))
+    sequences, counts = engine_sequences(requests)
+    owners = [(r, c) for r, count in enumerate(counts) for c in range(count)]
     inputs = [fanout.request(seq) for seq in sequences]
     leader_of: dict[int, int] = {}
     if fanout.prompt_first > 0:
