@@ -49,11 +49,11 @@ class InputLimits:
         if self.max_conversation_bytes < 1 or self.max_request_bytes < 1:
             raise ValueError("byte limits must be positive")
 
-    def check_conversation(self, raw: bytes | str) -> None:
-        """Raises ConversationError when one conversation's JSON is over the limit."""
+    def check_conversation(self, raw: bytes | str, what: str = "messages") -> None:
+        """Raises ConversationError when one conversation (its `what` input) is over the limit."""
         size = len(raw)
         if size > self.max_conversation_bytes:
-            raise ConversationError(f"messages is {size} bytes, over the limit of {self.max_conversation_bytes} "
+            raise ConversationError(f"{what} is {size} bytes, over the limit of {self.max_conversation_bytes} "
                                     "bytes per conversation")
 
 
@@ -100,6 +100,25 @@ def parse_messages(raw: bytes | str | list) -> list[dict[str, str]]:
         raise ConversationError(f"the last message (message {len(messages) - 1}) must be the assistant "
                                 f"response being scored, got role {messages[-1]['role']!r}")
     return messages
+
+
+def check_text(raw: bytes | str) -> str:
+    """Decode and validate one pre-templated text (the `text` entry point).
+
+    Raises:
+        ConversationError: invalid UTF-8, empty, a NUL character or a lone surrogate.
+    """
+    if isinstance(raw, (bytes, bytearray)):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ConversationError(f"text is not valid UTF-8 ({err.reason} at byte {err.start})") from None
+    if not isinstance(raw, str):
+        raise ConversationError(f"text must be a string, got {type(raw).__name__}")
+    if not raw:
+        raise ConversationError("text is empty")
+    _check_text(raw, "text")
+    return raw
 
 
 def _short(value: Any, limit: int = 40) -> str:
@@ -202,7 +221,12 @@ class ChatEncoder:
     def _render(self, conversations: Sequence[list[dict]], generation_prompt: bool = False) -> list[list[int]]:
         texts = self.tokenizer.apply_chat_template(list(conversations), tokenize=False,
                                                    add_generation_prompt=generation_prompt)
-        batch = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return self._tokenize(texts)
+
+    def _tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of finished texts: special tokens written in the text are kept as such, none
+        is added, and a BOS is ensured exactly once when the tokenizer normally adds one."""
+        batch = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
         if self._bos is None:
             return batch
         out = []
@@ -241,6 +265,37 @@ class ChatEncoder:
                 continue
             try:
                 results.append(self._fit(messages, ids))
+            except ConversationError as err:
+                results.append(err)
+        return results
+
+    def encode_texts(self, texts: Sequence[str]) -> list[Encoded | ConversationError]:
+        """Encode already-templated texts in one tokenizer call, applying the length policy.
+
+        For trainers that send the conversation as one string in a chat format (OpenRLHF's
+        policy-templated queries, verl's reward-templated inputs): no chat template is applied,
+        special tokens written in the text (`<|eot_id|>`, ...) stay special tokens, and the text
+        gets exactly one leading BOS when the tokenizer uses one, whether or not it already held
+        it. truncate_left keeps only the leading BOS and the last `max_length - 1` tokens: the
+        response boundary is unknown in a plain text.
+
+        Returns one `Encoded` or `ConversationError` per text, in order.
+        """
+        checked: list[str | ConversationError] = []
+        for text in texts:
+            try:
+                checked.append(check_text(text))
+            except ConversationError as err:
+                checked.append(err)
+        valid = [t for t in checked if not isinstance(t, ConversationError)]
+        ids = iter(self._tokenize(valid) if valid else [])
+        results: list[Encoded | ConversationError] = []
+        for text in checked:
+            if isinstance(text, ConversationError):
+                results.append(text)
+                continue
+            try:
+                results.append(self.policy.apply(next(ids), int(self._bos is not None), None))
             except ConversationError as err:
                 results.append(err)
         return results

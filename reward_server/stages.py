@@ -32,11 +32,13 @@ class EngineUnavailable(RequestError):
 
 @dataclass
 class PreprocessInput:
-    """One request's inputs: `messages` [B,1] object array, or `token_ids` [B,L] (+ lengths)."""
+    """One request's inputs: `messages` [B,1] object array, `text` [B,1] object array (already
+    templated), or `token_ids` [B,L] (+ lengths)."""
 
     messages: np.ndarray | None = None
     token_ids: np.ndarray | None = None
     token_lengths: np.ndarray | None = None
+    text: np.ndarray | None = None
 
 
 def _pack(encoded: Sequence[Encoded]) -> dict[str, np.ndarray]:
@@ -68,42 +70,54 @@ def _token_rows(request: PreprocessInput) -> list[np.ndarray]:
 
 def preprocess(encoder: ChatEncoder, requests: Sequence[PreprocessInput],
                limits: InputLimits = InputLimits()) -> list[dict | RequestError]:
-    """Validate and tokenise every conversation of every request with one tokenizer call.
+    """Validate and tokenise every conversation of every request: one tokenizer call for all
+    `messages` conversations and one for all `text` inputs of the batch.
 
     Byte limits are checked first, before any JSON parsing or tokenisation.
     """
     results: list[dict | RequestError | None] = [None] * len(requests)
-    pending: list[tuple[int, list[list[dict]]]] = []
+    chats: list[tuple[int, list]] = []
+    texts: list[tuple[int, list]] = []
     for r, request in enumerate(requests):
-        if request.messages is None and request.token_ids is None:
-            results[r] = RequestError("the request has neither messages nor input_ids")
-            continue
-        if request.messages is None:
+        given = [name for name in ("messages", "text", "token_ids") if getattr(request, name) is not None]
+        if len(given) != 1:
+            results[r] = RequestError("the request must carry exactly one of messages, text or input_ids"
+                                      + (f"; it has {', '.join(given)}" if given else ""))
+        elif request.token_ids is not None:
             results[r] = _check_ids(encoder, request)
-            continue
-        rows = np.asarray(request.messages, dtype=object).reshape(-1)
-        size = sum(len(raw) if isinstance(raw, (bytes, str)) else 0 for raw in rows)
-        if size > limits.max_request_bytes:
-            results[r] = RequestError(f"the request's {len(rows)} conversations are {size} bytes together, over "
-                                      f"the limit of {limits.max_request_bytes} bytes per request")
-            continue
-        conversations = []
-        for c, raw in enumerate(rows):
-            try:
-                limits.check_conversation(raw)
-                conversations.append(parse_messages(raw))
-            except ConversationError as err:
-                results[r] = RequestError(f"conversation {c}: {err}")
-                break
         else:
-            pending.append((r, conversations))
-    flat = [conv for _, convs in pending for conv in convs]
-    encoded = iter(encoder.encode_batch(flat))
-    for r, convs in pending:
-        mine = [next(encoded) for _ in convs]
-        bad = next(((c, e) for c, e in enumerate(mine) if isinstance(e, ConversationError)), None)
-        results[r] = RequestError(f"conversation {bad[0]}: {bad[1]}") if bad else _pack(mine)
+            what = given[0]
+            parsed = _parse_rows(getattr(request, what), what, limits)
+            if isinstance(parsed, RequestError):
+                results[r] = parsed
+            else:
+                (chats if what == "messages" else texts).append((r, parsed))
+    for pending, encode in ((chats, "encode_batch"), (texts, "encode_texts")):
+        if not pending:
+            continue
+        encoded = iter(getattr(encoder, encode)([item for _, items in pending for item in items]))
+        for r, items in pending:
+            mine = [next(encoded) for _ in items]
+            bad = next(((c, e) for c, e in enumerate(mine) if isinstance(e, ConversationError)), None)
+            results[r] = RequestError(f"conversation {bad[0]}: {bad[1]}") if bad else _pack(mine)
     return results
+
+
+def _parse_rows(array: np.ndarray, what: str, limits: InputLimits) -> list | RequestError:
+    """One request's `messages` (parsed) or `text` rows, after the byte limits."""
+    rows = np.asarray(array, dtype=object).reshape(-1)
+    size = sum(len(raw) if isinstance(raw, (bytes, str)) else 0 for raw in rows)
+    if size > limits.max_request_bytes:
+        return RequestError(f"the request's {len(rows)} conversations are {size} bytes together, over "
+                            f"the limit of {limits.max_request_bytes} bytes per request")
+    items = []
+    for c, raw in enumerate(rows):
+        try:
+            limits.check_conversation(raw, what)
+            items.append(parse_messages(raw) if what == "messages" else raw)
+        except ConversationError as err:
+            return RequestError(f"conversation {c}: {err}")
+    return items
 
 
 def _check_ids(encoder: ChatEncoder, request: PreprocessInput) -> dict | RequestError:

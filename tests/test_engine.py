@@ -59,6 +59,34 @@ def test_engine_rejects_bad_index(qwen_checkpoint):
         RewardEngine.from_checkpoint(qwen_checkpoint, reward_indices="10000000")
 
 
+def test_text_entry_tokenises_as_given_with_one_bos(demo_checkpoint):
+    """Templated text (OpenRLHF keeps the BOS, verl strips it, a careless caller doubles it) gives
+    exactly the ids of the chat template path; bad texts fail alone, naming the problem."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(demo_checkpoint))
+    encoder = ChatEncoder.from_checkpoint(demo_checkpoint, max_length=256)
+    bos = tokenizer.bos_token
+    templated = [tokenizer.apply_chat_template(c, tokenize=False) for c in CONVERSATIONS[:3]]
+    assert all(t.startswith(bos) for t in templated)
+    texts = [templated[0], templated[1][len(bos):], bos + templated[2]]
+    rows = np.array([[t.encode()] for t in texts], dtype=object)
+    bad = np.array([[templated[0].encode()], ["two\0three".encode()]], dtype=object)
+    results = stages.preprocess(encoder, [stages.PreprocessInput(text=rows), stages.PreprocessInput(text=bad),
+                                          stages.PreprocessInput(text=np.array([[b""]], dtype=object)),
+                                          stages.PreprocessInput()])
+    lengths = results[0]["input_lengths"].ravel().tolist()
+    for row, conversation in enumerate(CONVERSATIONS[:3]):
+        assert results[0]["input_ids"][row, :lengths[row]].tolist() == reference_ids(demo_checkpoint, conversation)
+    assert results[1] == "conversation 1: text contains a NUL character (\\u0000)"
+    assert results[2] == "conversation 0: text is empty"
+    assert results[3] == "the request must carry exactly one of messages, text or input_ids"
+    long = tokenizer.apply_chat_template([{"role": "user", "content": "word " * 400},
+                                          {"role": "assistant", "content": "ok"}], tokenize=False)
+    [too_long] = encoder.encode_texts([long])
+    assert "over the maximum length of 256" in str(too_long)
+
+
 def test_preprocess_batches_requests_and_isolates_errors(demo_checkpoint):
     encoder = ChatEncoder.from_checkpoint(demo_checkpoint, max_length=256)
     good = np.array([[json.dumps(c).encode()] for c in CONVERSATIONS[:3]], dtype=object)

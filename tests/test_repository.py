@@ -12,8 +12,8 @@ from reward_server import engines
 from reward_server.launcher import MODEL_REPOSITORY, ServeOptions, render_repository
 from reward_server.trtllm.fanout import REQUESTED_OUTPUTS, FanOut
 
-MODELS = {"preprocessing", "reward_engine", "postprocessing", "reward", "reward_ids", "reward_engine_trtllm",
-          "tensorrt_llm"}
+MODELS = {"preprocessing", "reward_engine", "postprocessing", "reward", "reward_ids", "reward_text",
+          "reward_engine_trtllm", "tensorrt_llm"}
 _NUMPY_TYPES = {"int32": model_config_pb2.TYPE_INT32, "bool": model_config_pb2.TYPE_BOOL}
 
 
@@ -33,9 +33,12 @@ def test_checked_in_configs_parse_and_match_the_wire_contract():
     assert outputs == {"score": (model_config_pb2.TYPE_FP32, [1]), "attributes": (model_config_pb2.TYPE_FP32, [-1]),
                        "num_tokens": (model_config_pb2.TYPE_INT32, [1]), "truncated": (model_config_pb2.TYPE_BOOL, [1])}
     assert {o.name: (o.data_type, list(o.dims)) for o in configs["reward_ids"].output} == outputs
+    assert {o.name: (o.data_type, list(o.dims)) for o in configs["reward_text"].output} == outputs
+    assert [(i.name, i.data_type, list(i.dims)) for i in configs["reward_text"].input] == \
+        [("text", model_config_pb2.TYPE_STRING, [1])]
     assert configs["reward_engine"].input[0].allow_ragged_batch
     # each ensemble step names a model that exists
-    for ensemble in (reward, configs["reward_ids"]):
+    for ensemble in (reward, configs["reward_ids"], configs["reward_text"]):
         assert [s.model_name for s in ensemble.ensemble_scheduling.step] == ["preprocessing", "reward_engine",
                                                                             "postprocessing"]
     trtllm = configs["tensorrt_llm"]
@@ -52,7 +55,7 @@ def _tensors(config, kind):
 def test_ensemble_wiring_is_consistent_for_each_engine(engine):
     """Every tensor an ensemble step maps exists on both sides, with the same type and dims."""
     configs = {p.parent.name: _parse(p) for p in MODEL_REPOSITORY.glob("*/config.pbtxt")}
-    for name in ("reward", "reward_ids"):
+    for name in ("reward", "reward_ids", "reward_text"):
         ensemble = configs[name]
         engines.wire_ensemble(ensemble, engine)
         produced = _tensors(ensemble, "input")  # ensemble tensor -> (type, dims)

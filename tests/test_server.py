@@ -125,6 +125,22 @@ def test_reward_ids_entry_point_matches_messages(any_server, demo_checkpoint, ex
     np.testing.assert_allclose(result.as_numpy("score")[0], expected[0], rtol=1e-4, atol=1e-6)
 
 
+def test_reward_text_entry_point_matches_messages(any_server, demo_checkpoint, expected):
+    """Templated strings, with the BOS (OpenRLHF) or without it (verl), score as their messages."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(demo_checkpoint))
+    texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in CONVERSATIONS[:6]]
+    texts[1::2] = [t[len(tokenizer.bos_token):] for t in texts[1::2]]
+    data = np.array([[t.encode()] for t in texts], dtype=object)
+    tensor = grpcclient.InferInput("text", list(data.shape), "BYTES")
+    tensor.set_data_from_numpy(data)
+    result = grpcclient.InferenceServerClient(any_server.grpc_url).infer("reward_text", [tensor])
+    np.testing.assert_allclose(result.as_numpy("score"), expected[:6], rtol=1e-4, atol=1e-6)
+    assert result.as_numpy("num_tokens").ravel().tolist() == [len(reference_ids(demo_checkpoint, c))
+                                                              for c in CONVERSATIONS[:6]]
+
+
 GOOD = json.dumps(CONVERSATIONS[0]).encode()
 
 

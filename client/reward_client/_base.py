@@ -26,6 +26,7 @@ class ClientSettings:
         url: gRPC ``host:port`` of the server; with several replicas, their targets joined by commas.
         model: the messages ensemble (``reward``).
         ids_model: the token-id ensemble (``reward_ids``).
+        text_model: the templated-text ensemble (``reward_text``).
         batch_size: conversations per request (the server accepts up to its max_batch_size).
         max_in_flight: requests outstanding at once when scoring many conversations.
         timeout_s: deadline of each request attempt in seconds (None: no deadline).
@@ -36,6 +37,7 @@ class ClientSettings:
     url: str = DEFAULT_URL
     model: str = wire.MESSAGES_MODEL
     ids_model: str = wire.IDS_MODEL
+    text_model: str = wire.TEXT_MODEL
     batch_size: int = 64
     max_in_flight: int = 4
     timeout_s: Optional[float] = 60.0
@@ -131,3 +133,39 @@ def checked_id_rows(token_id_lists: Iterable[Sequence[int]]) -> Iterator[List[in
         if not ids:
             raise RewardInvalidInputError("empty token id list", index)
         yield ids
+
+
+def encoded_texts(texts: Iterable[str]) -> Iterator[bytes]:
+    """Check templated texts lazily and encode them as UTF-8.
+
+    Raises:
+        RewardInvalidInputError: naming the first text that is not a non-empty string by its index.
+    """
+    for index, text in enumerate(texts):
+        yield encoded_text(text, index)
+
+
+def encoded_text(text: str, index: int) -> bytes:
+    """One templated text as UTF-8 bytes.
+
+    Raises:
+        RewardInvalidInputError: if it is not a non-empty string, or is not Unicode text.
+    """
+    if not isinstance(text, str):
+        raise RewardInvalidInputError(f"text must be a string, got {type(text).__name__}", index)
+    if not text:
+        raise RewardInvalidInputError("empty text", index)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RewardInvalidInputError(f"text is not Unicode text ({exc.reason})", index) from exc
+
+
+def keyed_texts(texts: Iterable[str]) -> Iterator[routing.Keyed]:
+    """Check and encode templated texts lazily, each with its group key (its leading bytes).
+
+    Raises:
+        RewardInvalidInputError: naming the first text that is not a non-empty string by its index.
+    """
+    for index, text in enumerate(encoded_texts(texts)):
+        yield routing.Keyed(index, routing.text_key(text), text)

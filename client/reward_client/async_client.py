@@ -12,8 +12,8 @@ import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
 from reward_client._base import (DEFAULT_URL, AttributeNames, ClientSettings, checked_id_rows,
-                                 encoded_conversations, keyed_conversation, keyed_conversations,
-                                 keyed_id_rows)
+                                 encoded_conversations, encoded_texts, keyed_conversation, keyed_conversations,
+                                 keyed_id_rows, keyed_texts)
 from reward_client.conversations import ConversationLike, encode, to_messages, with_response
 from reward_client.errors import RewardUnavailableError
 from reward_client.results import RankedResponse, ScoreResult, bradley_terry
@@ -46,7 +46,7 @@ class AsyncRewardClient:
     """
 
     def __init__(self, url: Union[str, Sequence[str]] = DEFAULT_URL, *, model: str = wire.MESSAGES_MODEL,
-                 ids_model: str = wire.IDS_MODEL, batch_size: int = 64, max_in_flight: int = 4,
+                 ids_model: str = wire.IDS_MODEL, text_model: str = wire.TEXT_MODEL, batch_size: int = 64, max_in_flight: int = 4,
                  timeout_s: Optional[float] = 60.0, retry: Optional[RetryPolicy] = None,
                  verbose: bool = False, refresh_s: float = 30.0, tls: Optional[TlsConfig] = None) -> None:
         """Create a client; see :class:`reward_client.RewardClient` for the arguments.
@@ -56,7 +56,7 @@ class AsyncRewardClient:
                 ``host:port``.
         """
         targets = parse_targets(url)
-        self.settings = ClientSettings(url=",".join(targets), model=model, ids_model=ids_model,
+        self.settings = ClientSettings(url=",".join(targets), model=model, ids_model=ids_model, text_model=text_model,
                                        batch_size=batch_size, max_in_flight=max_in_flight,
                                        timeout_s=timeout_s, retry=retry or RetryPolicy())
         self._pool: Optional[ReplicaPool] = None
@@ -245,6 +245,36 @@ class AsyncRewardClient:
             return
         chunks = chunked(checked_id_rows(token_id_lists), self.settings.batch_size)
         async for result in self._run(chunks, self.settings.ids_model, wire.ids_inputs):
+            yield result
+
+    async def score_texts(self, texts: Iterable[str]) -> List[ScoreResult]:
+        """Score already-templated texts through the ``reward_text`` ensemble (see
+        :meth:`reward_client.RewardClient.score_texts`).
+
+        Raises:
+            RewardInvalidInputError: a text was empty, not a string, or rejected; ``.index`` names it.
+            RewardUnavailableError: the server stayed unavailable/overloaded through all retries.
+            RewardTimeoutError: a request passed its deadline.
+            RewardServerError: any other server failure.
+        """
+        return [result async for result in self.iter_score_texts(texts)]
+
+    async def iter_score_texts(self, texts: Iterable[str]) -> AsyncIterator[ScoreResult]:
+        """Stream :meth:`score_texts` results in input order.
+
+        Raises:
+            RewardInvalidInputError: a text was empty, not a string, or rejected; ``.index`` names it.
+            RewardUnavailableError: the server stayed unavailable/overloaded through all retries.
+            RewardTimeoutError: a request passed its deadline.
+            RewardServerError: any other server failure.
+        """
+        if self._pool is not None:
+            async for result in self._run_routed(_as_async(keyed_texts(texts)), self.settings.text_model,
+                                                 wire.text_inputs):
+                yield result
+            return
+        chunks = chunked(encoded_texts(texts), self.settings.batch_size)
+        async for result in self._run(chunks, self.settings.text_model, wire.text_inputs):
             yield result
 
     async def preference(self, prompt: Prompt, response_a: str, response_b: str) -> float:

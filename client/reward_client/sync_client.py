@@ -11,7 +11,8 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from reward_client._base import (DEFAULT_URL, AttributeNames, ClientSettings, checked_id_rows,
-                                 encoded_conversations, keyed_conversations, keyed_id_rows)
+                                 encoded_conversations, encoded_texts, keyed_conversations, keyed_id_rows,
+                                 keyed_texts)
 from reward_client.conversations import ConversationLike, with_response
 from reward_client.errors import RewardUnavailableError
 from reward_client.results import RankedResponse, ScoreResult, bradley_terry
@@ -49,7 +50,7 @@ class RewardClient:
     """
 
     def __init__(self, url: Union[str, Sequence[str]] = DEFAULT_URL, *, model: str = wire.MESSAGES_MODEL,
-                 ids_model: str = wire.IDS_MODEL, batch_size: int = 64, max_in_flight: int = 4,
+                 ids_model: str = wire.IDS_MODEL, text_model: str = wire.TEXT_MODEL, batch_size: int = 64, max_in_flight: int = 4,
                  timeout_s: Optional[float] = 60.0, retry: Optional[RetryPolicy] = None,
                  verbose: bool = False, refresh_s: float = 30.0, tls: Optional[TlsConfig] = None) -> None:
         """Create a client; the connection is made lazily by the first call.
@@ -59,6 +60,7 @@ class RewardClient:
                 ``dns:///name:port`` (every address of the name, e.g. a headless Service).
             model: name of the messages ensemble.
             ids_model: name of the token-id ensemble.
+            text_model: name of the templated-text ensemble.
             batch_size: conversations per request.
             max_in_flight: requests outstanding at once.
             timeout_s: deadline of each request attempt (None: none).
@@ -72,7 +74,7 @@ class RewardClient:
                 ``host:port``.
         """
         targets = parse_targets(url)
-        self.settings = ClientSettings(url=",".join(targets), model=model, ids_model=ids_model,
+        self.settings = ClientSettings(url=",".join(targets), model=model, ids_model=ids_model, text_model=text_model,
                                        batch_size=batch_size, max_in_flight=max_in_flight,
                                        timeout_s=timeout_s, retry=retry or RetryPolicy())
         self._pool: Optional[ReplicaPool] = None
@@ -283,6 +285,36 @@ class RewardClient:
             return
         chunks = chunked(checked_id_rows(token_id_lists), self.settings.batch_size)
         yield from self._run(chunks, self.settings.ids_model, wire.ids_inputs)
+
+    def score_texts(self, texts: Iterable[str]) -> List[ScoreResult]:
+        """Score already-templated texts through the ``reward_text`` ensemble.
+
+        For conversations that arrive as one string in the reward model's chat format (as
+        OpenRLHF and verl send them): the server tokenises each text as given, keeping special
+        tokens written in it and ensuring exactly one leading BOS; no chat template is applied.
+
+        Raises:
+            RewardInvalidInputError: a text was empty, not a string, or rejected; ``.index`` names it.
+            RewardUnavailableError: the server stayed unavailable/overloaded through all retries.
+            RewardTimeoutError: a request passed its deadline.
+            RewardServerError: any other server failure.
+        """
+        return list(self.iter_score_texts(texts))
+
+    def iter_score_texts(self, texts: Iterable[str]) -> Iterator[ScoreResult]:
+        """Stream :meth:`score_texts` results in input order.
+
+        Raises:
+            RewardInvalidInputError: a text was empty, not a string, or rejected; ``.index`` names it.
+            RewardUnavailableError: the server stayed unavailable/overloaded through all retries.
+            RewardTimeoutError: a request passed its deadline.
+            RewardServerError: any other server failure.
+        """
+        if self._pool is not None:
+            yield from self._run_routed(keyed_texts(texts), self.settings.text_model, wire.text_inputs)
+            return
+        chunks = chunked(encoded_texts(texts), self.settings.batch_size)
+        yield from self._run(chunks, self.settings.text_model, wire.text_inputs)
 
     def preference(self, prompt: Prompt, response_a: str, response_b: str) -> float:
         """Return P(``response_a`` preferred over ``response_b``) = sigmoid(r_a - r_b).

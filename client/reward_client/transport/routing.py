@@ -24,6 +24,8 @@ P = TypeVar("P")
 # Token-id input carries no message structure: its group key is this many leading ids, which
 # covers a prompt's distinguishing start in practice (chat header plus the first user words).
 IDS_KEY_TOKENS = 128
+# Templated text likewise: this many leading bytes (a chat header and the prompt's start).
+TEXT_KEY_BYTES = 512
 
 
 @dataclass(frozen=True)
@@ -211,6 +213,11 @@ def ids_key(ids: Sequence[int]) -> bytes:
     """Return the group key of a token-id conversation: its leading ids, the last one excluded."""
     head = list(ids[:max(1, min(IDS_KEY_TOKENS, len(ids) - 1))])
     return hashlib.blake2b(repr(head).encode(), digest_size=16).digest()
+
+
+def text_key(text: bytes) -> bytes:
+    """Return the group key of a templated text: its leading bytes, the last one excluded."""
+    return hashlib.blake2b(text[:max(1, min(TEXT_KEY_BYTES, len(text) - 1))], digest_size=16).digest()
 
 
 class InputOrder:

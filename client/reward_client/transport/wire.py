@@ -2,7 +2,8 @@
 
 Ensemble ``reward`` takes ``messages`` (BYTES [B, 1], one JSON conversation each); ensemble
 ``reward_ids`` takes ``input_ids`` (INT32 [B, L], right-padded) and ``input_lengths``
-(INT32 [B, 1]). Both return ``score`` FP32 [B, 1], ``attributes`` FP32 [B, K],
+(INT32 [B, 1]); ensemble ``reward_text`` takes ``text`` (BYTES [B, 1], one already-templated
+string each). All return ``score`` FP32 [B, 1], ``attributes`` FP32 [B, K],
 ``num_tokens`` INT32 [B, 1] and ``truncated`` BOOL [B, 1].
 """
 
@@ -21,11 +22,12 @@ from reward_client.results import ScoreResult
 
 MESSAGES_MODEL = "reward"
 IDS_MODEL = "reward_ids"
+TEXT_MODEL = "reward_text"
 POSTPROCESSING_MODEL = "postprocessing"
 ATTRIBUTE_NAMES_PARAMETER = "attribute_names"
 OUTPUT_NAMES = ("score", "attributes", "num_tokens", "truncated")
 # The models of the reward repository, listed when the repository index API is restricted.
-KNOWN_MODELS = (MESSAGES_MODEL, IDS_MODEL, "preprocessing", "reward_engine", POSTPROCESSING_MODEL)
+KNOWN_MODELS = (MESSAGES_MODEL, IDS_MODEL, TEXT_MODEL, "preprocessing", "reward_engine", POSTPROCESSING_MODEL)
 
 _CONVERSATION_INDEX = re.compile(r"conversation (\d+):")
 _RETRYABLE_STATUSES = {"StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED"}
@@ -40,13 +42,22 @@ _REPLICA_FAILURE_MESSAGES = ("stub process", "failed to connect", "connection re
 _RESTARTING_MESSAGES = ("stub process", "has no available versions", "server is stopping")
 
 
-def messages_inputs(encoded: Sequence[bytes]) -> List[InferInput]:
-    """Return the ``messages`` input tensor for a batch of encoded conversations."""
-    array = np.empty((len(encoded), 1), dtype=np.object_)
-    array[:, 0] = list(encoded)
-    tensor = InferInput("messages", list(array.shape), "BYTES")
+def _bytes_input(name: str, items: Sequence[bytes]) -> List[InferInput]:
+    array = np.empty((len(items), 1), dtype=np.object_)
+    array[:, 0] = list(items)
+    tensor = InferInput(name, list(array.shape), "BYTES")
     tensor.set_data_from_numpy(array)
     return [tensor]
+
+
+def messages_inputs(encoded: Sequence[bytes]) -> List[InferInput]:
+    """Return the ``messages`` input tensor for a batch of encoded conversations."""
+    return _bytes_input("messages", encoded)
+
+
+def text_inputs(texts: Sequence[bytes]) -> List[InferInput]:
+    """Return the ``text`` input tensor for a batch of UTF-8 encoded templated texts."""
+    return _bytes_input("text", texts)
 
 
 def ids_arrays(rows: Sequence[Sequence[int]]) -> Tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,4 @@
-"""Triton adapter: conversations (or token ids) -> token ids, via reward_server.stages.preprocess."""
+"""Triton adapter: conversations (or templated text, or token ids) -> token ids, via reward_server.stages.preprocess."""
 
 try:  # written by `reward-server serve`: the stub runs Python isolated, ignoring PYTHONPATH
     import reward_server_paths  # noqa: F401
@@ -25,7 +25,8 @@ class TritonPythonModel:
             return refused
         inputs = [stages.PreprocessInput(messages=input_array(r, "messages"),
                                          token_ids=input_array(r, "token_ids"),
-                                         token_lengths=input_array(r, "token_lengths")) for r in requests]
+                                         token_lengths=input_array(r, "token_lengths"),
+                                         text=input_array(r, "text")) for r in requests]
         responses = guarded(stages.preprocess, requests, self.encoder, inputs, self.limits,
                             observe=self.metrics.after_preprocessing)
         count_finished(self.drain, responses, failed_only=True)  # the others finish in postprocessing
