@@ -3,6 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEBIAN_PACKAGES := libb64-0d openmpi-bin chromium chromium-driver
 PYTEST_ARGS ?=
 
 .PHONY: setup serve test clean
@@ -10,11 +11,13 @@ PYTEST_ARGS ?=
 setup: $(STAMP)
 
 $(STAMP): requirements.lock bench/requirements.txt deploy/requirements.txt pyproject.toml client/pyproject.toml
-	@# perf_analyzer (shipped in the tritonclient wheel) needs Debian's libb64, and the tensor-parallel
-	@# launch (one tritonserver per rank) is tested under Open MPI's mpirun; root can install both.
-	@dpkg -s libb64-0d openmpi-bin >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
-		apt-get install -y -qq libb64-0d openmpi-bin >/dev/null; } || \
-		echo "warning: libb64-0d or openmpi-bin missing: perf_analyzer and the mpirun test will not run"
+	@# perf_analyzer (shipped in the tritonclient wheel) needs Debian's libb64, the tensor-parallel
+	@# launch (one tritonserver per rank) is tested under Open MPI's mpirun, and the gateway's page in
+	@# a headless Chromium through its chromedriver; root can install them.
+	@dpkg -s $(DEBIAN_PACKAGES) >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBIAN_PACKAGES) \
+		>/dev/null; } || \
+		echo "warning: some of $(DEBIAN_PACKAGES) missing: perf_analyzer, the mpirun or the browser test will not run"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q pip==26.3
 	$(BIN)/pip install -q -r requirements.lock -r bench/requirements.txt -r deploy/requirements.txt

@@ -1,10 +1,11 @@
-"""`reward-server`: serve a reward checkpoint on Triton, build a TensorRT-LLM engine from one, or
-write the demo checkpoint."""
+"""`reward-server`: serve a reward checkpoint on Triton, put the HTTP gateway in front of a server,
+build a TensorRT-LLM engine from one, or write the demo checkpoint."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import signal
 import subprocess
@@ -84,7 +85,62 @@ def _serve_parser(sub) -> None:
     p.add_argument("--tls-key", type=Path, help="gRPC over TLS: the server's private key (PEM)")
     p.add_argument("--tls-ca", type=Path, help="gRPC over TLS: CA certificate(s) that sign client certificates")
     p.add_argument("--tls-mutual", action="store_true", help="require a client certificate signed by --tls-ca")
+    p.add_argument("--gateway-port", type=int,
+                   help="also start the HTTP gateway (OpenRLHF, vLLM, SGLang, NIM, TEI protocols) on this port")
     p.add_argument("--log-verbose", type=int, default=0)
+
+
+def _gateway_parser(sub) -> None:
+    from reward_server.gateway.app import DEFAULT_PORT, GatewayOptions
+
+    d = GatewayOptions()
+    p = sub.add_parser("gateway", help="serve the HTTP protocols trainers use (OpenRLHF /get_reward, vLLM /classify "
+                                       "and /pooling, SGLang /v1/embeddings, NIM /v1/chat/completions, TEI /predict) "
+                                       "in front of a reward server")
+    p.add_argument("--url", default=d.url, help=f"the reward server's gRPC host:port (default {d.url}); several "
+                                                "replicas: comma-separated, or dns:///name:port")
+    p.add_argument("--host", default=d.host, help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"HTTP port (default {DEFAULT_PORT})")
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
+                   help="largest request body; larger ones get 413 (default 64 MiB)")
+    p.add_argument("--max-inputs", type=int, default=d.max_items,
+                   help=f"most conversations in one HTTP request (default {d.max_items})")
+    p.add_argument("--batch-delay-ms", type=float, default=d.batch_delay_ms,
+                   help=f"how long a request waits for concurrent ones to share a gRPC request (default "
+                        f"{d.batch_delay_ms})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="conversations per gRPC request")
+    p.add_argument("--timeout", type=float, default=d.timeout_s, help="seconds each gRPC request may take")
+    p.add_argument("--model-name", default=d.model_name, help="model name in answers when a request names none")
+    p.add_argument("--tls-ca", type=Path, help="the server speaks gRPC over TLS: its CA certificate (PEM)")
+    p.add_argument("--tls-cert", type=Path, help="mutual TLS: the gateway's client certificate (PEM)")
+    p.add_argument("--tls-key", type=Path, help="mutual TLS: the gateway's client key (PEM)")
+    # The key comes from the environment, never the command line (visible in `ps`).
+    p.set_defaults(api_key=os.environ.get("REWARD_GATEWAY_API_KEY") or None)
+
+
+def gateway(args: argparse.Namespace) -> int:
+    """Serve the HTTP gateway until SIGINT/SIGTERM."""
+    from reward_client import TlsConfig
+
+    from reward_server.gateway.app import GatewayOptions, run
+
+    tls = None
+    if args.tls_ca or args.tls_cert or args.tls_key:
+        tls = TlsConfig(root_certificates=str(args.tls_ca) if args.tls_ca else None,
+                        certificate_chain=str(args.tls_cert) if args.tls_cert else None,
+                        private_key=str(args.tls_key) if args.tls_key else None)
+    return run(GatewayOptions(url=args.url, host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
+                              max_items=args.max_inputs, batch_delay_ms=args.batch_delay_ms,
+                              batch_size=args.batch_size, timeout_s=args.timeout, api_key=args.api_key,
+                              model_name=args.model_name, tls=tls))
+
+
+def _gateway_command(args: argparse.Namespace, server: TritonServer) -> list[str]:
+    command = [sys.executable, "-m", "reward_server.cli", "gateway", "--url", server.grpc_url,
+               "--host", args.host, "--port", str(args.gateway_port)]
+    if args.tls_cert:  # the gateway checks the server's certificate with the CA that signed it
+        command += ["--tls-ca", str(args.tls_ca or args.tls_cert)]
+    return command
 
 
 def _tls(args: argparse.Namespace) -> TlsOptions | None:
@@ -117,6 +173,10 @@ def serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
+    if args.gateway_port is not None and args.tls_mutual:
+        _LOGGER.error("--gateway-port with --tls-mutual: start `reward-server gateway` on its own, with its client "
+                      "certificate (--tls-cert, --tls-key)")
+        return 1
     try:
         server = TritonServer(_options(args))
         server.start()
@@ -125,15 +185,35 @@ def serve(args: argparse.Namespace) -> int:
         return 1
     print(EXAMPLE.format(checkpoint=server.checkpoint, grpc=server.grpc_url, http=server.http_url,
                          metrics=server.metrics_url), flush=True)
+    gateway_process = None
+    if args.gateway_port is not None:
+        gateway_process = subprocess.Popen(_gateway_command(args, server))
+        print(f"  gateway  http://{args.host}:{args.gateway_port}  (page at /, see docs/gateway.md)", flush=True)
     while not stop.wait(0.5):
         code = server.exit_code()  # with the watchdog, only once it gave up restarting
         if code is not None:
             _LOGGER.error("tritonserver exited unexpectedly with code %s", code)
+            _stop_gateway(gateway_process)
             server.stop()
             return code or 1
+        if gateway_process is not None and gateway_process.poll() is not None:
+            _LOGGER.error("the gateway exited with code %s; starting it again", gateway_process.returncode)
+            gateway_process = subprocess.Popen(_gateway_command(args, server))
     _LOGGER.info("stopping: waiting for in-flight requests")
+    _stop_gateway(gateway_process)  # first, so that what it accepted still reaches the server
     code = server.stop()
     return 0 if code in (0, -signal.SIGTERM) else code
+
+
+def _stop_gateway(process: subprocess.Popen | None) -> None:
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()  # uvicorn finishes the requests in flight first
+    try:
+        process.wait(timeout=35)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _build_engine_parser(sub) -> None:
@@ -186,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="reward-server", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
+    _gateway_parser(sub)
     _build_engine_parser(sub)
     demo = sub.add_parser("demo-checkpoint", help="write a random-weight Llama reward checkpoint")
     demo_checkpoint.add_arguments(demo)
@@ -193,6 +274,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.command == "build-engine":
         sys.exit(build_engine(args))
+    if args.command == "gateway":
+        sys.exit(gateway(args))
     if args.command == "demo-checkpoint":
         path = demo_checkpoint.run(args)
         print(path)

@@ -73,3 +73,61 @@ def qwen_trtllm_server(qwen_checkpoint, tmp_path_factory):
                            max_length=QWEN_MAX_LENGTH, truncation="truncate_left")
     with TritonServer(options) as srv:
         yield srv
+
+
+class GatewayProcess:
+    """`reward-server gateway` as a real process on a free loopback port."""
+
+    def __init__(self, grpc_url: str, *extra: str, env: dict | None = None):
+        import os
+        import subprocess
+        import sys
+        import tempfile
+        import time
+        import urllib.request
+
+        from reward_server.launcher import free_port
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.TemporaryFile()
+        self.process = subprocess.Popen([sys.executable, "-m", "reward_server.cli", "gateway", "--url", grpc_url,
+                                         "--port", str(self.port), *extra],
+                                        stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(self.url + "/health/live", timeout=2):
+                    return
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"the gateway did not start:\n{self.output()}")
+                time.sleep(0.2)
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-4000:]
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except Exception:  # noqa: BLE001
+                self.process.kill()
+        return self.process.wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def gateway(server):
+    """The HTTP gateway in front of the Llama server."""
+    with GatewayProcess(server.grpc_url) as gw:
+        yield gw

@@ -1,4 +1,4 @@
-"""The `reward-server` command as a user runs it: demo checkpoint, serve, graceful stop."""
+"""The `reward-server` command as a user runs it: demo checkpoint, serve (with its gateway), graceful stop."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tritonclient.http as httpclient
 
 from reward_server.launcher import free_port
@@ -36,11 +38,26 @@ def test_demo_checkpoint_is_deterministic(tmp_path):
     assert _digest(tmp_path / "c")["model.safetensors"] != _digest(tmp_path / "a")["model.safetensors"]
 
 
+def _gateway_reward(port: int, deadline: float) -> int:
+    """Status of an OpenRLHF request to the gateway, retried until it listens or `deadline` passes."""
+    body = json.dumps({"query": ["<|begin_of_text|>Hi<|eot_id|>"]}).encode()
+    while True:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/get_reward", data=body),
+                                        timeout=30) as reply:
+                return reply.status
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+
+
 def test_serve_prints_endpoints_scores_and_stops_gracefully(demo_checkpoint, tmp_path):
-    ports = [free_port() for _ in range(3)]
+    ports = [free_port() for _ in range(4)]
     log = open(tmp_path / "serve.log", "w+")
     proc = subprocess.Popen([*CLI, "serve", "--checkpoint", str(demo_checkpoint), "--grpc-port", str(ports[0]),
-                             "--http-port", str(ports[1]), "--metrics-port", str(ports[2])],
+                             "--http-port", str(ports[1]), "--metrics-port", str(ports[2]),
+                             "--gateway-port", str(ports[3])],
                             stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     try:
         deadline = time.monotonic() + 180
@@ -51,6 +68,8 @@ def test_serve_prints_endpoints_scores_and_stops_gracefully(demo_checkpoint, tmp
         banner = (tmp_path / "serve.log").read_text()
         assert f"gRPC     127.0.0.1:{ports[0]}" in banner and f"http://127.0.0.1:{ports[1]}" in banner
         assert "curl -s" in banner and "/v2/models/reward/infer" in banner
+        assert f"gateway  http://127.0.0.1:{ports[3]}" in banner
+        assert _gateway_reward(ports[3], deadline) == 200  # the gateway started beside it answers
 
         # A large request in flight when SIGTERM arrives still gets its answer.
         conversations = make_conversations(200, seed=4)
@@ -68,6 +87,8 @@ def test_serve_prints_endpoints_scores_and_stops_gracefully(demo_checkpoint, tmp
         assert box["r"].as_numpy("score").shape == (200, 1)
         assert proc.wait(90) == 0
         assert "stopping: waiting for in-flight requests" in (tmp_path / "serve.log").read_text()
+        with pytest.raises(OSError):  # the gateway stopped with the server
+            _gateway_reward(ports[3], time.monotonic())
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -1,0 +1,12 @@
+"""The HTTP gateway: the reward server behind the protocols trainers already speak.
+
+An ASGI app (Starlette, served by uvicorn) in front of any reward server, reached over gRPC
+through the client SDK. It imports neither torch nor transformers, so it runs anywhere the
+client runs.
+
+    core.py        items to score, errors with where they happened, activations
+    batching.py    concurrent HTTP requests merged into few large gRPC requests
+    protocols/     one module per wire protocol: parse the request, shape the answer and errors
+    app.py         routes, body limits, health, the HTML page; `run` serves it
+    static/        the page at `/`
+"""

@@ -1,0 +1,167 @@
+"""The gateway's ASGI app: one route per protocol endpoint, health, the page; `run` serves it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from reward_client import AsyncRewardClient, TlsConfig
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from reward_server.gateway.batching import Coalescer
+from reward_server.gateway.core import GatewayError
+from reward_server.gateway.protocols import Context, native, nim, openrlhf, tei, vllm
+
+_LOGGER = logging.getLogger(__name__)
+PROTOCOLS = (openrlhf, vllm, nim, tei, native)
+PAGE = Path(__file__).parent / "static" / "index.html"
+DEFAULT_PORT = 8080
+
+
+@dataclass
+class GatewayOptions:
+    """How the gateway reaches the server and what it accepts.
+
+    Attributes:
+        url: the reward server's gRPC ``host:port`` (several replicas: comma-separated).
+        host, port: where the gateway listens (loopback by default).
+        max_body_bytes: largest request body; larger ones get 413 before being read whole.
+        max_items: most conversations in one HTTP request.
+        batch_delay_ms: how long a request waits for concurrent ones to share a gRPC request.
+        batch_size: conversations per gRPC request.
+        max_in_flight: gRPC requests outstanding at once.
+        timeout_s: deadline of each gRPC request (trainers wait up to 180 s).
+        api_key: when set, scoring routes need ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``.
+        model_name: the model name answers carry when a request names none.
+        tls: gRPC over TLS to the server.
+    """
+
+    url: str = "localhost:8001"
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    max_body_bytes: int = 64 << 20
+    max_items: int = 4096
+    batch_delay_ms: float = 2.0
+    batch_size: int = 64
+    max_in_flight: int = 4
+    timeout_s: float = 180.0
+    api_key: str | None = None
+    model_name: str = "reward"
+    tls: TlsConfig | None = None
+
+
+class _State:
+    client: AsyncRewardClient
+    context: Context
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The request body parsed as JSON, read no further than `limit` bytes.
+
+    Raises:
+        GatewayError: over the limit (413), or not JSON.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise GatewayError(f"the request body is {declared} bytes, over the limit of {limit} bytes", "too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise GatewayError(f"the request body is over the limit of {limit} bytes", "too_large")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise GatewayError(f"the request body is not valid JSON ({str(err)[:120]})") from None
+
+
+def _authorised(request: Request, api_key: str | None) -> bool:
+    if not api_key:
+        return True
+    bearer = request.headers.get("authorization", "")
+    given = bearer[7:].strip() if bearer.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+    return bool(given) and hmac.compare_digest(given.encode(), api_key.encode())
+
+
+def _endpoint(protocol: Any, handler: Callable[[Any, Context], Awaitable[Any]], options: GatewayOptions,
+              state: _State) -> Callable[[Request], Awaitable[Response]]:
+    status_of = getattr(protocol, "status", lambda err: err.status)
+
+    async def endpoint(request: Request) -> Response:
+        try:
+            if not _authorised(request, options.api_key):
+                return JSONResponse({"detail": "Unauthorized"}, status_code=401)
+            body = await read_json(request, options.max_body_bytes)
+            return JSONResponse(await handler(body, state.context))
+        except GatewayError as err:
+            if err.kind != "invalid_input":
+                _LOGGER.warning("%s: %s", request.url.path, err.message)
+            return JSONResponse(protocol.error_body(err), status_code=status_of(err))
+
+    return endpoint
+
+
+def create_app(options: GatewayOptions) -> Starlette:
+    """The gateway app; its gRPC client is made when the app starts (inside the event loop)."""
+    state = _State()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        state.client = AsyncRewardClient(options.url, batch_size=options.batch_size,
+                                         max_in_flight=options.max_in_flight, timeout_s=options.timeout_s,
+                                         tls=options.tls)
+        coalescer = Coalescer(state.client, max_delay_s=options.batch_delay_ms / 1000.0,
+                              max_batch=options.batch_size * options.max_in_flight)
+        state.context = Context(coalescer, options.model_name, options.max_items)
+        app.state.coalescer = coalescer
+        try:
+            yield
+        finally:
+            await state.client.close()
+
+    async def ready(request: Request) -> Response:
+        ok = await state.client.is_ready()
+        return JSONResponse({"status": "ready" if ok else "unavailable", "server": options.url},
+                            status_code=200 if ok else 503)
+
+    async def live(request: Request) -> Response:
+        return JSONResponse({"status": "live"})
+
+    async def models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [{"id": options.model_name, "object": "model",
+                                                          "owned_by": "reward-server"}]})
+
+    async def page(request: Request) -> Response:
+        return FileResponse(PAGE, media_type="text/html")
+
+    routes = [Route("/", page, methods=["GET"]), Route("/health", ready, methods=["GET"]),
+              Route("/health/ready", ready, methods=["GET"]), Route("/health/live", live, methods=["GET"]),
+              Route("/v1/models", models, methods=["GET"])]
+    for protocol in PROTOCOLS:
+        for path, handler in protocol.ROUTES.items():
+            routes.append(Route(path, _endpoint(protocol, handler, options, state), methods=["POST"]))
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+def run(options: GatewayOptions) -> int:
+    """Serve the gateway until SIGINT/SIGTERM (uvicorn finishes the requests in flight)."""
+    import uvicorn
+
+    config = uvicorn.Config(create_app(options), host=options.host, port=options.port, log_level="info",
+                            timeout_graceful_shutdown=30, access_log=False)
+    server = uvicorn.Server(config)
+    _LOGGER.info("gateway for %s on http://%s:%d (page at /, OpenRLHF /get_reward, vLLM /classify and /pooling, "
+                 "SGLang /v1/embeddings, NIM /v1/chat/completions, TEI /predict)", options.url, options.host,
+                 options.port)
+    asyncio.run(server.serve())
+    return 0

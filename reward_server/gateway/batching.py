@@ -1,0 +1,124 @@
+"""Concurrent HTTP requests merged into few large gRPC requests.
+
+Trainers now send one sample per HTTP request (OpenRLHF since 2026-01, verl's reward loop), so
+scoring each request on its own would give the server batches of one. The `Coalescer` gathers
+the items of every request that arrives within a short window (`max_delay_s`, default 2 ms)
+into one client SDK call per kind, which the SDK cuts into requests of its batch size and keeps
+several in flight. A GRPO group sent as one HTTP request stays together, so its shared prompt
+is computed once.
+
+One bad item must not fail the others it was batched with: the server rejects a whole gRPC
+request and names the first bad conversation, so that item gets the error and the rest is sent
+again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Sequence
+
+from reward_client import AsyncRewardClient, RewardClientError, RewardInvalidInputError, ScoreResult
+
+from reward_server.gateway.core import IDS, KINDS, MESSAGES, TEXT, GatewayError, Item, from_client_error
+
+_LOGGER = logging.getLogger(__name__)
+
+Outcome = ScoreResult | GatewayError
+
+
+class Coalescer:
+    """Scores items of concurrent callers together.
+
+    Args:
+        client: the SDK client of the reward server.
+        max_delay_s: how long the first item of a batch waits for others.
+        max_batch: items that end the wait at once.
+    """
+
+    def __init__(self, client: AsyncRewardClient, max_delay_s: float = 0.002, max_batch: int = 256):
+        self.client = client
+        self.max_delay_s = max_delay_s
+        self.max_batch = max_batch
+        self._pending: dict[str, list[tuple[Any, asyncio.Future]]] = {kind: [] for kind in KINDS}
+        self._timers: dict[str, asyncio.Task | None] = {kind: None for kind in KINDS}
+        self._running: set[asyncio.Task] = set()
+        self.batches = 0  # gRPC-side calls made, for tests and logs
+
+    async def score(self, items: Sequence[Item]) -> list[Outcome]:
+        """One outcome per item, in order: its result, or the error about it alone.
+
+        Raises:
+            GatewayError: never for one item's fault; the results carry those.
+        """
+        loop = asyncio.get_running_loop()
+        futures = []
+        for item in items:
+            future = loop.create_future()
+            self._pending[item.kind].append((item.value, future))
+            futures.append(future)
+        for kind in {item.kind for item in items}:
+            self._schedule(kind)
+        return list(await asyncio.gather(*futures))
+
+    def _schedule(self, kind: str) -> None:
+        if len(self._pending[kind]) >= self.max_batch:
+            self._flush(kind)
+        elif self._timers[kind] is None:
+            self._timers[kind] = asyncio.get_running_loop().create_task(self._flush_later(kind))
+
+    async def _flush_later(self, kind: str) -> None:
+        await asyncio.sleep(self.max_delay_s)
+        self._timers[kind] = None
+        self._flush(kind)
+
+    def _flush(self, kind: str) -> None:
+        batch, self._pending[kind] = self._pending[kind], []
+        if not batch:
+            return
+        task = asyncio.get_running_loop().create_task(self._run(kind, batch))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _run(self, kind: str, batch: list[tuple[Any, asyncio.Future]]) -> None:
+        live = [(value, future) for value, future in batch if not future.done()]
+        try:
+            while live:
+                self.batches += 1
+                try:
+                    results = await self._call(kind, [value for value, _ in live])
+                except RewardInvalidInputError as exc:
+                    if exc.index is None or not 0 <= exc.index < len(live):
+                        if len(live) == 1:
+                            _settle(live[0][1], from_client_error(exc))
+                            return
+                        # The server did not say which: score each alone to find out.
+                        await asyncio.gather(*(self._run(kind, [entry]) for entry in live))
+                        return
+                    _settle(live.pop(exc.index)[1], from_client_error(exc))
+                    continue
+                for (_, future), result in zip(live, results):
+                    _settle(future, result)
+                return
+        except RewardClientError as exc:
+            error = from_client_error(exc)
+            for _, future in live:
+                _settle(future, error)
+        except Exception as exc:  # noqa: BLE001 - never leave a caller waiting forever
+            _LOGGER.exception("scoring a batch of %d %s items failed", len(live), kind)
+            for _, future in live:
+                _settle(future, GatewayError(f"the gateway failed: {exc}", "server_error"))
+
+    async def _call(self, kind: str, values: list) -> list[ScoreResult]:
+        if kind == MESSAGES:
+            return await self.client.score(values)
+        if kind == TEXT:
+            return await self.client.score_texts(values)
+        if kind == IDS:
+            return await self.client.score_ids(values)
+        raise ValueError(f"unknown item kind {kind!r}")
+
+
+def _settle(future: asyncio.Future, outcome: Outcome) -> None:
+    if not future.done():  # the caller may have gone (client disconnect)
+        future.set_result(outcome)
