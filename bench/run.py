@@ -253,8 +253,9 @@ class Bench:
         self.notes.append(f"perf_analyzer on {name}: {path.name}")
 
     def run_vllm(self) -> None:
-        python = self.args.vllm_python
-        if not python or not Path(python).exists():
+        # Absolute: the runner starts in another working directory, where a relative path fails.
+        python = Path(self.args.vllm_python).absolute() if self.args.vllm_python else None
+        if not python or not python.exists():
             self.notes.append(f"vLLM skipped: no venv python at {python} (see bench/README.md)")
             _LOGGER.info("vLLM skipped: %s not found", python)
             return
