@@ -238,13 +238,9 @@ class AsyncRewardClient:
             RewardTimeoutError: a request passed its deadline.
             RewardServerError: any other server failure.
         """
-        if self._pool is not None:
-            keyed = _as_async(keyed_id_rows(token_id_lists))
-            async for result in self._run_routed(keyed, self.settings.ids_model, wire.ids_inputs):
-                yield result
-            return
-        chunks = chunked(checked_id_rows(token_id_lists), self.settings.batch_size)
-        async for result in self._run(chunks, self.settings.ids_model, wire.ids_inputs):
+        async for result in self._stream(lambda: keyed_id_rows(token_id_lists),
+                                         lambda: checked_id_rows(token_id_lists), self.settings.ids_model,
+                                         wire.ids_inputs):
             yield result
 
     async def score_texts(self, texts: Iterable[str]) -> List[ScoreResult]:
@@ -268,13 +264,8 @@ class AsyncRewardClient:
             RewardTimeoutError: a request passed its deadline.
             RewardServerError: any other server failure.
         """
-        if self._pool is not None:
-            async for result in self._run_routed(_as_async(keyed_texts(texts)), self.settings.text_model,
-                                                 wire.text_inputs):
-                yield result
-            return
-        chunks = chunked(encoded_texts(texts), self.settings.batch_size)
-        async for result in self._run(chunks, self.settings.text_model, wire.text_inputs):
+        async for result in self._stream(lambda: keyed_texts(texts), lambda: encoded_texts(texts),
+                                         self.settings.text_model, wire.text_inputs):
             yield result
 
     async def preference(self, prompt: Prompt, response_a: str, response_b: str) -> float:
@@ -302,6 +293,16 @@ class AsyncRewardClient:
         results = await self.score([with_response(prompt, response) for response in responses])
         ranked = [RankedResponse(r.index, responses[r.index], r) for r in results]
         return sorted(ranked, key=lambda item: (-item.score, item.index))
+
+    async def _stream(self, keyed: Any, plain: Any, model: str, make_inputs: Any) -> AsyncIterator[ScoreResult]:
+        """Score one (synchronous) input stream: routed over replicas (``keyed()``), or cut into
+        chunks for the one server (``plain()``); only the one used is made."""
+        if self._pool is not None:
+            async for result in self._run_routed(_as_async(keyed()), model, make_inputs):
+                yield result
+            return
+        async for result in self._run(chunked(plain(), self.settings.batch_size), model, make_inputs):
+            yield result
 
     async def _run(self, chunks: Any, model: str, make_inputs: Any
                    ) -> AsyncIterator[ScoreResult]:

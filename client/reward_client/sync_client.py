@@ -253,12 +253,9 @@ class RewardClient:
             RewardTimeoutError: a request passed its deadline.
             RewardServerError: any other server failure.
         """
-        if self._pool is not None:
-            yield from self._run_routed(keyed_conversations(conversations), self.settings.model,
-                                        wire.messages_inputs)
-            return
-        chunks = chunked(encoded_conversations(conversations), self.settings.batch_size)
-        yield from self._run(chunks, self.settings.model, wire.messages_inputs)
+        yield from self._stream(lambda: keyed_conversations(conversations),
+                                lambda: encoded_conversations(conversations), self.settings.model,
+                                wire.messages_inputs)
 
     def score_ids(self, token_id_lists: Iterable[Sequence[int]]) -> List[ScoreResult]:
         """Score already-tokenised conversations through the ``reward_ids`` ensemble.
@@ -280,11 +277,8 @@ class RewardClient:
             RewardTimeoutError: a request passed its deadline.
             RewardServerError: any other server failure.
         """
-        if self._pool is not None:
-            yield from self._run_routed(keyed_id_rows(token_id_lists), self.settings.ids_model, wire.ids_inputs)
-            return
-        chunks = chunked(checked_id_rows(token_id_lists), self.settings.batch_size)
-        yield from self._run(chunks, self.settings.ids_model, wire.ids_inputs)
+        yield from self._stream(lambda: keyed_id_rows(token_id_lists), lambda: checked_id_rows(token_id_lists),
+                                self.settings.ids_model, wire.ids_inputs)
 
     def score_texts(self, texts: Iterable[str]) -> List[ScoreResult]:
         """Score already-templated texts through the ``reward_text`` ensemble.
@@ -310,11 +304,8 @@ class RewardClient:
             RewardTimeoutError: a request passed its deadline.
             RewardServerError: any other server failure.
         """
-        if self._pool is not None:
-            yield from self._run_routed(keyed_texts(texts), self.settings.text_model, wire.text_inputs)
-            return
-        chunks = chunked(encoded_texts(texts), self.settings.batch_size)
-        yield from self._run(chunks, self.settings.text_model, wire.text_inputs)
+        yield from self._stream(lambda: keyed_texts(texts), lambda: encoded_texts(texts), self.settings.text_model,
+                                wire.text_inputs)
 
     def preference(self, prompt: Prompt, response_a: str, response_b: str) -> float:
         """Return P(``response_a`` preferred over ``response_b``) = sigmoid(r_a - r_b).
@@ -351,6 +342,14 @@ class RewardClient:
             self._executor = ThreadPoolExecutor(count, thread_name_prefix="reward-client")
             self._executor_size = count
         return self._executor
+
+    def _stream(self, keyed: Any, plain: Any, model: str, make_inputs: Any) -> Iterator[ScoreResult]:
+        """Score one input stream: routed by group key over replicas (``keyed()``), or cut into
+        chunks for the one server (``plain()``); only the one used is made."""
+        if self._pool is not None:
+            yield from self._run_routed(keyed(), model, make_inputs)
+            return
+        yield from self._run(chunked(plain(), self.settings.batch_size), model, make_inputs)
 
     def _run(self, chunks: Iterable[Tuple[int, list]], model: str, make_inputs: Any
              ) -> Iterator[ScoreResult]:
