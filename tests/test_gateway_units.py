@@ -48,6 +48,28 @@ def test_coalescer_merges_concurrent_callers_and_isolates_a_bad_item():
     assert client.calls[1] == [t for t in client.calls[0] if t != "bad one"]
 
 
+def test_coalescer_batches_grow_while_the_server_is_busy():
+    """With one call slot and a slow server, everything arriving during a call goes into the next."""
+    class Slow(RecordingClient):
+        async def score_texts(self, texts):
+            self.calls.append(list(texts))
+            await asyncio.sleep(0.2)
+            return [ScoreResult(i, 1.0, {"reward_0": 1.0}) for i in range(len(texts))]
+
+    async def run():
+        client = Slow()
+        coalescer = Coalescer(client, max_delay_s=0.001, max_calls=1)
+        tasks = []
+        for _ in range(5):
+            tasks += [asyncio.ensure_future(coalescer.score([Item(TEXT, "x")])) for _ in range(4)]
+            await asyncio.sleep(0.02)
+        await asyncio.gather(*tasks)
+        return client
+
+    calls = asyncio.run(run()).calls
+    assert sum(map(len, calls)) == 20 and len(calls) <= 3 and max(map(len, calls)) >= 12, [len(c) for c in calls]
+
+
 def test_coalescer_reports_an_unavailable_server_to_every_caller():
     class Down:
         async def score(self, values):

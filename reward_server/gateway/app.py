@@ -121,7 +121,7 @@ def create_app(options: GatewayOptions) -> Starlette:
                                          max_in_flight=options.max_in_flight, timeout_s=options.timeout_s,
                                          tls=options.tls)
         coalescer = Coalescer(state.client, max_delay_s=options.batch_delay_ms / 1000.0,
-                              max_batch=options.batch_size * options.max_in_flight)
+                              max_calls=options.max_in_flight)
         state.context = Context(coalescer, options.model_name, options.max_items)
         app.state.coalescer = coalescer
         try:

@@ -3,9 +3,10 @@
 Trainers now send one sample per HTTP request (OpenRLHF since 2026-01, verl's reward loop), so
 scoring each request on its own would give the server batches of one. The `Coalescer` gathers
 the items of every request that arrives within a short window (`max_delay_s`, default 2 ms)
-into one client SDK call per kind, which the SDK cuts into requests of its batch size and keeps
-several in flight. A GRPO group sent as one HTTP request stays together, so its shared prompt
-is computed once.
+into one client SDK call per kind, which the SDK cuts into requests of its batch size. At most
+`max_calls` such calls run at once; while they do, new items keep gathering, so batches grow
+with the load instead of the number of requests in flight. A GRPO group sent as one HTTP request
+stays together, so its shared prompt is computed once.
 
 One bad item must not fail the others it was batched with: the server rejects a whole gRPC
 request and names the first bad conversation, so that item gets the error and the rest is sent
@@ -33,17 +34,17 @@ class Coalescer:
     Args:
         client: the SDK client of the reward server.
         max_delay_s: how long the first item of a batch waits for others.
-        max_batch: items that end the wait at once.
+        max_calls: SDK calls (each up to the client's max_in_flight gRPC requests) running at once.
     """
 
-    def __init__(self, client: AsyncRewardClient, max_delay_s: float = 0.002, max_batch: int = 256):
+    def __init__(self, client: AsyncRewardClient, max_delay_s: float = 0.002, max_calls: int = 4):
         self.client = client
         self.max_delay_s = max_delay_s
-        self.max_batch = max_batch
         self._pending: dict[str, list[tuple[Any, asyncio.Future]]] = {kind: [] for kind in KINDS}
-        self._timers: dict[str, asyncio.Task | None] = {kind: None for kind in KINDS}
-        self._running: set[asyncio.Task] = set()
-        self.batches = 0  # gRPC-side calls made, for tests and logs
+        self._gathering: dict[str, bool] = {kind: False for kind in KINDS}
+        self._calls = asyncio.Semaphore(max_calls)
+        self._tasks: set[asyncio.Task] = set()
+        self.batches = 0  # SDK calls made, for tests and logs
 
     async def score(self, items: Sequence[Item]) -> list[Outcome]:
         """One outcome per item, in order: its result, or the error about it alone.
@@ -58,27 +59,20 @@ class Coalescer:
             self._pending[item.kind].append((item.value, future))
             futures.append(future)
         for kind in {item.kind for item in items}:
-            self._schedule(kind)
+            if not self._gathering[kind]:  # the first item of a batch starts its timer
+                self._gathering[kind] = True
+                task = loop.create_task(self._flush_later(kind))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
         return list(await asyncio.gather(*futures))
-
-    def _schedule(self, kind: str) -> None:
-        if len(self._pending[kind]) >= self.max_batch:
-            self._flush(kind)
-        elif self._timers[kind] is None:
-            self._timers[kind] = asyncio.get_running_loop().create_task(self._flush_later(kind))
 
     async def _flush_later(self, kind: str) -> None:
         await asyncio.sleep(self.max_delay_s)
-        self._timers[kind] = None
-        self._flush(kind)
-
-    def _flush(self, kind: str) -> None:
-        batch, self._pending[kind] = self._pending[kind], []
-        if not batch:
-            return
-        task = asyncio.get_running_loop().create_task(self._run(kind, batch))
-        self._running.add(task)
-        task.add_done_callback(self._running.discard)
+        async with self._calls:  # while every call slot is busy, the batch keeps growing
+            self._gathering[kind] = False
+            batch, self._pending[kind] = self._pending[kind], []
+            if batch:
+                await self._run(kind, batch)
 
     async def _run(self, kind: str, batch: list[tuple[Any, asyncio.Future]]) -> None:
         live = [(value, future) for value, future in batch if not future.done()]
