@@ -91,7 +91,7 @@ def _serve_parser(sub) -> None:
 
 
 def _gateway_parser(sub) -> None:
-    from reward_server.gateway.app import DEFAULT_PORT, GatewayOptions
+    from reward_server.gateway.options import DEFAULT_PORT, GatewayOptions
 
     d = GatewayOptions()
     p = sub.add_parser("gateway", help="serve the HTTP protocols trainers use (OpenRLHF /get_reward, vLLM /classify "
@@ -122,7 +122,8 @@ def gateway(args: argparse.Namespace) -> int:
     """Serve the HTTP gateway until SIGINT/SIGTERM."""
     from reward_client import TlsConfig
 
-    from reward_server.gateway.app import GatewayOptions, run
+    from reward_server.gateway.app import run
+    from reward_server.gateway.options import GatewayOptions
 
     tls = None
     if args.tls_ca or args.tls_cert or args.tls_key:

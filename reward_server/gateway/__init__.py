@@ -7,6 +7,7 @@ client runs.
     core.py        items to score, errors with where they happened, activations
     batching.py    concurrent HTTP requests merged into few large gRPC requests
     protocols/     one module per wire protocol: parse the request, shape the answer and errors
+    options.py     its settings (light: the command line reads their defaults)
     app.py         routes, body limits, health, the HTML page; `run` serves it
     static/        the page at `/`
 """

@@ -7,11 +7,10 @@ import contextlib
 import hmac
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from reward_client import AsyncRewardClient, TlsConfig
+from reward_client import AsyncRewardClient
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
@@ -19,46 +18,12 @@ from starlette.routing import Route
 
 from reward_server.gateway.batching import Coalescer
 from reward_server.gateway.core import GatewayError
+from reward_server.gateway.options import GatewayOptions
 from reward_server.gateway.protocols import Context, native, nim, openrlhf, tei, vllm
 
 _LOGGER = logging.getLogger(__name__)
 PROTOCOLS = (openrlhf, vllm, nim, tei, native)
 PAGE = Path(__file__).parent / "static" / "index.html"
-DEFAULT_PORT = 8080
-
-
-@dataclass
-class GatewayOptions:
-    """How the gateway reaches the server and what it accepts.
-
-    Attributes:
-        url: the reward server's gRPC ``host:port`` (several replicas: comma-separated).
-        host, port: where the gateway listens (loopback by default).
-        max_body_bytes: largest request body; larger ones get 413 before being read whole.
-        max_items: most conversations in one HTTP request.
-        batch_delay_ms: how long a request waits for concurrent ones to share a gRPC request.
-        batch_size: conversations per gRPC request.
-        max_in_flight: gRPC requests outstanding at once.
-        timeout_s: deadline of each gRPC request (trainers wait up to 180 s).
-        api_key: when set, scoring routes need ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``.
-        model_name: the model name answers carry when a request names none.
-        tls: gRPC over TLS to the server.
-    """
-
-    url: str = "localhost:8001"
-    host: str = "127.0.0.1"
-    port: int = DEFAULT_PORT
-    max_body_bytes: int = 64 << 20
-    max_items: int = 4096
-    batch_delay_ms: float = 2.0
-    batch_size: int = 64
-    max_in_flight: int = 4
-    timeout_s: float = 180.0
-    api_key: str | None = None
-    model_name: str = "reward"
-    tls: TlsConfig | None = None
-
-
 class _State:
     client: AsyncRewardClient
     context: Context
