@@ -111,25 +111,21 @@ def _gateway_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="conversations per gRPC request")
     p.add_argument("--timeout", type=float, default=d.timeout_s, help="seconds each gRPC request may take")
     p.add_argument("--model-name", default=d.model_name, help="model name in answers when a request names none")
-    p.add_argument("--tls-ca", type=Path, help="the server speaks gRPC over TLS: its CA certificate (PEM)")
-    p.add_argument("--tls-cert", type=Path, help="mutual TLS: the gateway's client certificate (PEM)")
-    p.add_argument("--tls-key", type=Path, help="mutual TLS: the gateway's client key (PEM)")
+    p.add_argument("--tls-ca", help="the server speaks gRPC over TLS: its CA certificate (PEM)")
+    p.add_argument("--tls-cert", help="mutual TLS: the gateway's client certificate (PEM)")
+    p.add_argument("--tls-key", help="mutual TLS: the gateway's client key (PEM)")
     # The key comes from the environment, never the command line (visible in `ps`).
     p.set_defaults(api_key=os.environ.get("REWARD_GATEWAY_API_KEY") or None)
 
 
 def gateway(args: argparse.Namespace) -> int:
     """Serve the HTTP gateway until SIGINT/SIGTERM."""
-    from reward_client import TlsConfig
+    from reward_client.cli.common import tls_config
 
     from reward_server.gateway.app import run
     from reward_server.gateway.options import GatewayOptions
 
-    tls = None
-    if args.tls_ca or args.tls_cert or args.tls_key:
-        tls = TlsConfig(root_certificates=str(args.tls_ca) if args.tls_ca else None,
-                        certificate_chain=str(args.tls_cert) if args.tls_cert else None,
-                        private_key=str(args.tls_key) if args.tls_key else None)
+    tls = tls_config(args)  # the client CLI's reading of --tls-ca/--tls-cert/--tls-key
     return run(GatewayOptions(url=args.url, host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
                               max_items=args.max_inputs, batch_delay_ms=args.batch_delay_ms,
                               batch_size=args.batch_size, timeout_s=args.timeout, api_key=args.api_key,
