@@ -65,11 +65,7 @@ def parse_messages(raw: bytes | str | list) -> list[dict[str, str]]:
             a message that is not an object, an unknown role, non-string content, content with a
             NUL character or a lone surrogate, or a last message not from the assistant.
     """
-    if isinstance(raw, (bytes, bytearray)):
-        try:
-            raw = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise ConversationError(f"messages is not valid UTF-8 ({err.reason} at byte {err.start})") from None
+    raw = _decoded(raw, "messages")
     if isinstance(raw, str):
         try:
             raw = json.loads(raw)
@@ -108,16 +104,22 @@ def check_text(raw: bytes | str) -> str:
     Raises:
         ConversationError: invalid UTF-8, empty, a NUL character or a lone surrogate.
     """
-    if isinstance(raw, (bytes, bytearray)):
-        try:
-            raw = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise ConversationError(f"text is not valid UTF-8 ({err.reason} at byte {err.start})") from None
+    raw = _decoded(raw, "text")
     if not isinstance(raw, str):
         raise ConversationError(f"text must be a string, got {type(raw).__name__}")
     if not raw:
         raise ConversationError("text is empty")
     _check_text(raw, "text")
+    return raw
+
+
+def _decoded(raw: Any, what: str) -> Any:
+    """`raw` decoded from UTF-8 when it is bytes (as Triton hands BYTES inputs over); else as given."""
+    if isinstance(raw, (bytes, bytearray)):
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ConversationError(f"{what} is not valid UTF-8 ({err.reason} at byte {err.start})") from None
     return raw
 
 
