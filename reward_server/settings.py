@@ -110,7 +110,7 @@ def score_spec_from_parameters(params: dict[str, str]):
 
 def fanout_from_parameters(params: dict[str, str]):
     """The TensorRT-LLM engine step's `FanOut`, from the engine directory's reward_head.json."""
-    from reward_server.trtllm.fanout import FanOut
+    from reward_server.trtllm.fanout import DEFAULT_PROMPT_FIRST, FanOut
     from reward_server.trtllm.layout import EngineLayout
 
     engine_dir = params.get(ENGINE_DIR, "")
@@ -118,4 +118,5 @@ def fanout_from_parameters(params: dict[str, str]):
         raise ValueError(f"parameter {ENGINE_DIR} is empty: start the server with `reward-server serve --engine "
                          "tensorrt_llm --engine-dir DIR`, or set it in config.pbtxt")
     prompt_first = _int_or_none(params, PROMPT_FIRST)
-    return FanOut.from_spec(EngineLayout(Path(engine_dir)).head_spec(), 32 if prompt_first is None else prompt_first)
+    return FanOut.from_spec(EngineLayout(Path(engine_dir)).head_spec(),
+                            DEFAULT_PROMPT_FIRST if prompt_first is None else prompt_first)

@@ -48,6 +48,10 @@ class EngineUnavailableError(RuntimeError):
     """The `tensorrt_llm` model refused the request for now (e.g. the server is shutting down)."""
 
 
+# Shared prompts of at least this many tokens go leader first (the `prompt_first` parameter).
+DEFAULT_PROMPT_FIRST = 32
+
+
 @dataclass(frozen=True)
 class FanOut:
     """How one sequence becomes a `tensorrt_llm` request and how its reward is read back."""
@@ -55,10 +59,10 @@ class FanOut:
     reward_indices: tuple[int, ...]
     pooling: str
     pad_token_id: int | None
-    prompt_first: int = 32  # shortest shared prefix (tokens) sent leader first; 0: all at once
+    prompt_first: int = DEFAULT_PROMPT_FIRST  # shortest shared prefix (tokens) sent leader first; 0: all at once
 
     @classmethod
-    def from_spec(cls, spec: RewardHeadSpec, prompt_first: int = 32) -> "FanOut":
+    def from_spec(cls, spec: RewardHeadSpec, prompt_first: int = DEFAULT_PROMPT_FIRST) -> "FanOut":
         """From the engine directory's reward_head.json.
 
         Raises:
