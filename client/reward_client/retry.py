@@ -36,7 +36,9 @@ class RetryPolicy:
         jitter: fraction of the cap that is randomised away, in [0, 1].
     """
 
-    max_attempts: int = 8
+    # Ten attempts: waits capped at 0.05, 0.1, ... 3.2, 5, 5 s, up to ~16 s in all (~8 s on average with
+    # full jitter): a bounded queue's bursts, and most of a server restart (10 to 17 s, docs/reliability.md).
+    max_attempts: int = 10
     initial_backoff_s: float = 0.05
     max_backoff_s: float = 5.0
     multiplier: float = 2.0

@@ -26,7 +26,7 @@ def connection_options() -> argparse.ArgumentParser:
                        help="gRPC host:port (default %(default)s); several replicas: a,b or dns:///name:port")
     group.add_argument("--timeout", type=float, default=60.0,
                        help="deadline of each request attempt in seconds (default %(default)s)")
-    group.add_argument("--retries", type=int, default=8,
+    group.add_argument("--retries", type=int, default=10,
                        help="attempts per request on overload/unavailability (default %(default)s)")
     group.add_argument("--log-level", default="WARNING", help="logging level (default %(default)s)")
     tls = parent.add_argument_group("TLS (gRPC)")
