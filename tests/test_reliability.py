@@ -193,7 +193,8 @@ def test_sigterm_under_load_finishes_accepted_requests_refuses_new_ones_and_exit
     after = [o for o in outcomes if o[0] > signalled + 0.5]
     assert after and all(o[1] != "ok" for o in after), after[:5]
     refused = [o for o in outcomes if o[1] != "ok"]
-    assert all(o[1] == "StatusCode.UNAVAILABLE" or "has no available versions" in o[2] for o in refused), refused
+    unclean = [o for o in refused if not (o[1] == "StatusCode.UNAVAILABLE" or "has no available versions" in o[2])]
+    assert not unclean, unclean  # only the offending refusals: the clean ones are many and alike
     assert "watchdog: giving up" not in served.log() and not python_stubs(served.proc.pid)
 
 
