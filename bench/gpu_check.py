@@ -52,7 +52,7 @@ from bench.gpu.report import CheckFailed, Interrupted, Report, StageSkipped, rai
 _LOGGER = logging.getLogger("bench.gpu_check")
 
 STAGES = ("environment", "matmul", "checkpoint", "torch_parity", "torch_throughput", "build_dry_run",
-          "trtllm_build", "trtllm_logits", "trtllm_throughput")
+          "trtllm_build", "trtllm_logits", "trtllm_throughput", "trtllm_pp")
 # (own time limit, least remaining budget to start) in seconds, for a GPU run and a smoke run.
 LIMITS = {
     "environment": ((90, 5), (60, 5)),
@@ -64,8 +64,9 @@ LIMITS = {
     "trtllm_build": ((300, 90), (60, 5)),
     "trtllm_logits": ((240, 60), (60, 5)),
     "trtllm_throughput": ((120, 20), (60, 5)),
+    "trtllm_pp": ((360, 120), (60, 5)),
 }
-WORK_ENTRIES = ("checkpoint", "trtllm-checkpoint", "engine", "server")
+WORK_ENTRIES = ("checkpoint", "trtllm-checkpoint", "engine", "engine-pp2", "server")
 # Seconds the fp32 transformers run needs at least (load 30 GB, 16 conversations): skipped below that.
 FP32_REFERENCE_S = 60
 NOT_IMPORTABLE = "tensorrt_llm: not importable, TensorRT-LLM steps skipped"
@@ -168,7 +169,7 @@ def _tail(text: str, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def run_logged(command: Sequence[str], log: Path, timeout_s: float) -> tuple[int, str]:
+def run_logged(command: Sequence[str], log: Path, timeout_s: float, env: dict | None = None) -> tuple[int, str]:
     """Run a command with output to `log`; on timeout or interruption kill its whole process group.
 
     Returns:
@@ -178,7 +179,8 @@ def run_logged(command: Sequence[str], log: Path, timeout_s: float) -> tuple[int
     with open(log, "wb") as handle:
         handle.write(("$ " + " ".join(command) + "\n").encode())
         handle.flush()
-        process = subprocess.Popen(list(command), stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(list(command), stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
+                                   env=None if env is None else {**os.environ, **env})
         try:
             code = process.wait(timeout=max(1.0, timeout_s))
         except subprocess.TimeoutExpired:
@@ -595,6 +597,16 @@ def stage_trtllm_logits(ctx: Context, out: dict) -> None:
     _require_trtllm(ctx)
     if ctx.engine_dir is None:
         raise StageSkipped("no engine (trtllm_build did not pass)")
+    check_served_logits(ctx, out, ctx.engine_dir)
+
+
+def check_served_logits(ctx: Context, out: dict, engine_dir: Path) -> None:
+    """Serve `engine_dir`; compare the engine's generation_logits and the served scores with the
+    transformers reference (the server is left running in ctx.server).
+
+    Raises:
+        CheckFailed: logits read at another position, or scores outside the tolerance.
+    """
     try:
         import tritonclient.grpc as grpcclient
     except ImportError as err:
@@ -603,9 +615,10 @@ def stage_trtllm_logits(ctx: Context, out: dict) -> None:
     workload, ids = _check_set(ctx)
     pad_id, end_id = _token_ids(ctx.trtllm_checkpoint)
     # The reference stays loaded while the server runs: it is needed for the next-position reading.
-    ctx.trtllm_reference = reference.load(ctx.trtllm_checkpoint, ctx.run.device, ctx.run.dtype)
+    if ctx.trtllm_reference is None:
+        ctx.trtllm_reference = reference.load(ctx.trtllm_checkpoint, ctx.run.device, ctx.run.dtype)
     start = time.perf_counter()
-    ctx.server = start_server(ctx, ctx.engine_dir, startup_timeout_s=max(30.0, ctx.report.stage_left() - 60))
+    ctx.server = start_server(ctx, engine_dir, startup_timeout_s=max(30.0, ctx.report.stage_left() - 60))
     out["server_start_s"] = time.perf_counter() - start
     client = grpcclient.InferenceServerClient(ctx.server.grpc_url)
     direct = check_engine_logits(client, ctx.trtllm_reference, ids, pad_id, end_id, ctx.run.dtype)
@@ -622,7 +635,8 @@ def stage_trtllm_logits(ctx: Context, out: dict) -> None:
     out["summary"] = (f"generation_logits = reference at the last prompt position for {last}/{n} "
                       f"(positions {direct['positions']}); served max diff "
                       f"{out['served_vs_reference']['max_abs']:.3g} (tolerance {out['served_vs_reference']['tolerance']:.3g})")
-    ctx.report.data["summary"]["generation_logits_position"] = direct["positions"]
+    if engine_dir == ctx.engine_dir:
+        ctx.report.data["summary"]["generation_logits_position"] = direct["positions"]
     failures = []
     if last != n:
         failures.append(f"generation_logits matched the last prompt position for only {last} of {n} requests "
@@ -669,17 +683,83 @@ def stage_trtllm_throughput(ctx: Context, out: dict) -> None:
         trtllm_client.infer_all(client, cut[:8], end_id, pad_id)  # warm-up
         seconds, _ = trtllm_client.infer_all(client, cut, end_id, pad_id, timeout_s=ctx.report.stage_left())
         direct = flops.throughput(ctx.trtllm_shape, lengths, seconds, ctx.matmul_flops_per_s).to_dict()
+        before = kv_cache_counters(ctx.server.metrics_url)
         load = run_load(ctx.server.grpc_url, workload.conversations, ctx.run.concurrency, ctx.run.request_size,
                         timeout_s=ctx.report.stage_left())
         served = flops.throughput(ctx.trtllm_shape, lengths, load.seconds, ctx.matmul_flops_per_s).to_dict()
         served.update(concurrency=ctx.run.concurrency, request_size=ctx.run.request_size,
                       latency_p50_s=float(np.median(load.latencies)))
-        out[name] = {"engine_all_in_flight": direct, "served_reward": served, "mean_tokens": float(np.mean(lengths))}
+        kv = kv_cache_reuse(before, kv_cache_counters(ctx.server.metrics_url), cut, ctx.run.request_size)
+        out[name] = {"engine_all_in_flight": direct, "served_reward": served, "mean_tokens": float(np.mean(lengths)),
+                     "kv_cache": kv}
         summary.append(f"{name}: engine {direct['tokens_per_s']:,.0f} tok/s ({direct['pct_of_matmul']:.0f}% of "
-                       f"matmul), served {served['tokens_per_s']:,.0f} tok/s")
+                       f"matmul), served {served['tokens_per_s']:,.0f} tok/s, KV blocks reused {kv['reused_blocks']} "
+                       f"of {kv['shareable_blocks']} shareable")
     client.close()
     out["layers"] = ctx.trtllm_shape.layers
     out["summary"] = "; ".join(summary)
+
+
+def kv_cache_counters(metrics_url: str) -> dict[str, float]:
+    """The fan-out's reward_engine_kv_cache_*_total counters (requests, reused_blocks, total_blocks)."""
+    import re
+    import urllib.request
+
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    return {name: float(value) for name, value in
+            re.findall(r'^reward_engine_kv_cache_(\w+)_total\{[^}]*\} (\S+)$', text, re.M)}
+
+
+def shareable_blocks(sequences: Sequence[Sequence[int]], request_size: int, block: int = 32) -> int:
+    """KV blocks that leader-first scheduling can let a request find cached: in each request of
+    `request_size` sequences (the fan-out groups within a request), every sequence but the first
+    of its group can reuse the whole blocks it shares with an earlier one, less the block holding
+    its last token (always computed)."""
+    total = 0
+    for start in range(0, len(sequences), request_size):
+        chunk = [list(s) for s in sequences[start:start + request_size]]
+        for i, seq in enumerate(chunk[1:], 1):
+            common = max((next((k for k, (a, b) in enumerate(zip(seq, other)) if a != b), min(len(seq), len(other)))
+                          for other in chunk[:i]), default=0)
+            total += min(common // block, (len(seq) - 1) // block)
+    return total
+
+
+def kv_cache_reuse(before: dict, after: dict, sequences: Sequence[Sequence[int]], request_size: int) -> dict:
+    """What the engine reported reusing during a run, against what the workload could share."""
+    delta = {name: int(after.get(name, 0) - before.get(name, 0)) for name in ("requests", "reused_blocks",
+                                                                            "total_blocks")}
+    shareable = shareable_blocks(sequences, request_size)
+    return {**delta, "shareable_blocks": shareable,
+            "reuse_of_shareable": round(delta["reused_blocks"] / shareable, 3) if shareable else None,
+            "note": None if delta["requests"] else "no request returned KV-cache counters (perf_metrics off, or "
+                                                   "the backend ignores return_perf_metrics)"}
+
+
+def stage_trtllm_pp(ctx: Context, out: dict) -> None:
+    """Pipeline parallelism (pp 2): do the rewards, computed on the last stage, reach rank 0's
+    response? build-engine refuses --pp > 1 until this passes on a GPU host."""
+    _require_trtllm(ctx)
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        raise StageSkipped(f"pipeline parallelism needs 2 GPUs; {torch.cuda.device_count()} visible")
+    if ctx.trtllm_checkpoint is None:
+        raise StageSkipped("no checkpoint (trtllm_build did not pass)")
+    _stop_server(ctx)
+    output = ctx.work / "engine-pp2"
+    command = ctx.python_command(
+        "build-engine", "--checkpoint", str(ctx.trtllm_checkpoint), "--output", str(output), "--pp", "2",
+        "--dtype", ctx.run.dtype, "--max-input-len", str(ctx.args.max_input_len), "--force")
+    from reward_server.trtllm.builder import UNVERIFIED_PP_ENV
+
+    out["command"] = f"{UNVERIFIED_PP_ENV}=1 " + " ".join(command)
+    code, tail = run_logged(command, ctx.logs / "build_engine_pp2.log", timeout_s=ctx.report.stage_left() / 2,
+                            env={UNVERIFIED_PP_ENV: "1"})
+    out.update(exit_code=code, output_tail=tail)
+    if code != 0:
+        raise CheckFailed(f"build-engine --pp 2 exited with {code} (log: logs/build_engine_pp2.log)")
+    check_served_logits(ctx, out, output)
 
 
 def _release_engine(ctx: Context) -> None:
@@ -692,6 +772,7 @@ STAGE_FUNCTIONS = {
     "torch_parity": stage_torch_parity, "torch_throughput": stage_torch_throughput,
     "build_dry_run": stage_build_dry_run, "trtllm_build": stage_trtllm_build,
     "trtllm_logits": stage_trtllm_logits, "trtllm_throughput": stage_trtllm_throughput,
+    "trtllm_pp": stage_trtllm_pp,
 }
 
 

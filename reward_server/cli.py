@@ -19,6 +19,7 @@ from reward_server.engines import ENGINES
 from reward_server.heads import HEAD_TYPES
 from reward_server.launcher import ServeOptions, ServerStartError, TlsOptions, TritonServer
 from reward_server.trtllm.builder import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_NUM_TOKENS, DTYPES
+from reward_server.trtllm.calibration import HELP as CALIB_HELP
 
 _LOGGER = logging.getLogger("reward_server")
 
@@ -219,7 +220,8 @@ def _build_engine_parser(sub) -> None:
     p.add_argument("--checkpoint", type=Path, required=True, help="Hugging Face reward checkpoint directory")
     p.add_argument("--output", type=Path, required=True, help="engine directory to write (serve it with --engine-dir)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs (default 1)")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages (default 1)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages (default 1; above 1 refused until a "
+                                                     "GPU run verifies it: use --tp)")
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     p.add_argument("--max-input-len", type=int, help="longest conversation in tokens (default: min(4096, model's))")
     p.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
@@ -228,7 +230,7 @@ def _build_engine_parser(sub) -> None:
                    help=f"tokens per engine step; longer prompts run in chunks (default {DEFAULT_MAX_NUM_TOKENS})")
     p.add_argument("--head-type", choices=HEAD_TYPES, default="auto")
     p.add_argument("--reward-indices", help="causal-LM reward models: logits read as rewards, e.g. 0 or 0,1,2")
-    p.add_argument("--calib-dataset", type=Path, help="fp8: local calibration dataset")
+    p.add_argument("--calib-dataset", type=Path, help="fp8: calibration data, checked before the build: " + CALIB_HELP)
     p.add_argument("--force", action="store_true", help="rebuild over an existing engine")
     p.add_argument("--dry-run", action="store_true", help="check the inputs, print every step and command, run nothing")
 

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -30,7 +31,7 @@ from reward_server import engines, settings
 from reward_server.drain import DrainState, settle_time_from_metrics
 from reward_server.heads import detect_head_type, num_outputs, parse_indices
 from reward_server.scoring import ScoreSpec, parse_floats
-from reward_server.trtllm.mpi import WORKER_FLAGS, child_pids, find_mpirun, mpirun_command
+from reward_server.trtllm.mpi import WORKER_FLAGS, find_mpirun, mpirun_command, ranks
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -338,12 +339,12 @@ def drain_dir(repository: Path) -> Path:
     return repository.parent / "drain"
 
 
-def model_backend(model_dir: Path) -> str:
-    """The `backend` of a model directory's config.pbtxt."""
+def model_config(model_dir: Path):
+    """A model directory's config.pbtxt, parsed (`ModelConfig`)."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    return text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()).backend
+    return text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
 
 
 class TritonServer:
@@ -454,7 +455,8 @@ class TritonServer:
         if self.serving:
             from reward_server.trtllm.serving import check_host
 
-            check_host(self.serving, model_backend(repository / engines.TENSORRT_LLM_MODEL), bundle is not None)
+            config = model_config(repository / engines.TENSORRT_LLM_MODEL)
+            check_host(self.serving, config.backend, bundle is not None, parameters=config.parameters)
         self.log_path = self.workdir / "tritonserver.log"
         self._launch = (binary, repository, backends, server_environment(bundle))
         self._drain = DrainState(drain_dir(repository))
@@ -528,6 +530,15 @@ class TritonServer:
             return ""
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
+    def _load_failures(self) -> str:
+        """"; model 'x' failed to load: <reason>" for each model that failed (first line of the
+        reason), so the cause leads the message instead of hiding above the log tail."""
+        if not self.log_path or not self.log_path.exists():
+            return ""
+        reasons = dict(re.findall(r"failed to load '([^']+)' version \d+: (.*?)(?:\\n|\"|$)",
+                                  self.log_path.read_text(errors="replace"), re.M))
+        return "".join(f"; model '{name}' failed to load: {reason}" for name, reason in reasons.items())
+
     def is_ready(self) -> bool:
         """True when the server answers ready on HTTP."""
         try:
@@ -547,7 +558,8 @@ class TritonServer:
             if self._stopping.is_set():
                 raise ServerStartError("stopped while waiting for tritonserver to be ready")
             if self.process.poll() is not None:
-                raise ServerStartError(f"tritonserver exited with code {self.process.returncode}:\n{self.log_tail()}")
+                raise ServerStartError(f"tritonserver exited with code {self.process.returncode}"
+                                       f"{self._load_failures()}:\n{self.log_tail()}")
             if self.is_ready():
                 return
             time.sleep(0.25)
@@ -569,16 +581,7 @@ class TritonServer:
             self.watchdog.stop()
             self.watchdog = None
         if self.process.poll() is None:
-            # Under mpirun the ranks get SIGTERM themselves: mpirun, signalled, kills them 1 s later
-            # (and blocks its output forwarding meanwhile); ranks that finish cleanly end mpirun.
-            ranks = child_pids(self.process.pid) if self.process.args[0] == "mpirun" else []
-            for pid in ranks or [self.process.pid]:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGTERM)
-            try:
-                self.process.wait(self.options.exit_timeout_s + 15)
-            except subprocess.TimeoutExpired:
-                _LOGGER.warning("tritonserver did not stop in time; killing it")
+            self._terminate()
         code = self._kill_group()
         self._remove_shared_memory()
         if self._own_workdir and self.workdir and not self.options.log_to_console and code not in (0, None):
@@ -586,6 +589,32 @@ class TritonServer:
         elif self._own_workdir and self.workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
         return code
+
+    def _terminate(self) -> None:
+        """SIGTERM and wait for the exit; on timeout the caller kills the process group.
+
+        Under mpirun only rank 0 is signalled (not mpirun, which kills its ranks 1 s later; not the
+        workers, which have no signal handler while the leader runs: see reward_server.trtllm.mpi).
+        Rank 0 stopping releases the workers, and ranks that all exit end mpirun. Workers still
+        running after the exit timeout get SIGTERM too, before the group is killed.
+        """
+        leader, workers = ranks(self.process.pid) if self.process.args[0] == "mpirun" else (None, [])
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(leader or self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(self.options.exit_timeout_s + 15)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+        if workers:
+            _LOGGER.warning("ranks %s still running after the exit timeout; sending them SIGTERM", workers)
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(10)
+                return
+        _LOGGER.warning("tritonserver did not stop in time; killing it")
 
     def __enter__(self) -> "TritonServer":
         return self.start()

@@ -6,6 +6,8 @@
     reward_requests_rejected_total{model,reason}   requests refused, by reason (REJECTION_REASONS)
     reward_score_bucket{model,le} / _count / _sum  the score distribution (SCORE_BUCKETS)
     reward_engine_shared_tokens_total{model}       prompt tokens reused (the engine's, triton_io.EngineMetrics)
+    reward_engine_kv_cache_reused_blocks_total{model}  TensorRT-LLM KV blocks found cached (the fan-out's),
+    reward_engine_kv_cache_total_blocks_total{model}   and all it used (return_perf_metrics)
 
 Triton 2.51's Python backend has only COUNTER and GAUGE metric kinds (its `MetricFamily` has no
 HISTOGRAM), so the score histogram is written the way Prometheus lays one out: a cumulative

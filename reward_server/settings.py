@@ -34,6 +34,7 @@ SCORE_STD = "score_std"
 ENGINE_DIR = "engine_dir"
 TENSORRT_LLM_MODEL = "tensorrt_llm_model"
 PROMPT_FIRST = "prompt_first"
+PERF_METRICS = "perf_metrics"
 
 
 def parameters_of(args: dict[str, Any]) -> dict[str, str]:
@@ -56,6 +57,11 @@ def _int_or_none(params: dict[str, str], key: str) -> int | None:
         return int(value) if value else None
     except ValueError:
         raise ValueError(f"parameter {key} must be an integer, got {value!r}") from None
+
+
+def _flag(params: dict[str, str], key: str) -> bool:
+    """A yes/no parameter: 1, true or yes (any case) is yes; absent or anything else is no."""
+    return params.get(key, "").strip().lower() in ("1", "true", "yes")
 
 
 def encoder_from_parameters(params: dict[str, str]):
@@ -97,7 +103,7 @@ def engine_from_parameters(params: dict[str, str]):
                                         token_budget=_int_or_none(params, TOKEN_BUDGET) or DEFAULT_TOKEN_BUDGET,
                                         min_shared=DEFAULT_MIN_SHARED if min_shared is None else min_shared,
                                         dtype=params.get(DTYPE) or "auto",
-                                        compile=params.get(COMPILE, "").strip().lower() in ("1", "true", "yes"))
+                                        compile=_flag(params, COMPILE))
 
 
 def score_spec_from_parameters(params: dict[str, str]):
@@ -119,4 +125,5 @@ def fanout_from_parameters(params: dict[str, str]):
                          "tensorrt_llm --engine-dir DIR`, or set it in config.pbtxt")
     prompt_first = _int_or_none(params, PROMPT_FIRST)
     return FanOut.from_spec(EngineLayout(Path(engine_dir)).head_spec(),
-                            DEFAULT_PROMPT_FIRST if prompt_first is None else prompt_first)
+                            DEFAULT_PROMPT_FIRST if prompt_first is None else prompt_first,
+                            perf_metrics=_flag(params, PERF_METRICS))

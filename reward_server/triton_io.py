@@ -141,22 +141,27 @@ def bls_caller(model_name: str, outputs: list[str]):
 class EngineMetrics:
     """Counters of the engine's work on Triton's Prometheus endpoint (port 8002).
 
-    reward_engine_<field>_total for each `EngineStats` counter: sequences, tokens computed,
-    tokens saved by shared prefixes, padded tokens (so padding ratio = 1 - tokens / padded).
+    reward_engine_<prefix><field>_total for each counter of `fields`: by default the PyTorch engine's
+    `EngineStats` (sequences, tokens computed, tokens saved by shared prefixes, padded tokens, so
+    padding ratio = 1 - tokens / padded); `KV_CACHE_FIELDS` for the TensorRT-LLM fan-out's
+    `KvCacheStats` with prefix "kv_cache_" (blocks reused / used: prompt reuse = reused / total).
     """
 
     FIELDS = {"sequences": "conversations scored", "tokens": "tokens run through the model",
               "shared_tokens": "tokens not computed thanks to shared prefixes",
               "padded_tokens": "tokens computed including padding"}
+    KV_CACHE_FIELDS = {"requests": "TensorRT-LLM requests that returned KV-cache counters",
+                       "reused_blocks": "KV-cache blocks found cached (shared prompts)",
+                       "total_blocks": "KV-cache blocks used"}
 
-    def __init__(self, model_name: str):
+    def __init__(self, model_name: str, fields: dict[str, str] | None = None, prefix: str = ""):
         self._families, self._counters = [], {}  # a family must outlive its metrics
-        for field, what in self.FIELDS.items():
-            family = pb_utils.MetricFamily(name=f"reward_engine_{field}_total", description=f"Number of {what}",
+        for field, what in (fields or self.FIELDS).items():
+            family = pb_utils.MetricFamily(name=f"reward_engine_{prefix}{field}_total", description=f"Number of {what}",
                                            kind=pb_utils.MetricFamily.COUNTER)
             self._families.append(family)
             self._counters[field] = family.Metric(labels={"model": model_name})
-        self._seen = dict.fromkeys(self.FIELDS, 0)
+        self._seen = dict.fromkeys(self._counters, 0)
 
     def update(self, stats) -> None:
         """Add what `stats` counted since the last update; a metrics failure never fails requests."""

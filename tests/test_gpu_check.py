@@ -19,7 +19,7 @@ from bench.gpu.report import CheckFailed, Report, StageSkipped
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCH_STAGES = ("environment", "matmul", "checkpoint", "torch_parity", "torch_throughput", "build_dry_run")
-TRTLLM_STAGES = ("trtllm_build", "trtllm_logits", "trtllm_throughput")
+TRTLLM_STAGES = ("trtllm_build", "trtllm_logits", "trtllm_throughput", "trtllm_pp")
 
 
 @pytest.fixture(scope="module")
@@ -255,6 +255,23 @@ def test_trtllm_stages_against_the_contract_double(trtllm_server, demo_checkpoin
     for name in ("grpo", "no-sharing"):
         result = report.results("trtllm_throughput")[name]
         assert result["engine_all_in_flight"]["tokens_per_s"] > 0 and result["served_reward"]["tokens_per_s"] > 0
+        kv = result["kv_cache"]  # the fan-out's counters, as the double's block cache reports them
+        assert kv["requests"] == 8 and kv["total_blocks"] >= 8 and kv["note"] is None
+        # the warm-up filled the double's cache with the same sequences: at least what leader-first shares
+        assert kv["reused_blocks"] >= kv["shareable_blocks"]
+
+
+def test_shareable_blocks_by_hand():
+    prompt = list(range(70))  # two whole blocks of 32
+    group = [prompt + [100, 101], prompt + [102] * 40, prompt[:40] + [7], [5] * 80]
+    # request of 4: the 2nd shares 70 tokens with the 1st (2 blocks); the 3rd 40 (1 block, its last
+    # token in the 2nd); the 4th nothing
+    assert gpu_check.shareable_blocks(group, request_size=4) == 2 + 1 + 0
+    assert gpu_check.shareable_blocks(group, request_size=1) == 0  # the fan-out groups within a request
+    before, after = {"requests": 2, "reused_blocks": 1, "total_blocks": 10}, {"requests": 6, "reused_blocks": 3,
+                                                                             "total_blocks": 22}
+    kv = gpu_check.kv_cache_reuse(before, after, group, request_size=4)
+    assert (kv["requests"], kv["reused_blocks"], kv["total_blocks"], kv["reuse_of_shareable"]) == (4, 2, 12, 0.667)
 
 
 def test_time_is_kept_for_the_tensorrt_llm_stages_only_when_they_will_run(tmp_path):

@@ -87,6 +87,26 @@ def test_fanout_requests_match_the_tensorrt_llm_model_interface():
     assert {t.name for t in trtllm.input if not t.optional} <= set(request)
     assert set(REQUESTED_OUTPUTS) <= set(outputs)
     assert outputs["generation_logits"] == (model_config_pb2.TYPE_FP32, [-1, -1, -1])
+    with_metrics = FanOut((0,), "last", 7, perf_metrics=True)
+    assert set(with_metrics.request([1, 2])) - set(request) == {"return_perf_metrics"}
+    assert inputs["return_perf_metrics"][0] == model_config_pb2.TYPE_BOOL
+    for name in set(with_metrics.requested_outputs) - set(REQUESTED_OUTPUTS):
+        assert outputs[name] == (model_config_pb2.TYPE_INT32, [1]), name
+
+
+def test_tensorrt_llm_config_has_every_parameter_the_backend_cannot_do_without():
+    """The backend reads these with no default; without one the model fails to load (on every rank)."""
+    from reward_server.trtllm.serving import UNGUARDED_PARAMETERS, missing_parameters
+
+    config = _parse(MODEL_REPOSITORY / "tensorrt_llm" / "config.pbtxt")
+    assert missing_parameters(config.parameters) == []
+    for name in UNGUARDED_PARAMETERS[1:]:  # the guided-decoding ones: empty turns the feature off
+        assert config.parameters[name].string_value == ""
+    assert config.parameters["gpt_model_type"].string_value == "inflight_fused_batching"
+    del config.parameters["tokenizer_dir"]
+    assert missing_parameters(config.parameters) == ["tokenizer_dir"]
+    trtllm_step = _parse(MODEL_REPOSITORY / "reward_engine_trtllm" / "config.pbtxt")
+    assert trtllm_step.parameters["perf_metrics"].string_value == "true"
 
 
 def test_render_applies_overrides_to_parsed_configs(tmp_path, qwen_checkpoint):

@@ -54,6 +54,7 @@ def test_dry_run_prints_every_step_and_exact_command(demo_checkpoint, tmp_path):
     ({"architectures": ["GPT2ForSequenceClassification"]}, {}, "GPT2ForSequenceClassification is not supported"),
     ({}, dict(dtype="fp8"), "--dtype fp8 calibrates on data"),
     ({}, dict(dtype="int4"), "--dtype must be one of"),
+    ({}, dict(pp=2), "--pp 2: pipeline parallelism is refused until a GPU run"),
 ])
 def test_inputs_are_checked_before_anything_runs(demo_checkpoint, tmp_path, change, options, message):
     checkpoint = tmp_path / "ckpt"
@@ -128,3 +129,57 @@ def test_converter_needs_tensorrt_llm_and_a_supported_architecture():
             converter_class("LlamaForCausalLM")
     else:  # a GPU host
         assert converter_class("LlamaForCausalLM").__name__ == "LLaMAForCausalLM"
+
+
+def _dataset(root: Path, files: dict[str, str]) -> Path:
+    root.mkdir(parents=True)
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+@pytest.mark.parametrize("files, message", [
+    (None, "nothing is there"),
+    ({}, "has no data files"),
+    ({"test.jsonl": '{"text": "a"}\n', "validation.csv": "text\nb\n"}, "has no train split"),
+    ({"train.jsonl": '{"prompt": "a"}\n'}, "train.jsonl has no `text` column"),
+    ({"data/train-00000.csv": "prompt,label\na,1\n"}, "has no `text` column"),
+])
+def test_fp8_calibration_data_is_checked_before_the_model_loads(demo_checkpoint, tmp_path, files, message):
+    """TensorRT-LLM reads load_dataset(dir, split="train")["text"], after loading the whole model."""
+    data = tmp_path / "calib"
+    if files is not None:
+        _dataset(data, files)
+    with pytest.raises(ValueError, match=message):
+        plan_build(BuildOptions(checkpoint=demo_checkpoint, output=tmp_path / "out", dtype="fp8", calib_dataset=data))
+
+
+@pytest.mark.parametrize("files", [
+    {"train.jsonl": '{"text": "hello", "id": 1}\n'},
+    {"part1.csv": "id,text\n1,hello\n", "notes.txt": "line\n"},   # no split names: all train
+    {"corpus.txt": "one line\nanother\n", "test.jsonl": '{"other": 1}\n'},  # only train files are read
+    {"train.json": '[{"text": "a"}, {"text": "b"}]'},
+])
+def test_fp8_calibration_data_that_tensorrt_llm_reads_is_accepted(demo_checkpoint, tmp_path, files):
+    data = _dataset(tmp_path / "calib", files)
+    plan = plan_build(BuildOptions(checkpoint=demo_checkpoint, output=tmp_path / "out", dtype="fp8",
+                                   calib_dataset=data))
+    convert = next(step for step in plan.steps if step.name == "convert").command
+    assert convert[convert.index("--calib-dataset") + 1] == str(data.resolve())
+
+
+def test_fp8_calibration_refuses_names_tensorrt_llm_routes_to_the_hub(demo_checkpoint, tmp_path):
+    data = _dataset(tmp_path / "my_cnn_dailymail", {"train.jsonl": '{"text": "a"}\n'})
+    with pytest.raises(ValueError, match="read by TensorRT-LLM as that hub dataset"):
+        plan_build(BuildOptions(checkpoint=demo_checkpoint, output=tmp_path / "out", dtype="fp8", calib_dataset=data))
+
+
+def test_pipeline_parallelism_only_for_the_gpu_check(demo_checkpoint, tmp_path, monkeypatch):
+    run = subprocess.run([sys.executable, "-m", "reward_server.cli", "build-engine", "--checkpoint",
+                          str(demo_checkpoint), "--output", str(tmp_path / "e"), "--pp", "2", "--dry-run"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "use --tp instead" in run.stderr + run.stdout
+    monkeypatch.setenv("REWARD_SERVER_UNVERIFIED_PP", "1")
+    plan = plan_build(BuildOptions(checkpoint=demo_checkpoint, output=tmp_path / "e", pp=2))
+    assert "tp 1 x pp 2 = 2 GPU(s)" in plan.render()

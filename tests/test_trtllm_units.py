@@ -12,9 +12,10 @@ import pytest
 
 from reward_server.launcher import ServeOptions, TritonServer
 from reward_server.stages import EngineError, EngineUnavailable
-from reward_server.trtllm.fanout import EngineReplyError, EngineUnavailableError, FanOut, score_requests
+from reward_server.trtllm.fanout import (EngineReplyError, EngineUnavailableError, FanOut, KvCacheStats,
+                                         score_requests)
 from reward_server.trtllm.layout import read_engine_info
-from reward_server.trtllm.mpi import WORKER_FLAGS, mpirun_command
+from reward_server.trtllm.mpi import WORKER_FLAGS, mpirun_command, ranks
 
 PAD = 7
 
@@ -168,3 +169,40 @@ def test_shared_prompts_go_leader_first():
     ok = [(ids[:4], lengths[:4])]
     asyncio.run(score_requests(FanOut((0,), "last", None, prompt_first=0), infer, ok))
     assert [kind for kind, _ in events[:4]] == ["start"] * 4
+
+
+def test_kv_cache_counters_are_asked_for_and_added_up():
+    fanout = FanOut((0,), "last", None, perf_metrics=True)
+    assert fanout.request([1, 2, 3])["return_perf_metrics"].tolist() == [[True]]
+    assert "kv_cache_reused_blocks" in fanout.requested_outputs
+    assert "return_perf_metrics" not in FanOut((0,), "last", None).request([1, 2, 3])
+
+    async def infer(inputs):
+        n = inputs["input_ids"].shape[1]
+        reply = {"generation_logits": np.zeros((1, 1, 1, 2), dtype=np.float32)}
+        if n != 2:  # a reply without counters (e.g. an older backend) is not counted
+            reply.update(kv_cache_reused_blocks=np.array([[n // 4]], dtype=np.int32),
+                         kv_cache_alloc_total_blocks=np.array([[n]], dtype=np.int32))
+        return reply
+
+    ids = np.array([[1] * 8 + [0] * 4, [2] * 12, [3, 3] + [0] * 10], dtype=np.int32)
+    stats = KvCacheStats()
+    asyncio.run(score_requests(fanout, infer, [(ids, np.array([[8], [12], [2]]))], stats))
+    assert (stats.requests, stats.reused_blocks, stats.total_blocks) == (2, 2 + 3, 8 + 12)
+
+
+def test_rank_zero_is_found_among_mpiruns_children():
+    """The launcher signals rank 0 alone; here two children of this process stand for the ranks."""
+    import os
+    import subprocess
+    import sys
+
+    children = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
+                                 env={**os.environ, "OMPI_COMM_WORLD_RANK": str(rank)}) for rank in (1, 0)]
+    try:
+        leader, workers = ranks(os.getpid())
+        assert leader == children[1].pid and workers == [children[0].pid]
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
 import shutil
 import subprocess
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from reward_server.heads import detect_head_type
+from reward_server.trtllm.calibration import HELP, check_calibration_dataset
 from reward_server.trtllm.layout import EngineLayout
 
 _LOGGER = logging.getLogger(__name__)
@@ -37,6 +39,8 @@ DEFAULT_MAX_INPUT_LEN = 4096
 DEFAULT_MAX_BATCH_SIZE = 64
 DEFAULT_MAX_NUM_TOKENS = 8192
 TOKENS_PER_BLOCK = 32  # KV-cache block: reuse of shared prompts happens in whole blocks
+# Lets build-engine accept --pp > 1, for bench/gpu_check.sh's stage that verifies it on 2 GPUs.
+UNVERIFIED_PP_ENV = "REWARD_SERVER_UNVERIFIED_PP"
 
 
 @dataclass
@@ -119,7 +123,8 @@ def check_inputs(options: BuildOptions, config: dict) -> tuple[str, str, str, in
 
     Raises:
         ValueError: unsupported architecture or dtype, tp/pp that do not divide the model,
-            lengths beyond the model's positions, fp8 without calibration data.
+            lengths beyond the model's positions, fp8 without calibration data that TensorRT-LLM
+            can read, pp above 1 (unverified).
     """
     architecture = (config.get("architectures") or ["<none>"])[0]
     head = detect_head_type(config.get("architectures"), options.head_type)
@@ -150,8 +155,13 @@ def check_inputs(options: BuildOptions, config: dict) -> tuple[str, str, str, in
     if options.max_batch_size < 1 or options.max_num_tokens < 1:
         raise ValueError("--max-batch-size and --max-num-tokens must be positive")
     if options.dtype == "fp8" and not options.calib_dataset:
-        raise ValueError("--dtype fp8 calibrates on data: give a local dataset with --calib-dataset "
-                         "(no network is assumed)")
+        raise ValueError(f"--dtype fp8 calibrates on data: give --calib-dataset, {HELP} (no network is assumed)")
+    if options.dtype == "fp8":
+        options.calib_dataset = check_calibration_dataset(options.calib_dataset)
+    if options.pp > 1 and not os.environ.get(UNVERIFIED_PP_ENV):
+        raise ValueError(f"--pp {options.pp}: pipeline parallelism is refused until a GPU run shows that the rewards "
+                         "(logits of the last pipeline stage) reach rank 0's response (bench/gpu_check.sh, stage "
+                         f"trtllm_pp); use --tp instead. {UNVERIFIED_PP_ENV}=1 lifts this for that check")
     return architecture, causal, head, max_input_len
 
 

@@ -5,9 +5,15 @@ MPI process. Rank 0 is the real server: every model, the ports, the launcher's s
 Ranks above 0 load only `tensorrt_llm`, serve no endpoint, and use their own Python-backend
 shared-memory prefix. Unlike upstream's launch_triton_server.py, which starts the chain in the
 background and returns, the launcher keeps mpirun as its child: a container stays up exactly as
-long as the servers. To stop, the launcher signals the ranks themselves (`child_pids`): Open MPI's
-mpirun, when signalled, kills its ranks one second later (odls_base_sigkill_timeout), too soon
-for in-flight requests, and a longer timeout blocks its output forwarding (measured, 4.1.4).
+long as the servers.
+
+To stop, the launcher signals rank 0 alone (`ranks`), not mpirun: Open MPI's mpirun, when
+signalled, kills its ranks one second later (odls_base_sigkill_timeout), too soon for in-flight
+requests, and a longer timeout blocks its output forwarding (measured, 4.1.4). Nor the workers: in
+leader mode a worker never returns from `TRITONSERVER_ServerNew` (its `tensorrt_llm` instance
+blocks there until the leader shuts down, then calls exit(0)), and tritonserver installs its
+signal handler only after ServerNew, so SIGTERM would kill the worker and mpirun would abort the
+job with a non-zero exit. Rank 0 unloading its engine releases them.
 """
 
 from __future__ import annotations
@@ -56,6 +62,30 @@ def find_mpirun() -> str:
         raise FileNotFoundError("mpirun is not on PATH: a world size above 1 needs MPI (the NGC TensorRT-LLM "
                                 "container ships Open MPI); or serve an engine built with --tp 1 --pp 1")
     return found
+
+
+def ranks(mpirun_pid: int) -> tuple[int | None, list[int]]:
+    """(rank 0's pid, the other ranks' pids) among mpirun's children.
+
+    A child's rank is read from Open MPI's OMPI_COMM_WORLD_RANK in its environment; where that
+    cannot be read, a tritonserver started with the worker flags is a worker.
+    """
+    from pathlib import Path
+
+    leader, workers = None, []
+    for pid in child_pids(mpirun_pid):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            rank = next((int(v.split(b"=", 1)[1]) for v in environ if v.startswith(b"OMPI_COMM_WORLD_RANK=")), None)
+            if rank is None:
+                rank = int(WORKER_FLAGS[1].encode() in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"))
+        except (OSError, ValueError):
+            continue  # ended meanwhile
+        if rank == 0:
+            leader = pid
+        else:
+            workers.append(pid)
+    return leader, workers
 
 
 def child_pids(pid: int) -> list[int]:

@@ -20,6 +20,9 @@ from reward_server.trtllm.layout import EngineInfo, EngineLayout, read_engine_in
 from reward_server.trtllm.mpi import find_mpirun
 
 BACKEND = "tensorrtllm"
+# Parameters the backend reads with no default (model_instance_state.cc: gpt_model_type, and the
+# guided-decoding three): a config without one fails to load, "Cannot find parameter with name: ...".
+UNGUARDED_PARAMETERS = ("gpt_model_type", "tokenizer_dir", "xgrammar_tokenizer_info_path", "guided_decoding_backend")
 # Where tritonserver looks for backends unless told otherwise (NGC containers).
 DEFAULT_BACKEND_DIR = Path("/opt/tritonserver/backends")
 
@@ -104,18 +107,32 @@ def gpu_count() -> int:
     return sum(1 for line in listing.stdout.splitlines() if line.startswith("GPU "))
 
 
-def check_host(serving: EngineServing, backend: str, bundled_server: bool, backend_dir: Path | None = None) -> None:
-    """Fail before starting when this host cannot run the engine.
+def missing_parameters(parameters) -> list[str]:
+    """The `UNGUARDED_PARAMETERS` absent from a `tensorrt_llm` config's parameters (a mapping)."""
+    return [name for name in UNGUARDED_PARAMETERS if name not in parameters]
+
+
+def check_host(serving: EngineServing, backend: str, bundled_server: bool, backend_dir: Path | None = None,
+               parameters=None) -> None:
+    """Fail before starting when this host cannot run the engine, or the rendered `tensorrt_llm`
+    config (its `parameters`, when given) would not load.
 
     `backend` is the rendered `tensorrt_llm` model's backend: the checks apply to the real
-    `tensorrtllm` backend only (tests stand a contract double with the same interface in its place).
+    `tensorrtllm` backend only (tests stand a contract double with the same interface in its place,
+    which refuses a config lacking a parameter on its own, as the backend does at load).
 
     Raises:
+        ValueError: a parameter the backend cannot do without is missing.
         FileNotFoundError: no tensorrtllm backend, or no mpirun for a world size above 1.
         RuntimeError: fewer GPUs than the engine's world size.
     """
     if backend != BACKEND:
         return
+    missing = missing_parameters(parameters) if parameters is not None else []
+    if missing:
+        raise ValueError(f"the tensorrt_llm model's config.pbtxt lacks the parameter(s) {', '.join(missing)}, which "
+                         "the tensorrtllm backend reads without a default: it would fail to load. Add them (an empty "
+                         "string_value turns the feature off), as model_repository/tensorrt_llm/config.pbtxt does")
     if bundled_server:
         raise FileNotFoundError("the tritonserver found is the one bundled with nvidia-pytriton, which has no "
                                 "tensorrtllm backend: run in the NGC TensorRT-LLM container (see docs/gpu.md)")

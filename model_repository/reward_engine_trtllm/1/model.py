@@ -11,7 +11,7 @@ except ImportError:  # a tritonserver whose own Python has the packages installe
 
 from reward_server import settings
 from reward_server.trtllm import fanout
-from reward_server.triton_io import bls_caller, guarded_async, input_array
+from reward_server.triton_io import EngineMetrics, bls_caller, guarded_async, input_array
 
 
 class TritonPythonModel:
@@ -19,8 +19,13 @@ class TritonPythonModel:
         params = settings.parameters_of(args)
         self.fanout = settings.fanout_from_parameters(params)
         self.infer = bls_caller(params.get(settings.TENSORRT_LLM_MODEL) or "tensorrt_llm",
-                                list(fanout.REQUESTED_OUTPUTS))
+                                list(self.fanout.requested_outputs))
+        self.kv_stats = fanout.KvCacheStats()
+        self.metrics = EngineMetrics(args["model_name"], EngineMetrics.KV_CACHE_FIELDS, prefix="kv_cache_")
 
     async def execute(self, requests):
         inputs = [(input_array(r, "input_ids"), input_array(r, "input_lengths")) for r in requests]
-        return await guarded_async(fanout.score_requests, requests, self.fanout, self.infer, inputs)
+        responses = await guarded_async(fanout.score_requests, requests, self.fanout, self.infer, inputs,
+                                        self.kv_stats)
+        self.metrics.update(self.kv_stats)
+        return responses
