@@ -15,7 +15,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -30,6 +29,7 @@ from pathlib import Path
 from reward_server import engines, settings
 from reward_server.drain import DrainState, settle_time_from_metrics
 from reward_server.heads import detect_head_type, num_outputs, parse_indices
+from reward_server.ports import free_ports
 from reward_server.scoring import ScoreSpec, parse_floats
 from reward_server.trtllm.mpi import WORKER_FLAGS, find_mpirun, mpirun_command, ranks
 
@@ -133,13 +133,6 @@ class ServeOptions:
     startup_timeout_s: float = 300.0
     exit_timeout_s: int = 30
     admin_token: str = field(default_factory=lambda: secrets.token_hex(16))
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago on `host`."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def find_tritonserver() -> tuple[Path, Path | None]:
@@ -444,9 +437,9 @@ class TritonServer:
             self.checkpoint = Path(o.checkpoint) if o.checkpoint else ensure_demo_checkpoint(o.demo_size)
         if not (self.checkpoint / "config.json").exists():
             raise FileNotFoundError(f"{self.checkpoint} is not a Hugging Face checkpoint (no config.json)")
-        for name in ("grpc_port", "http_port", "metrics_port"):
-            if getattr(o, name) == 0:
-                setattr(o, name, free_port(self._client_host))
+        unset = [name for name in ("grpc_port", "http_port", "metrics_port") if getattr(o, name) == 0]
+        for name, port in zip(unset, free_ports(len(unset), o.host or "0.0.0.0")):
+            setattr(o, name, port)
         self._own_workdir = o.workdir is None
         self.workdir = Path(o.workdir or tempfile.mkdtemp(prefix="reward-server-"))
         binary, bundle = find_tritonserver()

@@ -86,7 +86,7 @@ class GatewayProcess:
         import time
         import urllib.request
 
-        from reward_server.launcher import free_port
+        from reward_server.ports import free_port
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

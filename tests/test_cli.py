@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
-from reward_server.launcher import free_port
+from reward_server.ports import free_ports
 from tests.conversations import make_conversations
 
 CLI = [sys.executable, "-m", "reward_server.cli"]
@@ -53,7 +53,7 @@ def _gateway_reward(port: int, deadline: float) -> int:
 
 
 def test_serve_prints_endpoints_scores_and_stops_gracefully(demo_checkpoint, tmp_path):
-    ports = [free_port() for _ in range(4)]
+    ports = free_ports(4)
     log = open(tmp_path / "serve.log", "w+")
     proc = subprocess.Popen([*CLI, "serve", "--checkpoint", str(demo_checkpoint), "--grpc-port", str(ports[0]),
                              "--http-port", str(ports[1]), "--metrics-port", str(ports[2]),

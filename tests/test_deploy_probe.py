@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from reward_server.launcher import free_port
+from reward_server.ports import free_port
 from reward_server.probe import main, probe
 
 

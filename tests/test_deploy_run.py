@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from reward_client import RewardClient
-from reward_server.launcher import free_port
+from reward_server.ports import free_ports
 from tests.test_deploy_manifests import only, rendered, server_container
 
 CONVERSATIONS = [
@@ -81,7 +81,7 @@ def test_rewrite_touches_only_the_named_flags():
 def test_cpu_overlay_command_serves_probes_scores_and_stops_on_sigterm(cpu_overlay, demo_checkpoint, server,
                                                                          tmp_path):
     pod, container = cpu_overlay
-    ports = {"--grpc-port": str(free_port()), "--http-port": str(free_port()), "--metrics-port": str(free_port())}
+    ports = dict(zip(("--grpc-port", "--http-port", "--metrics-port"), map(str, free_ports(3))))
     argv = rewrite(container["command"] + container["args"],
                    {"--host": "127.0.0.1", "--checkpoint": str(demo_checkpoint), **ports})
     # Everything else is the manifest's, word for word: same executable, subcommand and options.

@@ -25,7 +25,7 @@ from reward_client import RetryPolicy, RewardClient
 from tritonclient.utils import InferenceServerException
 
 from reward_server.health import descendants, python_stubs
-from reward_server.launcher import free_port
+from reward_server.ports import free_ports
 from tests.conversations import make_conversations
 
 CLI = [sys.executable, "-m", "reward_server.cli"]
@@ -49,7 +49,7 @@ class Served:
     """A `reward-server serve` subprocess and its endpoints."""
 
     def __init__(self, checkpoint: Path, log_path: Path, *extra: str):
-        self.grpc, self.http, self.metrics = (free_port() for _ in range(3))
+        self.grpc, self.http, self.metrics = free_ports(3)
         self.grpc_url, self.http_url = f"127.0.0.1:{self.grpc}", f"127.0.0.1:{self.http}"
         self.log_path = log_path
         self._log = open(log_path, "w")
