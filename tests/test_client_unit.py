@@ -345,6 +345,19 @@ def test_map_error_kinds(status, message, kind):
         assert mapped.index is None
 
 
+@pytest.mark.parametrize("message, retried", [
+    ("CANCELLED", True),                            # Triton 2.51's gRPC front end shutting down
+    ("Channel closed!", False),                     # this process closed the channel
+    ("Locally cancelled by application!", False),   # this process cancelled the call
+    ("Cancelled upon garbage collection!", False),
+])
+def test_a_cancelled_call_is_retried_only_when_the_server_cancelled_it(message, retried):
+    exc = InferenceServerException(message, status="StatusCode.CANCELLED")
+    assert isinstance(wire.map_error(exc), RewardUnavailableError) is retried
+    assert wire.cancelled_by_server(exc) is retried
+    assert wire.is_replica_failure(exc) is retried  # a stopping replica: its chunks move to another one
+
+
 def test_ids_arrays_pad_and_lengths():
     ids, lengths = wire.ids_arrays([[5, 6, 7], [8]])
     assert ids.dtype == np.int32 and ids.tolist() == [[5, 6, 7], [8, 0, 0]]
@@ -573,6 +586,121 @@ def test_async_client_orders_retries_and_maps_errors():
         await client.close()
 
     asyncio.run(run())
+
+
+# --------------------------------------------------------------------------- clients on a real gRPC server
+
+
+class CancellingServer:
+    """A real gRPC server speaking the KServe protocol (tritonclient's own service definition) that
+    cancels the first `cancel_first` ModelInfer calls server-side, as Triton 2.51's front end does
+    to calls it had not picked up when it shuts down (the client sees CANCELLED "CANCELLED"), then
+    scores with `fake_score`. `hang=True` holds every call until the server stops."""
+
+    def __init__(self, cancel_first=0, hang=False):
+        import grpc
+        from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+        self.calls = 0
+        self._lock = threading.Lock()
+        self._release = threading.Event()
+        outer = self
+
+        class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+            def ModelInfer(self, request, context):
+                with outer._lock:
+                    outer.calls += 1
+                    call = outer.calls
+                if hang:
+                    outer._release.wait(30)
+                if call <= cancel_first:
+                    context.cancel()
+                    return service_pb2.ModelInferResponse()
+                rows = deserialize_bytes_tensor(request.raw_input_contents[0])
+                scores = np.array([[fake_score(json.loads(row))] for row in rows], dtype=np.float32)
+                response = service_pb2.ModelInferResponse(model_name=request.model_name)
+                for name, array in (("score", scores), ("attributes", scores),
+                                    ("num_tokens", np.full((len(rows), 1), 2, dtype=np.int32)),
+                                    ("truncated", np.zeros((len(rows), 1), dtype=bool))):
+                    output = response.outputs.add(name=name, datatype="BOOL" if array.dtype == bool else
+                                                  {np.float32: "FP32", np.int32: "INT32"}[array.dtype.type])
+                    output.shape.extend(array.shape)
+                    response.raw_output_contents.append(array.tobytes())
+                return response
+
+        self._server = grpc.server(ThreadPoolExecutor(8))
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(), self._server)
+        self.url = f"127.0.0.1:{self._server.add_insecure_port('127.0.0.1:0')}"
+        self._server.start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._release.set()
+        self._server.stop(0)
+
+
+FAST_RETRIES = RetryPolicy(max_attempts=5, initial_backoff_s=0.01, max_backoff_s=0.02, jitter=0.0)
+
+
+def test_sync_client_retries_what_the_server_cancelled():
+    convs = conversations(24)
+    with CancellingServer(cancel_first=3) as server, \
+            RewardClient(server.url, batch_size=8, max_in_flight=1, retry=FAST_RETRIES) as client:
+        results = client.score(convs)
+    assert [r.score for r in results] == pytest.approx(expected_scores(convs))
+    assert server.calls == 3 + 3  # three cancelled attempts, then the three requests of 8
+
+
+def test_async_client_retries_what_the_server_cancelled():
+    async def run(url):
+        async with AsyncRewardClient(url, batch_size=8, max_in_flight=1, retry=FAST_RETRIES) as client:
+            return await client.score(convs)
+
+    convs = conversations(16)
+    with CancellingServer(cancel_first=2) as server:
+        results = asyncio.run(run(server.url))
+    assert [r.score for r in results] == pytest.approx(expected_scores(convs))
+    assert server.calls == 2 + 2
+
+
+def test_a_cancelled_call_counts_against_the_retry_budget():
+    with CancellingServer(cancel_first=100) as server, \
+            RewardClient(server.url, retry=RetryPolicy(max_attempts=3, initial_backoff_s=0.0)) as client:
+        with pytest.raises(RewardUnavailableError, match="CANCELLED"):
+            client.score(conversations(2))
+    assert server.calls == 3
+
+
+def test_what_the_caller_cancels_or_lets_time_out_is_not_retried():
+    retry = RetryPolicy(max_attempts=10, initial_backoff_s=0.0)
+    # The caller closes the channel under a call in flight (gRPC: CANCELLED "Channel closed!").
+    with CancellingServer(hang=True) as server:
+        client = RewardClient(server.url, retry=retry)
+        threading.Timer(0.3, client._client.close).start()
+        with pytest.raises(RewardServerError, match="Channel closed"):
+            client.score(conversations(2))
+        client.close()
+    assert server.calls == 1
+    # The caller's deadline passes.
+    with CancellingServer(hang=True) as server, RewardClient(server.url, retry=retry, timeout_s=0.3) as client:
+        with pytest.raises(RewardTimeoutError):
+            client.score(conversations(2))
+    assert server.calls == 1
+
+    # The caller cancels an asyncio task.
+    async def cancel_after(url, seconds):
+        async with AsyncRewardClient(url, retry=retry) as client:
+            task = asyncio.ensure_future(client.score(conversations(2)))
+            await asyncio.sleep(seconds)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    with CancellingServer(hang=True) as server:
+        asyncio.run(cancel_after(server.url, 0.3))
+    assert server.calls == 1
 
 
 # --------------------------------------------------------------------------- CLI on a fake

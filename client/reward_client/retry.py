@@ -1,8 +1,10 @@
 """Retry policy: exponential backoff with jitter for retryable failures.
 
 Scoring is idempotent, so a request rejected as overloaded (UNAVAILABLE, RESOURCE_EXHAUSTED,
-a full or timed-out server queue) can simply be sent again. Invalid input, deadlines and other
-server errors are not retried.
+a full or timed-out server queue), refused by a restarting or stopping server, or cancelled by
+the server (CANCELLED that this client did not cause) can simply be sent again. Invalid input,
+deadlines, the caller's own cancellations and other server errors are not retried
+(``reward_client.transport.wire.map_error`` decides).
 """
 
 from __future__ import annotations

@@ -40,6 +40,9 @@ _REPLICA_FAILURE_MESSAGES = ("stub process", "failed to connect", "connection re
 # A server that is restarting a dead stub (its watchdog) or stopping answers these for a moment,
 # whatever the status: worth retrying, like UNAVAILABLE.
 _RESTARTING_MESSAGES = ("stub process", "has no available versions", "server is stopping")
+# gRPC's details when this process cancelled the call itself: the caller closed the channel or
+# cancelled the call (an asyncio task cancelled raises CancelledError and never gets here).
+_LOCAL_CANCELLATIONS = ("channel closed!", "locally cancelled by application!", "cancelled upon garbage collection!")
 
 
 def _bytes_input(name: str, items: Sequence[bytes]) -> List[InferInput]:
@@ -137,11 +140,26 @@ def parse_results(as_numpy: Callable[[str], Optional[np.ndarray]], offset: int,
     ]
 
 
+def cancelled_by_server(exc: InferenceServerException) -> bool:
+    """Return whether ``exc`` is a CANCELLED that this client did not cause.
+
+    Triton 2.51's gRPC front end, shutting down, cancels the calls it had received but not yet
+    picked up (status CANCELLED, details "CANCELLED"; docs/reliability.md): those requests were
+    never accepted, and scoring is idempotent, so they are retried. A call this process cancelled
+    (channel closed, call cancelled) is not.
+    """
+    message = str(exc.message() or exc).lower()
+    return str(exc.status() or "") == "StatusCode.CANCELLED" and not any(m in message for m in _LOCAL_CANCELLATIONS)
+
+
 def map_error(exc: InferenceServerException, offset: int = 0) -> RewardClientError:
     """Map a tritonclient error of the request starting at ``offset`` to a reward client error.
 
     INVALID_ARGUMENT becomes :class:`RewardInvalidInputError` whose index is ``offset`` plus
-    the request-local index the server names (``conversation N:``).
+    the request-local index the server names (``conversation N:``). UNAVAILABLE,
+    RESOURCE_EXHAUSTED, queue rejections, a restarting or stopping server and a CANCELLED the
+    server caused (:func:`cancelled_by_server`) become :class:`RewardUnavailableError`, which the
+    client retries.
     """
     status = str(exc.status() or "")
     message = str(exc.message() or exc)
@@ -152,7 +170,8 @@ def map_error(exc: InferenceServerException, offset: int = 0) -> RewardClientErr
         # The server numbers conversations within the request; drop that local number.
         reason = (message[:match.start()] + message[match.end():].lstrip()).strip()
         return RewardInvalidInputError(reason, offset + int(match.group(1)))
-    if status in _RETRYABLE_STATUSES or any(m in message.lower() for m in _RETRYABLE_MESSAGES + _RESTARTING_MESSAGES):
+    if status in _RETRYABLE_STATUSES or any(m in message.lower() for m in _RETRYABLE_MESSAGES + _RESTARTING_MESSAGES) \
+            or cancelled_by_server(exc):
         return RewardUnavailableError(f"{status}: {message}")
     if status == "StatusCode.DEADLINE_EXCEEDED":
         return RewardTimeoutError(message)
@@ -163,14 +182,16 @@ def is_replica_failure(exc: InferenceServerException) -> bool:
     """Return whether ``exc`` says the replica cannot serve (so another should), not that it is busy.
 
     A queue rejection means the replica is alive and loaded: it is retried on the same replica,
-    keeping the group where its prompt is computed. Anything UNAVAILABLE otherwise, and the
-    engine-gone messages, mean the replica is down.
+    keeping the group where its prompt is computed. Anything UNAVAILABLE otherwise, the
+    engine-gone messages, and a CANCELLED from the server (a stopping replica) mean the replica is
+    down.
     """
     status = str(exc.status() or "")
     message = str(exc.message() or exc).lower()
     if any(marker in message for marker in _RETRYABLE_MESSAGES):
         return False
-    return status == "StatusCode.UNAVAILABLE" or any(marker in message for marker in _REPLICA_FAILURE_MESSAGES)
+    return status == "StatusCode.UNAVAILABLE" or cancelled_by_server(exc) \
+        or any(marker in message for marker in _REPLICA_FAILURE_MESSAGES)
 
 
 def attribute_count(metadata: object) -> int:
