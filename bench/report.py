@@ -97,7 +97,10 @@ def markdown(document: dict) -> str:
         f"Checkpoint: `{document['checkpoint']}`, {document['non_embedding_params'] / 1e6:.1f}M "
         f"non-embedding parameters. dtype {document.get('dtype', 'float32')}"
         f"{', decoder layers compiled' if document.get('compile') else ''}; "
-        f"{document['matmul_peak'].get('dtype', 'float32')} matmul peak (2048^3, median): {_fmt(peak)} GFLOP/s.",
+        f"{document['matmul_peak'].get('dtype', 'float32')} matmul peak (2048^3, median, fastest kernel: "
+        f"{document['matmul_peak'].get('kernel', 'torch.mm')}): {_fmt(peak)} GFLOP/s"
+        + (" (" + ", ".join(f"{k} {_fmt(v)}" for k, v in document["matmul_peak"].get("kernels", {}).items()) + ")."
+           if document["matmul_peak"].get("kernels") else "."),
         f"Every figure is the median of {document['repeats']} repeats. 1-minute load average at start "
         f"{document['load_average_1min']['start']:.2f}, at end {document['load_average_1min']['end']:.2f} "
         f"(above the core count means other work competed for the CPUs).",

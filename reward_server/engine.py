@@ -123,13 +123,16 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     return out.transpose(1, 2).contiguous(), None
 
 
-def _register_attention() -> None:
+def _register_attention():
+    """Register `packed_attention` with transformers; returns the registered (uncompiled) function."""
     import torch
     from transformers import AttentionInterface
 
     # Kept out of compiled graphs: its per-segment loop is data-dependent Python, and a
     # variable-length attention kernel for the whole row measured no faster on CPU (docs/tuning.md).
-    AttentionInterface.register(ATTENTION, torch.compiler.disable(packed_attention))
+    attention = torch.compiler.disable(packed_attention)
+    AttentionInterface.register(ATTENTION, attention)
+    return attention
 
 
 def _utf8_text_files() -> None:
@@ -185,7 +188,7 @@ class RewardEngine:
                         reward_indices: str | Sequence[int] | None = None, device: str = "auto",
                         threads: int | None = None, token_budget: int = DEFAULT_TOKEN_BUDGET,
                         min_shared: int = DEFAULT_MIN_SHARED, dtype: str = "auto",
-                        compile: bool = False) -> "RewardEngine":
+                        compile: bool = False, fused: bool = True) -> "RewardEngine":
         """Load a local Hugging Face reward checkpoint.
 
         Args:
@@ -196,6 +199,8 @@ class RewardEngine:
             device: "auto" (CUDA when present), "cpu" or "cuda[:N]".
             dtype: "auto" (see `resolve_dtype`), "float32" or "bfloat16".
             compile: compile each decoder layer (dynamic shapes, attention excluded) at load.
+            fused: replace the decoder layers of the Llama family by fused ones
+                (`reward_server.fused`: same arithmetic, fewer and larger products, prepacked weights).
             threads: torch intra-op threads (CPU); None leaves torch's default.
             token_budget: tokens per packed row (one forward pass).
             min_shared: shortest token prefix worth computing once for a group; 0 disables.
@@ -223,10 +228,16 @@ class RewardEngine:
         auto = (transformers.AutoModelForSequenceClassification if head_type == "sequence_classification"
                 else transformers.AutoModelForCausalLM)
         start = time.perf_counter()
-        _register_attention()
+        attention = _register_attention()
         model = auto.from_pretrained(str(checkpoint), dtype=dtype, attn_implementation=ATTENTION)
         model.to(device).eval()
         backbone, head = split_model(model, head_type, indices)
+        if fused:
+            from reward_server.fused import fuse_layers
+
+            # inductor cannot lower a product on an eagerly prepacked weight: compiled layers keep
+            # plain weights (inductor's own freezing would prepack them, at a much longer compile)
+            _LOGGER.info("%s", fuse_layers(backbone, attention, device, dtype, prepack=False if compile else None))
         outputs = head.module.weight.shape[0]
         _LOGGER.info("loaded %s (%s, %d outputs) on %s %s in %.1fs", checkpoint, head_type, outputs,
                      device, dtype, time.perf_counter() - start)

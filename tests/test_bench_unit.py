@@ -262,3 +262,6 @@ def test_matmul_peak_in_each_dtype():
     for dtype in ("float32", "bfloat16"):
         result = baselines.matmul_peak(size=64, repeats=2, threads=1, dtype=dtype)
         assert result["dtype"] == dtype and result["gflops"] > 0
+        # the peak is the fastest kernel measured (oneDNN prepacked among them where torch has it)
+        assert result["gflops"] == max(result["kernels"].values()) == result["kernels"][result["kernel"]]
+        assert {"torch.mm", "F.linear"} <= set(result["kernels"])

@@ -1,0 +1,213 @@
+"""Fused decoder layers for the Llama family: fewer, larger matrix products and fewer passes over
+the activations than transformers' modules, with the same arithmetic.
+
+A transformers decoder layer of a known family (`FAMILIES`) is replaced, at load, by a
+`FusedDecoderLayer` holding the same weights rearranged:
+- q, k and v projections as one matrix (one product instead of three), gate and up as one;
+- rotary embedding applied to the queries and keys in one pass over the fused projection;
+- residual additions and SiLU x up in place;
+- on CPU, every weight prepacked for oneDNN (`PackedLinear`) when that library is there and
+  measured faster on this machine (`prepack_pays`): MKL's sgemm takes a slow path on some CPUs
+  (DESIGN.md: 172 against 440 GFLOP/s on an AVX-512 AMD EPYC).
+Attention is the engine's `packed_attention`, unchanged. Layers of other families, or with
+features this module does not implement (see `fusable`), keep transformers' forward; the reason
+is logged.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+_LOGGER = logging.getLogger(__name__)
+
+# Decoder layers whose arithmetic this module reproduces: pre-norm RMSNorm, rotary q/k (optionally
+# per-head RMSNorm on them, Qwen3), grouped-query attention, SiLU-gated MLP, optional q/k/v bias.
+FAMILIES = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
+
+
+def fusable(layer: Any) -> str | None:
+    """None when `layer` can be fused; else why not (one line)."""
+    name = type(layer).__name__
+    if name not in FAMILIES:
+        return f"{name} is not one of the fused families ({', '.join(FAMILIES)})"
+    attn, mlp = layer.self_attn, layer.mlp
+    act = getattr(mlp, "act_fn", None)
+    if type(act).__name__ not in ("SiLU", "SiLUActivation"):
+        return f"{name}: activation {type(act).__name__} (fused layers implement SiLU)"
+    if getattr(attn, "sliding_window", None):
+        return f"{name}: sliding-window attention"
+    if any(getattr(m, "bias", None) is not None for m in (attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
+        return f"{name}: biases outside q/k/v"
+    biases = [getattr(m, "bias", None) is not None for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    if any(biases) and not all(biases):
+        return f"{name}: bias on some of q/k/v only"
+    return None
+
+
+def rms_norm(x, weight, eps: float):
+    """transformers' RMSNorm: statistics in fp32, scaled in the input dtype, then the weight."""
+    if x.dtype == torch.float32:
+        return torch.mul(x, torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))).mul_(weight)
+    x32 = x.float()
+    return weight * x32.mul_(torch.rsqrt(x32.pow(2).mean(-1, keepdim=True).add_(eps))).to(x.dtype)
+
+
+class PackedLinear:
+    """y = x W^T (+ b) with W reordered once for oneDNN's matrix product (CPU, fp32 or bf16)."""
+
+    def __init__(self, weight, bias=None, rows_hint: int = 4096):
+        self.out_features = weight.shape[0]
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), rows_hint)
+        self.bias = bias
+
+    def __call__(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        y = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+class PlainLinear:
+    """y = x W^T (+ b) through torch's default matrix product."""
+
+    def __init__(self, weight, bias=None):
+        self.weight, self.bias, self.out_features = weight.contiguous(), bias, weight.shape[0]
+
+    def __call__(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+@functools.lru_cache(maxsize=None)
+def _oneDNN_prepacks(dtype) -> bool:  # noqa: N802
+    try:  # e.g. bf16 needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT: refused on AVX2-only CPUs
+        PackedLinear(torch.zeros(8, 8, dtype=dtype), rows_hint=8)(torch.zeros(2, 8, dtype=dtype))
+        return True
+    except RuntimeError:
+        return False
+
+
+def prepack_available(device, dtype) -> bool:
+    """oneDNN prepacking applies: CPU, fp32 or bf16, torch built with mkldnn, and this CPU accepted."""
+    return (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and _oneDNN_prepacks(dtype))
+
+
+def prepack_pays(dtype, features: int, rows: int = 2048, repeats: int = 5) -> bool:
+    """Measure, on this machine, whether the prepacked oneDNN product beats torch's default for a
+    [rows, features] x [features, 2 features] product (a fraction of a second at load)."""
+    x = torch.randn(rows, features, dtype=dtype)
+    w = torch.randn(2 * features, features, dtype=dtype)
+    plain, packed = PlainLinear(w), PackedLinear(w, rows_hint=rows)
+
+    def best(f) -> float:
+        f(x)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            f(x)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    try:
+        return best(packed) < best(plain)
+    except RuntimeError:  # a torch whose oneDNN refuses this dtype or shape
+        return False
+
+
+class FusedDecoderLayer(torch.nn.Module):
+    """A drop-in for one transformers decoder layer (see the module docstring).
+
+    The weights are held as plain attributes (a prepacked oneDNN weight cannot be a Parameter):
+    build it on the device and in the dtype the engine runs in.
+    """
+
+    def __init__(self, layer, attention, prepack: bool):
+        super().__init__()
+        attn, mlp = layer.self_attn, layer.mlp
+        config = attn.config
+        self.layer_idx = attn.layer_idx
+        self.attention = attention
+        self.head_dim = attn.head_dim
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.scaling = attn.scaling
+        make = PackedLinear if prepack else PlainLinear
+        with torch.no_grad():
+            qkv_bias = None
+            if attn.q_proj.bias is not None:
+                qkv_bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+            self.qkv = make(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]), qkv_bias)
+            self.o = make(attn.o_proj.weight)
+            self.gate_up = make(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+            self.down = make(mlp.down_proj.weight)
+        self.intermediate = mlp.gate_proj.weight.shape[0]
+        self.norm_in = (layer.input_layernorm.weight.detach(), layer.input_layernorm.variance_epsilon)
+        self.norm_post = (layer.post_attention_layernorm.weight.detach(),
+                          layer.post_attention_layernorm.variance_epsilon)
+        q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        self.qk_norms = None if q_norm is None else ((q_norm.weight.detach(), q_norm.variance_epsilon),
+                                                     (k_norm.weight.detach(), k_norm.variance_epsilon))
+
+    def forward(self, hidden_states, *args, position_embeddings=None, **kwargs):
+        x = hidden_states
+        batch, length, _ = x.shape
+        heads_qk = self.heads + self.kv_heads
+        qkv = self.qkv(rms_norm(x, *self.norm_in)).view(batch, length, heads_qk + self.kv_heads, self.head_dim)
+        v = qkv[:, :, heads_qk:]
+        if self.qk_norms is None:
+            qk = qkv[:, :, :heads_qk]
+        else:  # Qwen3: RMSNorm over each head of q and k before the rotation
+            qk = torch.cat([rms_norm(qkv[:, :, : self.heads], *self.qk_norms[0]),
+                            rms_norm(qkv[:, :, self.heads: heads_qk], *self.qk_norms[1])], dim=2)
+        # Rotary embedding on q and k at once: x cos + rotate_half(x) sin, each product rounded to
+        # the dtype before the sum, as transformers does (a fused multiply-add differs in bf16).
+        cos, sin = (t.unsqueeze(2) for t in position_embeddings)  # [batch, length, 1, head_dim]
+        half = self.head_dim // 2
+        qk = torch.mul(qk, cos).add_(torch.cat([-qk[..., half:], qk[..., :half]], dim=-1).mul_(sin))
+        q, k = qk[:, :, : self.heads], qk[:, :, self.heads:]
+        out, _ = self.attention(self, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None,
+                                scaling=self.scaling)
+        x = x + self.o(out.reshape(batch, length, -1))
+        gate_up = self.gate_up(rms_norm(x, *self.norm_post))
+        return x.add_(self.down(F.silu(gate_up[..., : self.intermediate]).mul_(gate_up[..., self.intermediate:])))
+
+
+class FusedLayers:
+    """What `fuse_layers` did, for the log and for benchmarks."""
+
+    def __init__(self, fused: int, total: int, prepacked: bool, reason: str | None, seconds: float):
+        self.fused, self.total, self.prepacked, self.reason, self.seconds = fused, total, prepacked, reason, seconds
+
+    def __repr__(self) -> str:
+        text = f"{self.fused}/{self.total} decoder layers fused"
+        text += ", weights prepacked for oneDNN" if self.prepacked else ""
+        return text + (f" (others: {self.reason})" if self.reason else "") + f" in {self.seconds:.1f}s"
+
+
+def fuse_layers(backbone, attention, device, dtype, prepack: bool | None = None) -> FusedLayers:
+    """Replace every fusable decoder layer of `backbone.layers` by a `FusedDecoderLayer` calling
+    `attention` (the engine's packed attention).
+
+    `prepack`: None measures whether oneDNN prepacking pays on this machine (`prepack_pays`).
+    The transformers layers are dropped (their weights live on in the fused ones).
+    """
+    started = time.perf_counter()
+    layers = backbone.layers
+    if prepack is None:
+        prepack = prepack_available(device, dtype) and prepack_pays(dtype, backbone.config.hidden_size)
+    elif prepack and not prepack_available(device, dtype):
+        prepack = False
+    reason, fused = None, 0
+    for i, layer in enumerate(layers):
+        why = fusable(layer)
+        if why is not None:
+            reason = reason or why
+            continue
+        layers[i] = FusedDecoderLayer(layer, attention, prepack)
+        fused += 1
+    return FusedLayers(fused, len(layers), prepack and fused > 0, reason, time.perf_counter() - started)
