@@ -5,6 +5,10 @@ passed preprocessing then fails at the engine step with "Server is stopping, sch
 has stopped accepting new inference requests" (measured), so an accepted request is lost. The
 launcher therefore drains before it signals tritonserver:
 
+0. it first keeps admitting for a moment (`DrainState.admit_arrived`): until preprocessing's queue
+   has been seen empty at least `ADMIT_GRACE_S` after the signal, so that requests already sent
+   when the signal came (on the wire, in the gRPC front end, in preprocessing's queue) are
+   accepted and answered rather than refused;
 1. it creates the `draining` flag file; the preprocessing model, which checks it at the start of
    every execution, answers every new request UNAVAILABLE ("the server is stopping"), which
    clients retry elsewhere or later;
@@ -12,6 +16,13 @@ launcher therefore drains before it signals tritonserver:
    append one byte per request to a counter file (`accepted`, `finished`; O_APPEND writes of a
    few bytes are atomic), so in flight = size(accepted) - size(finished);
 3. then SIGTERM, with nothing left in flight.
+
+After SIGTERM, tritonserver 2.51 unloads its models (~3 s, answering "Server is stopping" and
+NOT_FOUND "has no available versions" meanwhile), then shuts its gRPC front end down; calls that
+arrive in that last moment and that no handler has picked up yet end with CANCELLED (measured: 5
+to 14 per stop under a 32-client flood, all sent 3 s after the signal; none was ever accepted).
+Nothing here can close that window inside Triton; the client SDK retries such a CANCELLED.
+Accepted calls are not affected: `grpc::Server::Shutdown()` waits for the calls handlers hold.
 
 A request that failed at the engine step (rejected by a full queue or its queue timeout, or an
 engine error) never reaches postprocessing and stays counted. So waiting also ends once the count
@@ -34,6 +45,12 @@ from typing import Callable
 
 DRAINING, ACCEPTED, FINISHED = "draining", "accepted", "finished"
 MIN_SETTLE_S = 5.0
+# Long enough for a request written just before the signal to reach preprocessing's queue through
+# the gRPC front end on a loaded machine; short, because every stop waits it.
+ADMIT_GRACE_S = 0.25
+ADMIT_TIMEOUT_S = 2.0
+ADMITTING_MODEL = "preprocessing"  # where every entry point's requests are admitted
+_PENDING = re.compile(r'^nv_inference_pending_request_count\{model="([^"]+)"[^}]*\} (\S+)$', re.M)
 STOPPING_MESSAGE = "the server is stopping and takes no new requests; retry (another replica)"
 
 
@@ -79,6 +96,33 @@ class DrainState:
         for name in (DRAINING, ACCEPTED, FINISHED):
             (self.directory / name).unlink(missing_ok=True)
 
+    def admit_arrived(self, metrics_url: str, grace_s: float = ADMIT_GRACE_S, timeout_s: float = ADMIT_TIMEOUT_S,
+                      poll_s: float = 0.05) -> bool:
+        """Call before `drain`: keep admitting until every request that reached the server before
+        this call has been taken up by preprocessing, so that it is accepted and answered.
+
+        Waits `grace_s` (requests still on their way through the gRPC front end), then until
+        Triton's metrics show no request pending at preprocessing, then `poll_s` more (a request
+        taken from the queue just before that reading passes its admission check first). Requests
+        arriving meanwhile are admitted too, and answered.
+
+        Returns:
+            True once preprocessing's queue was seen empty; False at `timeout_s`, or when the
+            metrics cannot be read (then after the grace only).
+        """
+        deadline = time.monotonic() + timeout_s
+        time.sleep(grace_s)
+        while True:
+            pending = _pending_counts(metrics_url)
+            if pending is None:
+                return False
+            if pending.get(ADMITTING_MODEL, 0.0) == 0:
+                time.sleep(poll_s)
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(poll_s)
+
     def drain(self, timeout_s: float, settle: Callable[[], float | None] | None = None,
               poll_s: float = 0.05) -> int:
         """Refuse new requests and wait until none is in flight, or the count stopped moving for
@@ -100,21 +144,33 @@ class DrainState:
         return max(0, last)
 
 
+def _read_metrics(metrics_url: str) -> str | None:
+    """The text of Triton's Prometheus endpoint, or None when it cannot be read."""
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=2) as reply:
+            return reply.read().decode()
+    except OSError:
+        return None
+
+
+def _pending_counts(metrics_url: str) -> dict[str, float] | None:
+    """{model: requests waiting in its queue} from Triton's metrics, or None when unreadable."""
+    text = _read_metrics(metrics_url)
+    return None if text is None else {model: float(value) for model, value in _PENDING.findall(text)}
+
+
 def settle_time_from_metrics(metrics_url: str, engine_model: str) -> Callable[[], float | None]:
     """A `settle` callback for `DrainState.drain` reading Triton's Prometheus endpoint: None while a
     request waits in any queue or no execution finished yet, else max(5 s, 3 x the engine's mean
     execution time)."""
-    pending = re.compile(r'^nv_inference_pending_request_count\{model="([^"]+)"[^}]*\} (\S+)$', re.M)
     engine = re.compile(r'^nv_inference_(exec_count|compute_infer_duration_us)\{model="%s"[^}]*\} (\S+)$'
                         % re.escape(engine_model), re.M)
 
     def settle() -> float | None:
-        try:
-            with urllib.request.urlopen(metrics_url, timeout=2) as reply:
-                text = reply.read().decode()
-        except OSError:
+        text = _read_metrics(metrics_url)
+        if text is None:
             return None
-        if any(float(value) > 0 for _, value in pending.findall(text)):
+        if any(float(value) > 0 for _, value in _PENDING.findall(text)):
             return None
         values = {name: float(value) for name, value in engine.findall(text)}
         if not values.get("exec_count"):
