@@ -189,7 +189,10 @@ def test_nim_chat_completions(gateway, grpc_scores):
     assert status == 200, answer
     choice = answer["choices"][0]
     name, value = choice["message"]["content"].split(":")
-    assert name == "reward" and float(value) == pytest.approx(grpc_scores[2], rel=1e-6, abs=1e-7)
+    # grpc_scores scored CONVERSATIONS together, this request one alone: fp32 sums in another order
+    # (3.4e-7 relative measured on an AVX2 machine; other CPUs' kernels differ), so the tolerance of
+    # the other cross-request comparisons here, not bit-level agreement.
+    assert name == "reward" and float(value) == pytest.approx(grpc_scores[2], rel=1e-5, abs=1e-6)
     assert np.float32(float(value)) == np.float32(choice["logprobs"]["content"][0]["logprob"])
     assert choice["logprobs"]["content"][0]["token"] == "reward" and answer["object"] == "chat.completion"
 
