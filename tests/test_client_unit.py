@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from tritonclient.utils import InferenceServerException, deserialize_bytes_tensor
+from tritonclient.utils import InferenceServerException, deserialize_bytes_tensor, np_to_triton_dtype
 
 from reward_client import (AsyncRewardClient, RetryPolicy, RewardClient, RewardInvalidInputError,
                            RewardServerError, RewardTimeoutError, RewardUnavailableError,
@@ -622,8 +622,7 @@ class CancellingServer:
                 for name, array in (("score", scores), ("attributes", scores),
                                     ("num_tokens", np.full((len(rows), 1), 2, dtype=np.int32)),
                                     ("truncated", np.zeros((len(rows), 1), dtype=bool))):
-                    output = response.outputs.add(name=name, datatype="BOOL" if array.dtype == bool else
-                                                  {np.float32: "FP32", np.int32: "INT32"}[array.dtype.type])
+                    output = response.outputs.add(name=name, datatype=np_to_triton_dtype(array.dtype))
                     output.shape.extend(array.shape)
                     response.raw_output_contents.append(array.tobytes())
                 return response
