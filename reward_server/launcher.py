@@ -565,6 +565,7 @@ class TritonServer:
         self._stopping.set()  # from here on, the watchdog restarts nothing
         if self.process.poll() is None and self._drain is not None:
             settle = settle_time_from_metrics(self.metrics_url, engines.engine(self.options.engine).step_model)
+            self._drain.admit_arrived(self.metrics_url)  # requests already sent are answered, not refused
             left = self._drain.drain(self.options.exit_timeout_s, settle)
             if left:
                 _LOGGER.warning("drain: %d accepted requests never reached postprocessing (failed at the engine "
