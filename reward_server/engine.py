@@ -295,7 +295,9 @@ class RewardEngine:
             out = np.empty((len(rows), self.num_outputs), dtype=np.float32)
             for pack in pack_sequences([len(s.ids) for s in segments], self.token_budget):
                 hidden = self._run([segments[i] for i in pack], store)
-                out[pack] = self.head.module(hidden).float().cpu().numpy()
+                # one row at a time: a product's result for a row must not depend on how many rows
+                # it was computed with (the head is K x hidden: negligible work)
+                out[pack] = torch.cat([self.head.module(row[None]) for row in hidden]).float().cpu().numpy()
         self.stats.sequences += len(rows)
         return out
 

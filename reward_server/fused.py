@@ -6,9 +6,10 @@ A transformers decoder layer of a known family (`FAMILIES`) is replaced, at load
 - q, k and v projections as one matrix (one product instead of three), gate and up as one;
 - rotary embedding applied to the queries and keys in one pass over the fused projection;
 - residual additions and SiLU x up in place;
-- on CPU, every weight prepacked for oneDNN (`PackedLinear`) when that library is there and
-  measured faster on this machine (`prepack_pays`): MKL's sgemm takes a slow path on some CPUs
-  (DESIGN.md: 172 against 440 GFLOP/s on an AVX-512 AMD EPYC).
+- on CPU, every weight prepacked for oneDNN (`PackedLinear`) where torch and the CPU allow it:
+  MKL's sgemm takes a slow path on some CPUs (DESIGN.md: 172 against 440 GFLOP/s on an AVX-512
+  AMD EPYC; 72 against 68 on an AVX2 one), and oneDNN gives each row the same bits whatever the
+  number of rows computed with it (batch invariance; MKL does not).
 Attention is the engine's `packed_attention`, unchanged. Layers of other families, or with
 features this module does not implement (see `fusable`), keep transformers' forward; the reason
 is logged.
@@ -97,28 +98,6 @@ def prepack_available(device, dtype) -> bool:
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and _oneDNN_prepacks(dtype))
 
 
-def prepack_pays(dtype, features: int, rows: int = 2048, repeats: int = 5) -> bool:
-    """Measure, on this machine, whether the prepacked oneDNN product beats torch's default for a
-    [rows, features] x [features, 2 features] product (a fraction of a second at load)."""
-    x = torch.randn(rows, features, dtype=dtype)
-    w = torch.randn(2 * features, features, dtype=dtype)
-    plain, packed = PlainLinear(w), PackedLinear(w, rows_hint=rows)
-
-    def best(f) -> float:
-        f(x)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            f(x)
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    try:
-        return best(packed) < best(plain)
-    except RuntimeError:  # a torch whose oneDNN refuses this dtype or shape
-        return False
-
-
 class FusedDecoderLayer(torch.nn.Module):
     """A drop-in for one transformers decoder layer (see the module docstring).
 
@@ -193,15 +172,16 @@ def fuse_layers(backbone, attention, device, dtype, prepack: bool | None = None)
     """Replace every fusable decoder layer of `backbone.layers` by a `FusedDecoderLayer` calling
     `attention` (the engine's packed attention).
 
-    `prepack`: None measures whether oneDNN prepacking pays on this machine (`prepack_pays`).
+    `prepack`: None prepacks wherever oneDNN can (`prepack_available`). Not chosen by timing: a
+    choice that could flip between starts would change scores' bits, and oneDNN's product gives a
+    row the same bits whatever the rows around it, where MKL's does not (measured: 1 against 3 bit
+    patterns for one row computed among 1 to 4,091 rows).
     The transformers layers are dropped (their weights live on in the fused ones).
     """
     started = time.perf_counter()
     layers = backbone.layers
-    if prepack is None:
-        prepack = prepack_available(device, dtype) and prepack_pays(dtype, backbone.config.hidden_size)
-    elif prepack and not prepack_available(device, dtype):
-        prepack = False
+    if prepack is None or prepack:
+        prepack = prepack_available(device, dtype)
     reason, fused = None, 0
     for i, layer in enumerate(layers):
         why = fusable(layer)

@@ -1,0 +1,119 @@
+"""Bit-reproducible scores: a conversation's score has the same float bits whatever it is batched
+with, wherever it sits in the batch, whatever the token budget, and across engine instances.
+
+What makes it hold (not the machine): every product of the fused layers runs on oneDNN-prepacked
+weights, which give a row the same bits whatever the number of rows around it; attention runs per
+conversation; norms and the rotary embedding work per row; the reward head is applied one row at a
+time. Not covered yet (issue 18): a conversation scored through a shared prompt (its prompt computed
+once for its group) and the same conversation scored alone can differ in the last bits, because
+the attention kernel's reduction order depends on how the keys were split.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from reward_server.engine import RewardEngine
+
+RNG = np.random.default_rng(11)
+TARGET = RNG.integers(300, 2000, 300).tolist()
+NEIGHBOURS = [RNG.integers(300, 2000, int(n)).tolist() for n in RNG.integers(5, 500, 24)]  # the server allows 512
+PROMPT = RNG.integers(300, 2000, 80).tolist()
+GROUP = [PROMPT + RNG.integers(300, 2000, int(n)).tolist() for n in (40, 7, 120)]
+
+
+def _bits(values) -> bytes:
+    return np.asarray(values, dtype=np.float32).tobytes()
+
+
+def test_engine_scores_are_bit_identical_whatever_the_batch(demo_checkpoint):
+    engine = RewardEngine.from_checkpoint(demo_checkpoint, device="cpu")
+    alone = _bits(engine.score([TARGET])[0])
+    seen = {}
+    for position in (0, 1, 5, 12, 24):
+        for count in (1, 6, 24):
+            batch = NEIGHBOURS[:position] + [TARGET] + NEIGHBOURS[position:position + count]
+            seen[f"position {position}, {count} after"] = _bits(engine.score(batch)[position])
+    for budget in (128, 512, 1000, 4096, 16384):  # 128: the conversation alone in an oversize row
+        engine.token_budget = budget
+        seen[f"budget {budget}"] = _bits(engine.score(NEIGHBOURS[:9] + [TARGET])[9])
+    other = RewardEngine.from_checkpoint(demo_checkpoint, device="cpu", token_budget=2048)
+    seen["another instance"] = _bits(other.score(NEIGHBOURS[3:8] + [TARGET])[5])
+    assert {name: bits for name, bits in seen.items() if bits != alone} == {}
+
+
+def test_group_members_are_bit_identical_whatever_else_is_in_the_batch(demo_checkpoint):
+    """A GRPO group scored through its shared prompt: the same bits with any neighbours."""
+    engine = RewardEngine.from_checkpoint(demo_checkpoint, device="cpu", min_shared=32)
+    alone = _bits(engine.score(GROUP))
+    assert engine.stats.shared_tokens == 2 * len(PROMPT)
+    for position in (0, 3, 10):
+        for budget in (256, 4096):
+            engine.token_budget = budget
+            batch = NEIGHBOURS[:position] + GROUP + NEIGHBOURS[position:position + 8]
+            assert _bits(engine.score(batch)[position:position + len(GROUP)]) == alone, (position, budget)
+
+
+def _score_ids(url: str, sequences: list[list[int]]) -> np.ndarray:
+    width = max(map(len, sequences))
+    ids = np.zeros((len(sequences), width), dtype=np.int32)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = seq
+    tokens = grpcclient.InferInput("input_ids", list(ids.shape), "INT32")
+    tokens.set_data_from_numpy(ids)
+    lengths = grpcclient.InferInput("input_lengths", [len(sequences), 1], "INT32")
+    lengths.set_data_from_numpy(np.array([[len(s)] for s in sequences], dtype=np.int32))
+    result = grpcclient.InferenceServerClient(url).infer("reward_ids", [tokens, lengths])
+    return result.as_numpy("score").reshape(-1)
+
+
+def test_served_scores_are_bit_identical_across_requests_and_dynamic_batches(server):
+    """Through the real server: alone, in requests of other sizes and positions, and while other
+    clients' requests share its dynamic batches. (Two copies of one conversation in one dynamic
+    batch share their whole prefix, so the target is sent by one client at a time.)"""
+    import threading
+
+    alone = _bits(_score_ids(server.grpc_url, [TARGET])[0])
+    stop, filler_requests = threading.Event(), []
+
+    def filler(seed: int) -> None:  # other clients, other conversations, all the while
+        rng = np.random.default_rng(seed)
+        while not stop.is_set():
+            _score_ids(server.grpc_url, [rng.integers(300, 2000, int(n)).tolist() for n in rng.integers(5, 400, 6)])
+            filler_requests.append(seed)
+
+    threads = [threading.Thread(target=filler, args=(seed,)) for seed in (1, 2)]
+    for thread in threads:
+        thread.start()
+    try:
+        got = {}
+        for position, count in ((0, 3), (4, 0), (9, 12), (20, 4), (2, 20)):
+            batch = NEIGHBOURS[:position] + [TARGET] + NEIGHBOURS[position:position + count]
+            got[(position, count)] = _bits(_score_ids(server.grpc_url, batch)[position])
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+    assert len(filler_requests) >= 2
+    assert {key: bits for key, bits in got.items() if bits != alone} == {}
+
+
+@pytest.mark.parametrize("rows", [1, 7, 64, 333, 2048])
+def test_prepacked_products_give_a_row_the_same_bits_among_any_rows(rows):
+    """The property the engine relies on, checked on this machine's oneDNN."""
+    import torch
+
+    from reward_server.fused import PackedLinear, prepack_available
+
+    if not prepack_available(torch.device("cpu"), torch.float32):
+        pytest.fail("torch here cannot prepack for oneDNN: scores would not be batch-invariant")
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(1536, 512, generator=generator)
+    x = torch.randn(2048 + 5, 512, generator=generator)
+    linear = PackedLinear(weight, rows_hint=4096)
+    alone = linear(x[5:6])[0]
+    for offset in (0, 5):
+        if offset <= 5 < offset + rows:
+            assert torch.equal(linear(x[offset:offset + rows])[5 - offset], alone)
