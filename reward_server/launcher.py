@@ -541,7 +541,8 @@ class TritonServer:
             return False
 
     def wait_ready(self, timeout_s: float) -> None:
-        """Block until ready.
+        """Block until ready: models loaded (HTTP readiness) and the metrics endpoint answering
+        (Triton starts it after the others; the drain and the watchdog read it).
 
         Raises:
             ServerStartError: the process exited, or `timeout_s` passed.
@@ -553,10 +554,17 @@ class TritonServer:
             if self.process.poll() is not None:
                 raise ServerStartError(f"tritonserver exited with code {self.process.returncode}"
                                        f"{self._load_failures()}:\n{self.log_tail()}")
-            if self.is_ready():
+            if self.is_ready() and self._metrics_answer():
                 return
             time.sleep(0.25)
         raise ServerStartError(f"tritonserver was not ready after {timeout_s:.0f}s:\n{self.log_tail()}")
+
+    def _metrics_answer(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.metrics_url, timeout=2) as reply:
+                return reply.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
 
     def stop(self) -> int | None:
         """Graceful stop: SIGTERM lets in-flight requests finish, then SIGKILL after the exit timeout."""

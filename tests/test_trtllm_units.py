@@ -192,17 +192,21 @@ def test_kv_cache_counters_are_asked_for_and_added_up():
 
 
 def test_rank_zero_is_found_among_mpiruns_children():
-    """The launcher signals rank 0 alone; here two children of this process stand for the ranks."""
-    import os
+    """The launcher signals rank 0 alone; here a parent process with two children stands for mpirun
+    and its ranks (a parent of its own: the test process has other children)."""
+    import json as json_module
     import subprocess
     import sys
 
-    children = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
-                                 env={**os.environ, "OMPI_COMM_WORLD_RANK": str(rank)}) for rank in (1, 0)]
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import os, subprocess, sys, json\n"
+        "kids = [subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],\n"
+        "                         env={**os.environ, 'OMPI_COMM_WORLD_RANK': r}) for r in ('1', '0')]\n"
+        "print(json.dumps([k.pid for k in kids]), flush=True)\n"
+        "sys.stdin.read()\n"
+        "[k.kill() for k in kids]\n")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        leader, workers = ranks(os.getpid())
-        assert leader == children[1].pid and workers == [children[0].pid]
+        worker, leader = json_module.loads(parent.stdout.readline())
+        assert ranks(parent.pid) == (leader, [worker])
     finally:
-        for child in children:
-            child.kill()
-            child.wait()
+        parent.communicate("", timeout=30)
