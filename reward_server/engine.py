@@ -34,6 +34,9 @@ from reward_server.heads import RewardHead, detect_head_type, parse_indices, spl
 
 _LOGGER = logging.getLogger(__name__)
 ATTENTION = "reward_packed"
+# Queries per attention call of a suffix continuing a shared prefix: bounds its explicit mask
+# (queries x keys booleans) for long conversations; shorter suffixes take one call, as before.
+QUERY_CHUNK = 1024
 DTYPES = ("auto", "float32", "bfloat16")
 # Where compiled kernels are kept between starts (unless TORCHINDUCTOR_CACHE_DIR says otherwise).
 COMPILE_CACHE = Path(os.environ.get("REWARD_SERVER_CACHE", Path.home() / ".cache" / "reward-server")) / "torch-compile"
@@ -86,7 +89,7 @@ class _Pack:
     segments: list[Segment]
     bounds: list[tuple[int, int]]
     store: dict[int, dict[int, tuple[Any, Any]]]  # prefix key -> layer -> (keys, values)
-    masks: dict[int, Any] = field(default_factory=dict)
+    masks: dict[tuple[int, int], Any] = field(default_factory=dict)  # (segment, first query) -> mask
 
 
 _ACTIVE = threading.local()
@@ -113,13 +116,18 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
                                                                   enable_gqa=True)
             continue
         prefix_k, prefix_v = pack.store[segment.prefix][layer]
-        if n not in pack.masks:  # token i sees the whole prefix and its own first i + 1 tokens
-            length, own = prefix_k.shape[2], end - start
-            pack.masks[n] = (torch.arange(length + own, device=q.device)[None, :]
-                             <= torch.arange(own, device=q.device)[:, None] + length)
-        out[:, :, start:end] = F.scaled_dot_product_attention(
-            q, torch.cat([prefix_k, k], dim=2), torch.cat([prefix_v, v], dim=2), attn_mask=pack.masks[n],
-            scale=scaling, enable_gqa=True)
+        length = prefix_k.shape[2]
+        # In chunks of queries, so that the mask (queries x keys) stays bounded for long suffixes;
+        # each chunk sees the whole prefix and its own tokens up to its last query.
+        for first in range(0, end - start, QUERY_CHUNK):
+            last = min(end - start, first + QUERY_CHUNK)
+            if (n, first) not in pack.masks:  # token i sees the whole prefix and its own first i + 1 tokens
+                pack.masks[n, first] = (torch.arange(length + last, device=q.device)[None, :]
+                                        <= torch.arange(first, last, device=q.device)[:, None] + length)
+            out[:, :, start + first:start + last] = F.scaled_dot_product_attention(
+                q[:, :, first:last], torch.cat([prefix_k, k[:, :, :last]], dim=2),
+                torch.cat([prefix_v, v[:, :, :last]], dim=2), attn_mask=pack.masks[n, first], scale=scaling,
+                enable_gqa=True)
     return out.transpose(1, 2).contiguous(), None
 
 

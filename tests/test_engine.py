@@ -196,3 +196,31 @@ def test_bf16_engine_matches_the_bf16_reference(demo_checkpoint, monkeypatch):
     tolerance = 0.01 * reference.std()
     assert np.abs(got - reference).max() <= tolerance
     assert np.abs(fp32 - reference).max() > tolerance  # the check can tell bf16 from fp32
+
+
+def test_suffixes_after_a_shared_prompt_attend_in_bounded_chunks(demo_checkpoint, monkeypatch):
+    """Each call of a suffix continuing a shared prompt covers at most QUERY_CHUNK queries (its mask
+    stays queries x keys small for long conversations), with the same scores."""
+    import torch.nn.functional as F
+
+    from reward_server import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "QUERY_CHUNK", 8)
+    shapes = []
+    real_sdpa = F.scaled_dot_product_attention
+
+    def recording(q, k, v, attn_mask=None, **kwargs):
+        if attn_mask is not None:
+            shapes.append((q.shape[2], tuple(attn_mask.shape)))
+        return real_sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    prompt = [{"role": "user", "content": "Name three prime numbers, and explain why each one is prime, briefly."}]
+    group = [prompt + [{"role": "assistant", "content": f"{a}, {a + 2} and {a + 4} are prime: no divisor but "
+                                                        f"one and themselves."}] for a in (3, 5, 11)]
+    ids = [e.token_ids for e in ChatEncoder.from_checkpoint(demo_checkpoint).encode_batch(group)]
+    engine = RewardEngine.from_checkpoint(demo_checkpoint, min_shared=16)
+    np.testing.assert_allclose(engine.score(ids), reference_rewards(demo_checkpoint, group), rtol=1e-4, atol=1e-6)
+    assert engine.stats.shared_tokens > 0 and shapes
+    assert max(queries for queries, _ in shapes) == 8 and len({mask for _, mask in shapes}) > 1
+    assert all(mask[0] == queries for queries, mask in shapes)
