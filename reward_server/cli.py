@@ -179,7 +179,12 @@ def serve(args: argparse.Namespace) -> int:
         server = TritonServer(_options(args))
         server.start()
     except (ServerStartError, FileNotFoundError, ValueError, RuntimeError) as err:
-        _LOGGER.error("%s", err)
+        # The reason is the message's first line; the server log's tail, if any, goes first, so that
+        # the reason is the last thing the user reads.
+        reason, _, log_tail = str(err).partition("\n")
+        if log_tail.strip():
+            print(log_tail, file=sys.stderr, flush=True)
+        _LOGGER.error("cannot serve: %s", reason)
         return 1
     print(EXAMPLE.format(checkpoint=server.checkpoint, grpc=server.grpc_url, http=server.http_url,
                          metrics=server.metrics_url), flush=True)

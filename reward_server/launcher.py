@@ -55,6 +55,23 @@ def _die_with_parent() -> None:
         pass
 
 
+def _tee(pipe, log) -> None:
+    """Copy a server's output to this process's stdout and to its log file until it ends. The pipe
+    is always drained (a full pipe would block the server), even once the console is gone."""
+    console = getattr(sys.stdout, "buffer", sys.stdout)
+    with log:
+        for chunk in iter(lambda: pipe.read1(1 << 16), b""):
+            log.write(chunk)
+            log.flush()
+            if console is None:
+                continue
+            try:
+                console.write(chunk if console is not sys.stdout else chunk.decode(errors="replace"))
+                console.flush()
+            except (OSError, ValueError):  # this process's stdout was closed
+                console = None
+
+
 def _shm_prefix() -> str:
     return f"reward{os.getpid()}x{secrets.token_hex(3)}"
 
@@ -468,13 +485,16 @@ class TritonServer:
     def _spawn(self) -> None:
         """Start tritonserver (the command prepared by `start`) and wait until it is ready."""
         binary, repository, backends, env = self._launch
-        output = None if self.options.log_to_console else open(self.log_path, "ab")
+        output = open(self.log_path, "ab")  # always kept: start errors are read back from it
+        console = self.options.log_to_console
         started = time.monotonic()
         with self._lock:
             self.process = subprocess.Popen(self.command_line(binary, repository, backends), env=env,
-                                            stdout=output, stderr=subprocess.STDOUT if output else None,
+                                            stdout=subprocess.PIPE if console else output, stderr=subprocess.STDOUT,
                                             start_new_session=True, preexec_fn=_die_with_parent)
-        if output:
+        if console:  # to the console and to the log file
+            threading.Thread(target=_tee, args=(self.process.stdout, output), daemon=True).start()
+        else:
             output.close()
         self.wait_ready(self.options.startup_timeout_s)
         _LOGGER.info("tritonserver ready in %.1fs (gRPC %s, HTTP %s)", time.monotonic() - started,
@@ -518,7 +538,7 @@ class TritonServer:
         return self.process.poll() if self.process else None
 
     def log_tail(self, lines: int = 40) -> str:
-        """The last lines of the server log (empty when logging to the console)."""
+        """The last lines of the server log (kept in the work directory in both logging modes)."""
         if not self.log_path or not self.log_path.exists():
             return ""
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

@@ -100,3 +100,20 @@ def test_serve_reports_a_bad_checkpoint(tmp_path):
                              "--metrics-port", "0"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert "is not a Hugging Face checkpoint (no config.json)" in result.stderr
+
+
+def test_serve_ends_with_the_reason_a_model_failed_to_load(demo_checkpoint, tmp_path):
+    """A checkpoint the engine refuses inside Triton: the log tail first, the reason as the last line."""
+    import shutil
+
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(demo_checkpoint, checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["layer_types"] = ["sliding_attention"] * config["num_hidden_layers"]
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    result = subprocess.run([*CLI, "serve", "--checkpoint", str(checkpoint), "--grpc-port", "0", "--http-port", "0",
+                             "--metrics-port", "0"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    last = [line for line in result.stderr.splitlines() if line.strip()][-1]
+    assert "cannot serve: tritonserver exited with code 1; model 'reward_engine' failed to load:" in last, last
+    assert "sliding-window attention layers are not supported by the packed engine" in last, last
