@@ -715,12 +715,13 @@ def shareable_blocks(sequences: Sequence[Sequence[int]], request_size: int, bloc
     `request_size` sequences (the fan-out groups within a request), every sequence but the first
     of its group can reuse the whole blocks it shares with an earlier one, less the block holding
     its last token (always computed)."""
+    from reward_server.batching import common_prefix
+
     total = 0
     for start in range(0, len(sequences), request_size):
-        chunk = [list(s) for s in sequences[start:start + request_size]]
+        chunk = sequences[start:start + request_size]
         for i, seq in enumerate(chunk[1:], 1):
-            common = max((next((k for k, (a, b) in enumerate(zip(seq, other)) if a != b), min(len(seq), len(other)))
-                          for other in chunk[:i]), default=0)
+            common = max(common_prefix(seq, other) for other in chunk[:i])
             total += min(common // block, (len(seq) - 1) // block)
     return total
 

@@ -15,6 +15,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from reward_server.batching import common_prefix
+
 _LOGGER = logging.getLogger(__name__)
 
 
@@ -28,16 +30,8 @@ def unique_tokens(sequences: Sequence[Sequence[int]]) -> int:
     ordered = sorted(tuple(s) for s in sequences)
     total = sum(len(s) for s in ordered)
     for previous, current in zip(ordered, ordered[1:]):
-        total -= _common_prefix(previous, current)
+        total -= common_prefix(previous, current)
     return total
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 def padded_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:

@@ -47,7 +47,8 @@ class SharedGroup:
     members: tuple[int, ...]
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token sequences."""
     n = min(len(a), len(b))
     i = 0
     while i < n and a[i] == b[i]:
@@ -70,7 +71,7 @@ def group_shared_prefixes(sequences: Sequence[Sequence[int]],
     """
     n = len(sequences)
     order = sorted(range(n), key=lambda i: list(sequences[i]))
-    lcp = [_common_prefix(sequences[order[k]], sequences[order[k + 1]]) for k in range(n - 1)]
+    lcp = [common_prefix(sequences[order[k]], sequences[order[k + 1]]) for k in range(n - 1)]
     best = [0] * (n + 1)
     start = list(range(-1, n))  # start[j]: first sorted position of the group ending at j - 1
     prefix = [0] * (n + 1)
