@@ -245,7 +245,7 @@ class RewardEngine:
 
             # inductor cannot lower a product on an eagerly prepacked weight: compiled layers keep
             # plain weights (inductor's own freezing would prepack them, at a much longer compile)
-            _LOGGER.info("%s", fuse_layers(backbone, attention, device, dtype, prepack=False if compile else None))
+            _LOGGER.info("%s", fuse_layers(backbone, attention, device, dtype, prepack=not compile))
         outputs = head.module.weight.shape[0]
         _LOGGER.info("loaded %s (%s, %d outputs) on %s %s in %.1fs", checkpoint, head_type, outputs,
                      device, dtype, time.perf_counter() - start)

@@ -168,11 +168,11 @@ class FusedLayers:
         return text + (f" (others: {self.reason})" if self.reason else "") + f" in {self.seconds:.1f}s"
 
 
-def fuse_layers(backbone, attention, device, dtype, prepack: bool | None = None) -> FusedLayers:
+def fuse_layers(backbone, attention, device, dtype, prepack: bool = True) -> FusedLayers:
     """Replace every fusable decoder layer of `backbone.layers` by a `FusedDecoderLayer` calling
     `attention` (the engine's packed attention).
 
-    `prepack`: None prepacks wherever oneDNN can (`prepack_available`). Not chosen by timing: a
+    `prepack`: prepack wherever oneDNN can (`prepack_available`). Not chosen by timing: a
     choice that could flip between starts would change scores' bits, and oneDNN's product gives a
     row the same bits whatever the rows around it, where MKL's does not (measured: 1 against 3 bit
     patterns for one row computed among 1 to 4,091 rows).
@@ -180,8 +180,7 @@ def fuse_layers(backbone, attention, device, dtype, prepack: bool | None = None)
     """
     started = time.perf_counter()
     layers = backbone.layers
-    if prepack is None or prepack:
-        prepack = prepack_available(device, dtype)
+    prepack = prepack and prepack_available(device, dtype)
     reason, fused = None, 0
     for i, layer in enumerate(layers):
         why = fusable(layer)
