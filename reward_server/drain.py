@@ -146,7 +146,7 @@ class DrainState:
         return max(0, last)
 
 
-def _read_metrics(metrics_url: str) -> str | None:
+def read_metrics(metrics_url: str) -> str | None:
     """The text of Triton's Prometheus endpoint, or None when it cannot be read."""
     try:
         with urllib.request.urlopen(metrics_url, timeout=2) as reply:
@@ -157,7 +157,7 @@ def _read_metrics(metrics_url: str) -> str | None:
 
 def _pending_counts(metrics_url: str) -> dict[str, float] | None:
     """{model: requests waiting in its queue} from Triton's metrics, or None when unreadable."""
-    text = _read_metrics(metrics_url)
+    text = read_metrics(metrics_url)
     return None if text is None else {model: float(value) for model, value in _PENDING.findall(text)}
 
 
@@ -169,7 +169,7 @@ def settle_time_from_metrics(metrics_url: str, engine_model: str) -> Callable[[]
                         % re.escape(engine_model), re.M)
 
     def settle() -> float | None:
-        text = _read_metrics(metrics_url)
+        text = read_metrics(metrics_url)
         if text is None:
             return None
         if any(float(value) > 0 for _, value in _PENDING.findall(text)):

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reward_server import engines, settings
-from reward_server.drain import DrainState, settle_time_from_metrics
+from reward_server.drain import DrainState, read_metrics, settle_time_from_metrics
 from reward_server.heads import detect_head_type, num_outputs, parse_indices
 from reward_server.ports import free_ports
 from reward_server.scoring import ScoreSpec, parse_floats
@@ -315,7 +315,7 @@ def render_repository(options: ServeOptions, checkpoint: Path, dest: Path, servi
         raise FileNotFoundError(f"model repository {options.model_repository} lacks {', '.join(missing)}")
     dest.mkdir(parents=True, exist_ok=True)
     for model_dir in (options.model_repository / name for name in served):
-        config = text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        config = model_config(model_dir)
         if config.platform == "ensemble":
             engines.wire_ensemble(config, options.engine)
         for key, value in params.get(config.name, {}).items():
@@ -574,17 +574,10 @@ class TritonServer:
             if self.process.poll() is not None:
                 raise ServerStartError(f"tritonserver exited with code {self.process.returncode}"
                                        f"{self._load_failures()}:\n{self.log_tail()}")
-            if self.is_ready() and self._metrics_answer():
+            if self.is_ready() and read_metrics(self.metrics_url) is not None:
                 return
             time.sleep(0.25)
         raise ServerStartError(f"tritonserver was not ready after {timeout_s:.0f}s:\n{self.log_tail()}")
-
-    def _metrics_answer(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.metrics_url, timeout=2) as reply:
-                return reply.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
 
     def stop(self) -> int | None:
         """Graceful stop: SIGTERM lets in-flight requests finish, then SIGKILL after the exit timeout."""

@@ -12,9 +12,8 @@ import shutil
 from pathlib import Path
 
 from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2
 
-from reward_server.launcher import MODEL_REPOSITORY
+from reward_server.launcher import MODEL_REPOSITORY, model_config
 from reward_server.trtllm.adapt import adapt_checkpoint
 from reward_server.trtllm.layout import EngineLayout
 
@@ -26,7 +25,7 @@ def repository_with_double(dest: Path) -> Path:
     checked-in config with `backend: "python"`, everything else unchanged."""
     shutil.copytree(MODEL_REPOSITORY, dest, ignore=shutil.ignore_patterns("__pycache__"))
     path = dest / "tensorrt_llm" / "config.pbtxt"
-    config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    config = model_config(path.parent)
     config.backend = "python"
     path.write_text(text_format.MessageToString(config))
     shutil.copy(DOUBLE, dest / "tensorrt_llm" / "1" / "model.py")
