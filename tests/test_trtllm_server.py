@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
+from bench.gpu_check import kv_cache_counters
 from reward_server.launcher import ServeOptions, TritonServer
 from reward_server.trtllm.serving import check_host, open_engine
 from tests.conversations import make_conversations
@@ -57,15 +58,6 @@ def test_served_model_set_and_engine_parameters(trtllm_server):
     assert [s["model_name"] for s in ensemble] == ["preprocessing", "reward_engine_trtllm", "postprocessing"]
 
 
-def _kv_counters(server) -> dict[str, float]:
-    import re
-    import urllib.request
-
-    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    return {name: float(value) for name, value in
-            re.findall(r'^reward_engine_kv_cache_(\w+)_total\{model="reward_engine_trtllm"\} (\S+)$', text, re.M)}
-
-
 def test_kv_cache_reuse_of_a_shared_prompt_is_measured(trtllm_server, demo_checkpoint):
     """The fan-out asks for each request's KV-cache counters and exports them; with the double's
     block cache (32-token blocks, reusable once the filling request finished), leader-first makes
@@ -85,9 +77,9 @@ def test_kv_cache_reuse_of_a_shared_prompt_is_measured(trtllm_server, demo_check
     tokens.set_data_from_numpy(ids)
     lengths = grpcclient.InferInput("input_lengths", [len(sequences), 1], "INT32")
     lengths.set_data_from_numpy(np.array([[len(s)] for s in sequences], dtype=np.int32))
-    before = _kv_counters(trtllm_server)
+    before = kv_cache_counters(trtllm_server.metrics_url)
     client.infer("reward_ids", [tokens, lengths])
-    after = _kv_counters(trtllm_server)
+    after = kv_cache_counters(trtllm_server.metrics_url)
     delta = {name: after[name] - before.get(name, 0) for name in after}
     # the leader (the first) reuses nothing; each follower reuses the prompt's 2 whole blocks (64 of
     # its 75 tokens), but never the block holding its own last token
@@ -101,16 +93,14 @@ def test_double_refuses_a_config_the_backend_would_not_load(demo_checkpoint, tmp
     """The real backend reads tokenizer_dir (and two more) with no default: without it the model
     fails to load. The double does the same, so such a config fails here, not on the first GPU."""
     from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
 
-    from reward_server.launcher import ServerStartError
+    from reward_server.launcher import ServerStartError, model_config
     from tests.trtllm_double import repository_with_double
 
     repository = repository_with_double(tmp_path / "repo")
-    path = repository / "tensorrt_llm" / "config.pbtxt"
-    config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    config = model_config(repository / "tensorrt_llm")
     del config.parameters["tokenizer_dir"]
-    path.write_text(text_format.MessageToString(config))
+    (repository / "tensorrt_llm" / "config.pbtxt").write_text(text_format.MessageToString(config))
     options = ServeOptions(engine="tensorrt_llm", engine_dir=engine_dir_for(demo_checkpoint, tmp_path / "e"),
                            model_repository=repository, startup_timeout_s=120)
     with pytest.raises(ServerStartError, match="Cannot find parameter with name: tokenizer_dir"):

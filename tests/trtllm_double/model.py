@@ -37,6 +37,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from reward_server.trtllm.builder import TOKENS_PER_BLOCK
+from reward_server.trtllm.mpi import ranks
 from reward_server.trtllm.serving import missing_parameters
 
 
@@ -59,20 +60,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _leader_pid(server: int) -> int | None:
-    """The rank-0 tritonserver beside `server` (both children of mpirun)."""
-    launcher = _parent(server)
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            pid = int(stat.parent.name)
-            if pid != server and _parent(pid) == launcher and \
-                    b"OMPI_COMM_WORLD_RANK=0\0" in Path(f"/proc/{pid}/environ").read_bytes():
-                return pid
-        except (OSError, IndexError, ValueError):
-            continue
-    return None
-
-
 def _handles_sigterm(pid: int) -> bool:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("SigCgt:"):
@@ -85,7 +72,7 @@ def _wait_for_leader_to_stop(server: int) -> None:
     gone (the real worker is released by MPI when the leader's executor shuts down)."""
     leader = None
     while leader is None and _alive(_parent(server)):
-        leader = _leader_pid(server)
+        leader = ranks(_parent(server))[0]  # the rank-0 tritonserver beside this one, under mpirun
         time.sleep(0.2)
     while leader is not None and _alive(leader):
         time.sleep(0.2)
