@@ -34,7 +34,7 @@ def _split_words(path: Path, root: Path) -> set[str]:
 
 
 def _text_column(path: Path) -> bool | None:
-    """Whether the file's first record has a `text` column (None: cannot tell without pyarrow)."""
+    """Whether the file's first record has a `text` column (None: cannot tell here)."""
     if path.suffix == ".txt":
         return True
     if path.suffix == ".csv":
@@ -47,12 +47,14 @@ def _text_column(path: Path) -> bool | None:
     elif path.suffix == ".json":
         record = json.loads(path.read_text(encoding="utf-8"))  # a list of records, or columns by name
         record = record[0] if isinstance(record, list) and record else record
-    else:
+    elif path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError:
             return None
-        return "text" in pq.read_schema(path).names if path.suffix == ".parquet" else None
+        return "text" in pq.read_schema(path).names
+    else:  # .arrow: only `datasets` reads it
+        return None
     return isinstance(record, dict) and "text" in record
 
 
