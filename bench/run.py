@@ -28,6 +28,7 @@ from typing import Callable
 import numpy as np
 
 from bench import baselines, grpc_load, metrics, report, vllm_bridge, workload
+from bench.engine_profile import cpu_flags
 
 _LOGGER = logging.getLogger("bench.run")
 
@@ -69,11 +70,11 @@ def machine_description() -> dict:
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
         models = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
-        flags = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "")
+        flags = cpu_flags()
         info["cpu"] = models[0] if models else platform.processor()
         info["logical_cpus"] = len(models)
         info["avx512"] = "avx512f" in flags
-        info["avx2"] = " avx2" in flags
+        info["avx2"] = "avx2" in flags
         meminfo = Path("/proc/meminfo").read_text().split()
         info["memory_gib"] = round(int(meminfo[meminfo.index("MemTotal:") + 1]) / 2**20, 1)
     except (OSError, ValueError):
