@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
 
 from reward_server.engine import RewardEngine
+from tests.test_server import score_ids
 
 RNG = np.random.default_rng(11)
 TARGET = RNG.integers(300, 2000, 300).tolist()
@@ -56,32 +56,19 @@ def test_group_members_are_bit_identical_whatever_else_is_in_the_batch(demo_chec
             assert _bits(engine.score(batch)[position:position + len(GROUP)]) == alone, (position, budget)
 
 
-def _score_ids(url: str, sequences: list[list[int]]) -> np.ndarray:
-    width = max(map(len, sequences))
-    ids = np.zeros((len(sequences), width), dtype=np.int32)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = seq
-    tokens = grpcclient.InferInput("input_ids", list(ids.shape), "INT32")
-    tokens.set_data_from_numpy(ids)
-    lengths = grpcclient.InferInput("input_lengths", [len(sequences), 1], "INT32")
-    lengths.set_data_from_numpy(np.array([[len(s)] for s in sequences], dtype=np.int32))
-    result = grpcclient.InferenceServerClient(url).infer("reward_ids", [tokens, lengths])
-    return result.as_numpy("score").reshape(-1)
-
-
 def test_served_scores_are_bit_identical_across_requests_and_dynamic_batches(server):
     """Through the real server: alone, in requests of other sizes and positions, and while other
     clients' requests share its dynamic batches. (Two copies of one conversation in one dynamic
     batch share their whole prefix, so the target is sent by one client at a time.)"""
     import threading
 
-    alone = _bits(_score_ids(server.grpc_url, [TARGET])[0])
+    alone = _bits(score_ids(server.grpc_url, [TARGET])[0])
     stop, filler_requests = threading.Event(), []
 
     def filler(seed: int) -> None:  # other clients, other conversations, all the while
         rng = np.random.default_rng(seed)
         while not stop.is_set():
-            _score_ids(server.grpc_url, [rng.integers(300, 2000, int(n)).tolist() for n in rng.integers(5, 400, 6)])
+            score_ids(server.grpc_url, [rng.integers(300, 2000, int(n)).tolist() for n in rng.integers(5, 400, 6)])
             filler_requests.append(seed)
 
     threads = [threading.Thread(target=filler, args=(seed,)) for seed in (1, 2)]
@@ -91,7 +78,7 @@ def test_served_scores_are_bit_identical_across_requests_and_dynamic_batches(ser
         got = {}
         for position, count in ((0, 3), (4, 0), (9, 12), (20, 4), (2, 20)):
             batch = NEIGHBOURS[:position] + [TARGET] + NEIGHBOURS[position:position + count]
-            got[(position, count)] = _bits(_score_ids(server.grpc_url, batch)[position])
+            got[(position, count)] = _bits(score_ids(server.grpc_url, batch)[position])
     finally:
         stop.set()
         for thread in threads:

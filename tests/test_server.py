@@ -39,6 +39,21 @@ def score_grpc(url, conversations):
     return {name: result.as_numpy(name) for name in OUTPUTS}
 
 
+def score_ids(url, sequences):
+    """Scores [N] of token-id sequences in one `reward_ids` request over gRPC (right-padded with 0,
+    with input_lengths)."""
+    width = max(map(len, sequences))
+    ids = np.zeros((len(sequences), width), dtype=np.int32)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = seq
+    tokens = grpcclient.InferInput("input_ids", list(ids.shape), "INT32")
+    tokens.set_data_from_numpy(ids)
+    lengths = grpcclient.InferInput("input_lengths", [len(sequences), 1], "INT32")
+    lengths.set_data_from_numpy(np.array([[len(s)] for s in sequences], dtype=np.int32))
+    result = grpcclient.InferenceServerClient(url).infer("reward_ids", [tokens, lengths])
+    return result.as_numpy("score").reshape(-1)
+
+
 def score_http(url, conversations):
     client = httpclient.InferenceServerClient(url)
     result = client.infer("reward", [_messages_input(httpclient, conversations)])

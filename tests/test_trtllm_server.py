@@ -18,7 +18,7 @@ from bench.gpu_check import kv_cache_counters
 from reward_server.launcher import ServeOptions, TritonServer
 from reward_server.trtllm.serving import check_host, open_engine
 from tests.conversations import make_conversations
-from tests.test_server import score_grpc
+from tests.test_server import score_grpc, score_ids
 from tests.trtllm_double import engine_dir_for
 
 CONVERSATIONS = make_conversations(10, seed=21)
@@ -69,16 +69,8 @@ def test_kv_cache_reuse_of_a_shared_prompt_is_measured(trtllm_server, demo_check
     prompt = rng.choice(usable, 75).tolist()                     # fresh: nothing of it is cached yet
     responses = [[usable[k]] + rng.choice(usable, n).tolist() for k, n in enumerate((10, 40, 3, 70))]
     sequences = [prompt + r for r in responses]
-    ids = np.zeros((len(sequences), max(map(len, sequences))), dtype=np.int32)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = seq
-    client = grpcclient.InferenceServerClient(trtllm_server.grpc_url)
-    tokens = grpcclient.InferInput("input_ids", list(ids.shape), "INT32")
-    tokens.set_data_from_numpy(ids)
-    lengths = grpcclient.InferInput("input_lengths", [len(sequences), 1], "INT32")
-    lengths.set_data_from_numpy(np.array([[len(s)] for s in sequences], dtype=np.int32))
     before = kv_cache_counters(trtllm_server.metrics_url)
-    client.infer("reward_ids", [tokens, lengths])
+    score_ids(trtllm_server.grpc_url, sequences)
     after = kv_cache_counters(trtllm_server.metrics_url)
     delta = {name: after[name] - before.get(name, 0) for name in after}
     # the leader (the first) reuses nothing; each follower reuses the prompt's 2 whole blocks (64 of
