@@ -13,6 +13,14 @@ and requests in flight fail as UNAVAILABLE, which clients retry), removes the de
 shared-memory regions, and starts tritonserver again. A restart that fails is retried with
 exponential backoff; after `max_failures` failed restarts in a row the watchdog gives up and
 says so (`gave_up`), so a supervisor above (systemd, Kubernetes) takes over.
+
+The servers the watchdog starts are children of its thread, and get SIGTERM when that thread
+ends (PR_SET_PDEATHSIG, so that a launcher that dies never leaves one behind). So the thread must
+not end while a server it started runs: on a deliberate stop it would send that server a second
+SIGTERM right after the launcher's own, and tritonserver 2.51 can deadlock on a second SIGTERM (its
+handler locks `signal_exit_mu_`, which the main thread holds for a moment after the first one woke
+it; the process then never exits). `stop()` ends the watching and restarting, and the thread stays
+until `release()`, which the launcher calls once the server is reaped.
 """
 
 from __future__ import annotations
@@ -103,20 +111,31 @@ class Watchdog:
         self.last_recovery_s: float | None = None
         self.gave_up = threading.Event()
         self._stopping = threading.Event()
+        self._idle = threading.Event()     # the thread no longer watches nor restarts
+        self._release = threading.Event()  # the thread may end (see the module's docstring)
         self._wake_r, self._wake_w = os.pipe()
         self._thread: threading.Thread | None = None
 
     def start(self) -> "Watchdog":
         """Start watching in a daemon thread. It also starts the replacement servers, so their
-        lifetime is tied to it (PR_SET_PDEATHSIG): it runs until `stop()`."""
+        lifetime is tied to it (PR_SET_PDEATHSIG): it runs until `release()`."""
         self._thread = threading.Thread(target=self._run, name="tritonserver-watchdog", daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
-        """Stop watching (before the server is stopped on purpose); returns once the thread ended."""
+        """Stop watching and restarting (before the server is stopped on purpose); returns once the
+        thread has done so, leaving `server.process` as it is. The thread itself stays until
+        `release()`: a server it started must not get SIGTERM from its end."""
         self._stopping.set()
         os.write(self._wake_w, b"x")
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._idle.wait()
+
+    def release(self) -> None:
+        """Let the thread end; call once the server it may have started has exited (reaped)."""
+        self.stop()
+        self._release.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
         for fd in (self._wake_r, self._wake_w):
@@ -153,8 +172,9 @@ class Watchdog:
                 return "tritonserver"
 
     def _run(self) -> None:
-        fds = self._watched()
+        fds = {}
         try:
+            fds = self._watched()
             while not self._stopping.is_set():
                 what = self._wait_for_death(fds)
                 if what is None:
@@ -173,6 +193,8 @@ class Watchdog:
         finally:
             for fd in fds:
                 os.close(fd)
+            self._idle.set()
+            self._release.wait()  # until the server this thread may have started is gone
 
     def _recover(self, what: str) -> bool:
         """Restart the server until it is ready (True), the watchdog stops or gives up (False)."""

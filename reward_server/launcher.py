@@ -46,7 +46,8 @@ ADMIN_HEADER = "reward-server-admin"
 
 def _die_with_parent() -> None:
     """In the child before exec: SIGTERM when the launching thread dies (Linux), so a killed
-    launcher or test run never leaves a server behind."""
+    launcher or test run never leaves a server behind. A thread that starts a server must therefore
+    outlive it when the server is stopped on purpose (the watchdog's does: reward_server.health)."""
     try:
         import ctypes
 
@@ -591,13 +592,18 @@ class TritonServer:
             if left:
                 _LOGGER.warning("drain: %d accepted requests never reached postprocessing (failed at the engine "
                                 "step, or still running at the exit timeout); stopping", left)
-        if self.watchdog is not None:
-            # Only after the drain: a server the watchdog restarted gets SIGTERM when its thread ends.
-            self.watchdog.stop()
-            self.watchdog = None
-        if self.process.poll() is None:
-            self._terminate()
-        code = self._kill_group()
+        watchdog, self.watchdog = self.watchdog, None
+        if watchdog is not None:
+            watchdog.stop()  # no restart from here on; `self.process` is final
+        try:
+            if self.process.poll() is None:
+                self._terminate()
+            code = self._kill_group()
+        finally:
+            if watchdog is not None:
+                # Only now: a server the watchdog started gets SIGTERM when its thread ends
+                # (PR_SET_PDEATHSIG), and a second SIGTERM can hang tritonserver (reward_server.health).
+                watchdog.release()
         self._remove_shared_memory()
         if self._own_workdir and self.workdir and not self.options.log_to_console and code not in (0, None):
             _LOGGER.warning("tritonserver exited with %s; log kept at %s", code, self.log_path)
@@ -606,7 +612,8 @@ class TritonServer:
         return code
 
     def _terminate(self) -> None:
-        """SIGTERM and wait for the exit; on timeout the caller kills the process group.
+        """SIGTERM, once, and wait for the exit; on timeout the caller kills the process group.
+        Never a second SIGTERM to tritonserver: its handler can deadlock on one (reward_server.health).
 
         Under mpirun only rank 0 is signalled (not mpirun, which kills its ranks 1 s later; not the
         workers, which have no signal handler while the leader runs: see reward_server.trtllm.mpi).

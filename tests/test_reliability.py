@@ -25,7 +25,9 @@ from reward_client import RetryPolicy, RewardClient, RewardUnavailableError
 from reward_client.transport import wire
 from tritonclient.utils import InferenceServerException
 
-from reward_server.health import descendants, python_stubs
+from reward_server.drain import DrainState
+from reward_server.health import Watchdog, descendants, python_stubs
+from reward_server.launcher import ServeOptions, TritonServer
 from reward_server.ports import free_ports
 from tests.conversations import make_conversations
 
@@ -201,6 +203,8 @@ def test_sigterm_under_load_finishes_accepted_requests_refuses_new_ones_and_exit
     unclean = [o[:3] for o in refused if not isinstance(wire.map_error(o[3]), RewardUnavailableError)]
     assert not unclean, unclean  # only the offending refusals: the clean ones are many and alike
     assert "watchdog: giving up" not in served.log() and not python_stubs(served.proc.pid)
+    # One SIGTERM only (the servers before were killed): tritonserver 2.51 can hang on a second one.
+    assert served.log().count("Signal (15) received.") == 1, served.log()[-3000:]
 
 
 @pytest.mark.parametrize("status, message", [
@@ -212,3 +216,86 @@ def test_sigterm_under_load_finishes_accepted_requests_refuses_new_ones_and_exit
 ])
 def test_the_sdk_retries_what_a_restarting_or_stopping_server_answers(status, message):
     assert isinstance(wire.map_error(InferenceServerException(message, status=status)), RewardUnavailableError)
+
+
+# A stand-in for tritonserver: records each SIGTERM (the C-level handler writes one byte per signal
+# delivered to the wakeup fd), exits 0.5 s after the first one, as tritonserver unloads its models.
+STAND_IN = r"""
+import os, signal, sys, time
+record = open(sys.argv[1], "a", buffering=1)
+wake_r, wake_w = os.pipe()
+os.set_blocking(wake_w, False)
+signal.set_wakeup_fd(wake_w)
+signal.signal(signal.SIGTERM, lambda *_: None)
+print("ready", flush=True)
+exit_at = None
+while exit_at is None or time.monotonic() < exit_at:
+    os.set_blocking(wake_r, exit_at is None)
+    try:
+        for _ in os.read(wake_r, 64):
+            record.write(f"{time.monotonic()} SIGTERM\n")
+            exit_at = exit_at or time.monotonic() + 0.5
+    except BlockingIOError:
+        time.sleep(0.02)
+"""
+
+
+class _StandInServer(TritonServer):
+    """TritonServer's own spawn (PR_SET_PDEATHSIG), watchdog restart and stop path, on the stand-in."""
+
+    def __init__(self, tmp_path: Path):
+        super().__init__(ServeOptions(exit_timeout_s=5, metrics_port=free_ports(1)[0]))  # nothing listens there
+        self.record = tmp_path / "signals"
+        self.record.touch()
+        self.log_path = tmp_path / "server.log"
+        self._launch = (None, None, None, dict(os.environ))
+        self._drain = DrainState(tmp_path / "drain")
+        self._drain.reset()
+        self.spawned = 0
+        self.signals_before_terminate: list[str] = []
+
+    def command_line(self, binary, repository, backends):
+        return [sys.executable, "-I", "-S", "-c", STAND_IN, str(self.record)]
+
+    def _spawn(self):
+        self.spawned += 1
+        super()._spawn()
+
+    def wait_ready(self, timeout_s):
+        deadline = time.monotonic() + timeout_s
+        while self.log_path.read_text().count("ready") < self.spawned:  # its handler is in place
+            assert self.process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+
+    def _terminate(self):
+        # Before its own SIGTERM, stop() must have sent none (the watchdog's thread ending sent one).
+        time.sleep(1.0)
+        self.signals_before_terminate = self.signals()
+        super()._terminate()
+
+    def signals(self) -> list[str]:
+        return self.record.read_text().splitlines()
+
+
+def test_stop_sends_a_server_the_watchdog_restarted_one_sigterm_only(tmp_path):
+    """Regression: a server started by the watchdog's thread got SIGTERM from that thread's end
+    (PR_SET_PDEATHSIG) and then the launcher's own; a second SIGTERM can deadlock tritonserver 2.51
+    (the launcher then killed it after the exit timeout + 15 s and exited 247). Deterministic here."""
+    server = _StandInServer(tmp_path)
+    server._spawn()  # from this thread, like start()
+    server.watchdog = Watchdog(server).start()
+    first = server.process
+    os.kill(first.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while server.watchdog.restarts < 1:
+        assert time.monotonic() < deadline, server.log_path.read_text()
+        time.sleep(0.02)
+    restarted = server.process
+    assert restarted.pid != first.pid
+    watchdog_thread = server.watchdog._thread
+    started = time.monotonic()
+    assert server.stop() == 0
+    assert time.monotonic() - started < 5  # the stand-in exits 0.5 s after its SIGTERM (plus the probe's 1 s)
+    assert server.signals_before_terminate == [], "the server got SIGTERM before the launcher sent its own"
+    assert len(server.signals()) == 1, server.signals()
+    assert not watchdog_thread.is_alive()  # released once the server was reaped
