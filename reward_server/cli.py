@@ -68,6 +68,10 @@ def _serve_parser(sub) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch engine: compile the decoder layers at load (fused element-wise kernels; first start "
                         "pays the compile time, later starts reuse the on-disk cache)")
+    p.add_argument("--attention", choices=["auto", "native", "sdpa"], default="auto",
+                   help="torch engine: native = this project's CPU kernel (batch-invariant, skips masked blocks; "
+                        "built for this CPU by make setup), sdpa = torch's; auto = native where it runs (CPU), "
+                        "else sdpa")
     p.add_argument("--threads", type=int, help="torch threads per engine instance (default: cores / instances)")
     p.add_argument("--token-budget", type=int, help="tokens per packed engine row, one forward pass (default 4096)")
     p.add_argument("--min-shared-prefix", type=int,
@@ -158,7 +162,8 @@ def _options(args: argparse.Namespace) -> ServeOptions:
         chat_template=args.chat_template.read_text() if args.chat_template else None,
         head_type=args.head_type, reward_indices=args.reward_indices, attribute_names=args.attribute_names,
         attribute_weights=args.attribute_weights, score_mean=args.score_mean, score_std=args.score_std,
-        device=args.device, dtype=args.dtype, compile=args.compile, torch_threads=args.threads,
+        device=args.device, dtype=args.dtype, compile=args.compile, attention=args.attention,
+        torch_threads=args.threads,
         token_budget=args.token_budget, min_shared_prefix=args.min_shared_prefix, max_queue_size=args.max_queue_size,
         queue_timeout_us=args.queue_timeout_ms * 1000 if args.queue_timeout_ms else None,
         max_conversation_bytes=args.max_conversation_bytes, max_request_bytes=args.max_request_bytes,

@@ -38,6 +38,7 @@ ATTENTION = "reward_packed"
 # (queries x keys booleans) for long conversations; shorter suffixes take one call, as before.
 QUERY_CHUNK = 1024
 DTYPES = ("auto", "float32", "bfloat16")
+ATTENTIONS = ("auto", "native", "sdpa")
 # Where compiled kernels are kept between starts (unless TORCHINDUCTOR_CACHE_DIR says otherwise).
 COMPILE_CACHE = Path(os.environ.get("REWARD_SERVER_CACHE", Path.home() / ".cache" / "reward-server")) / "torch-compile"
 
@@ -72,6 +73,40 @@ def resolve_dtype(dtype: str, device_type: str, checkpoint_dtype: str | None) ->
     return dtype
 
 
+def attention_kernel(choice: str, device_type: str, dtype: str, head_dim: int) -> Any:
+    """The native attention module for `choice` ("auto", "native" or "sdpa"), or None for torch's SDPA.
+
+    "auto" takes the native kernel wherever it runs (CPU, fp32 or bf16, even head size) and falls
+    back to SDPA with a warning when it cannot be built; "native" refuses to fall back.
+
+    Raises:
+        ValueError: an unknown choice, or "native" where the kernel cannot run (the reason says why).
+    """
+    if choice not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {ATTENTIONS}, got {choice!r}")
+    if choice == "sdpa":
+        return None
+    from reward_server import kernels
+
+    if device_type != "cpu":
+        reason = f"the native attention kernel runs on CPU only, not {device_type}"
+    elif dtype not in ("float32", "bfloat16"):
+        reason = f"the native attention kernel computes float32 or bfloat16, not {dtype}"
+    elif head_dim % 2:
+        reason = f"the native attention kernel needs an even head size, not {head_dim}"
+    else:
+        try:
+            return kernels.attention()
+        except kernels.KernelUnavailable as exc:
+            reason = str(exc)
+    if choice == "native":
+        raise ValueError(f"attention 'native': {reason}")
+    if device_type == "cpu":  # on CUDA SDPA is the expected path, not a degraded one
+        _LOGGER.warning("attention: torch SDPA (%s); a conversation continuing a shared prompt may then differ "
+                        "in the last bits from the same conversation scored alone", reason)
+    return None
+
+
 @dataclass
 class Segment:
     """One sequence inside a packed row: its ids and, if any, the shared prefix it continues."""
@@ -88,8 +123,10 @@ class _Pack:
 
     segments: list[Segment]
     bounds: list[tuple[int, int]]
-    store: dict[int, dict[int, tuple[Any, Any]]]  # prefix key -> layer -> (keys, values)
+    store: dict[int, dict[int, tuple[Any, Any]]]  # prefix key -> layer -> (keys, values) [length, heads, dim]
+    kernel: Any = None  # the native attention module (reward_server.kernels), or None: torch's SDPA
     masks: dict[tuple[int, int], Any] = field(default_factory=dict)  # (segment, first query) -> mask
+    table: Any = None  # the native kernel's segment table, made at the first layer
 
 
 _ACTIVE = threading.local()
@@ -100,22 +137,58 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
 
     Registered with transformers as the "reward_packed" attention implementation. A segment
     continuing a shared prefix attends to all of the prefix's recorded keys and values first.
+    Returns [1, T, heads, dim].
     """
+    pack: _Pack = _ACTIVE.pack
+    layer = module.layer_idx
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    # [T, heads, dim] views: the layout the native kernel reads and the prefix store keeps
+    query, key, value = (t[0].transpose(0, 1) for t in (query, key, value))
+    for (start, end), segment in zip(pack.bounds, pack.segments):
+        if segment.record is not None:
+            pack.store.setdefault(segment.record, {})[layer] = (key[start:end], value[start:end])
+    if pack.kernel is not None:
+        return _native_attention(pack, layer, query, key, value, scaling), None
+    return _sdpa_attention(pack, layer, query, key, value, scaling), None
+
+
+def _native_attention(pack: _Pack, layer: int, query, key, value, scaling):
+    """The row in one call of the native kernel (reward_server/kernels/attention.cpp)."""
+    import torch
+
+    prefixes: list[int] = []  # store keys, in the order of the kernel's prefix lists
+    if pack.table is None:
+        rows = []
+        for (start, end), segment in zip(pack.bounds, pack.segments):
+            index = -1
+            if segment.prefix is not None:
+                if segment.prefix not in prefixes:
+                    prefixes.append(segment.prefix)
+                index = prefixes.index(segment.prefix)
+            rows.append((start, end - start, segment.offset, index))
+        pack.table = (torch.tensor(rows, dtype=torch.int64), prefixes)
+    table, prefixes = pack.table
+    out = torch.empty(1, *query.shape, dtype=query.dtype, device=query.device)
+    pack.kernel.packed_attention(query, key, value, out[0], table,
+                                 [pack.store[p][layer][0] for p in prefixes],
+                                 [pack.store[p][layer][1] for p in prefixes], float(scaling))
+    return out
+
+
+def _sdpa_attention(pack: _Pack, layer: int, query, key, value, scaling):
+    """Per segment with torch's scaled_dot_product_attention (CUDA, or where the kernel is absent)."""
     import torch
     import torch.nn.functional as F
 
-    pack: _Pack = _ACTIVE.pack
-    layer = module.layer_idx
-    out = torch.empty_like(query)
+    out = torch.empty(1, *query.shape, dtype=query.dtype, device=query.device)
+    heads = lambda t: t.transpose(0, 1)[None]  # noqa: E731  [T, heads, dim] -> [1, heads, T, dim]
     for n, ((start, end), segment) in enumerate(zip(pack.bounds, pack.segments)):
-        q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
-        if segment.record is not None:
-            pack.store.setdefault(segment.record, {})[layer] = (k, v)
+        q, k, v = heads(query[start:end]), heads(key[start:end]), heads(value[start:end])
         if segment.prefix is None:
-            out[:, :, start:end] = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling,
-                                                                  enable_gqa=True)
+            out[0, start:end] = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling,
+                                                               enable_gqa=True)[0].transpose(0, 1)
             continue
-        prefix_k, prefix_v = pack.store[segment.prefix][layer]
+        prefix_k, prefix_v = (heads(t) for t in pack.store[segment.prefix][layer])
         length = prefix_k.shape[2]
         # In chunks of queries, so that the mask (queries x keys) stays bounded for long suffixes;
         # each chunk sees the whole prefix and its own tokens up to its last query.
@@ -124,11 +197,11 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
             if (n, first) not in pack.masks:  # token i sees the whole prefix and its own first i + 1 tokens
                 pack.masks[n, first] = (torch.arange(length + last, device=q.device)[None, :]
                                         <= torch.arange(first, last, device=q.device)[:, None] + length)
-            out[:, :, start + first:start + last] = F.scaled_dot_product_attention(
+            out[0, start + first:start + last] = F.scaled_dot_product_attention(
                 q[:, :, first:last], torch.cat([prefix_k, k[:, :, :last]], dim=2),
                 torch.cat([prefix_v, v[:, :, :last]], dim=2), attn_mask=pack.masks[n, first], scale=scaling,
-                enable_gqa=True)
-    return out.transpose(1, 2).contiguous(), None
+                enable_gqa=True)[0].transpose(0, 1)
+    return out
 
 
 def _register_attention():
@@ -189,6 +262,7 @@ class RewardEngine:
     num_outputs: int
     token_budget: int = DEFAULT_TOKEN_BUDGET
     min_shared: int = DEFAULT_MIN_SHARED  # 0 turns prefix sharing off
+    kernel: Any = None  # the native attention module, or None: torch's SDPA (`attention_kernel`)
     stats: EngineStats = field(default_factory=EngineStats)
 
     @classmethod
@@ -196,7 +270,7 @@ class RewardEngine:
                         reward_indices: str | Sequence[int] | None = None, device: str = "auto",
                         threads: int | None = None, token_budget: int = DEFAULT_TOKEN_BUDGET,
                         min_shared: int = DEFAULT_MIN_SHARED, dtype: str = "auto",
-                        compile: bool = False, fused: bool = True) -> "RewardEngine":
+                        compile: bool = False, fused: bool = True, attention: str = "auto") -> "RewardEngine":
         """Load a local Hugging Face reward checkpoint.
 
         Args:
@@ -209,6 +283,8 @@ class RewardEngine:
             compile: compile each decoder layer (dynamic shapes, attention excluded) at load.
             fused: replace the decoder layers of the Llama family by fused ones
                 (`reward_server.fused`: same arithmetic, fewer and larger products, prepacked weights).
+            attention: "auto", "native" (reward_server/kernels: batch-invariant, causal block
+                skipping, CPU) or "sdpa" (torch's); see `attention_kernel`.
             threads: torch intra-op threads (CPU); None leaves torch's default.
             token_budget: tokens per packed row (one forward pass).
             min_shared: shortest token prefix worth computing once for a group; 0 disables.
@@ -230,7 +306,11 @@ class RewardEngine:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(device)
         checkpoint_dtype = config.get("dtype") or config.get("torch_dtype")
-        dtype = getattr(torch, resolve_dtype(dtype, device.type, checkpoint_dtype))
+        dtype_name = resolve_dtype(dtype, device.type, checkpoint_dtype)
+        text = config.get("text_config", config)
+        head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+        kernel = attention_kernel(attention, device.type, dtype_name, head_dim)  # before minutes of loading
+        dtype = getattr(torch, dtype_name)
         if threads and device.type == "cpu":
             torch.set_num_threads(threads)
         auto = (transformers.AutoModelForSequenceClassification if head_type == "sequence_classification"
@@ -247,9 +327,9 @@ class RewardEngine:
             # plain weights (inductor's own freezing would prepack them, at a much longer compile)
             _LOGGER.info("%s", fuse_layers(backbone, attention, device, dtype, prepack=not compile))
         outputs = head.module.weight.shape[0]
-        _LOGGER.info("loaded %s (%s, %d outputs) on %s %s in %.1fs", checkpoint, head_type, outputs,
-                     device, dtype, time.perf_counter() - start)
-        engine = cls(backbone, head, device, outputs, token_budget, min_shared)
+        _LOGGER.info("loaded %s (%s, %d outputs) on %s %s, %s attention, in %.1fs", checkpoint, head_type, outputs,
+                     device, dtype, "native" if kernel is not None else "SDPA", time.perf_counter() - start)
+        engine = cls(backbone, head, device, outputs, token_budget, min_shared, kernel)
         if compile:
             engine.compile()
         return engine
@@ -320,7 +400,7 @@ class RewardEngine:
             ids.extend(segment.ids)
             positions.extend(range(segment.offset, segment.offset + len(segment.ids)))
             at += len(segment.ids)
-        _ACTIVE.pack = _Pack(segments, bounds, store)
+        _ACTIVE.pack = _Pack(segments, bounds, store, self.kernel)
         try:
             hidden = self.backbone(input_ids=torch.tensor([ids], device=self.device),
                                    position_ids=torch.tensor([positions], device=self.device),

@@ -134,6 +134,7 @@ class ServeOptions:
     device: str = "auto"
     dtype: str = "auto"                      # torch engine: auto | float32 | bfloat16
     compile: bool = False                    # torch engine: torch.compile the decoder layers at load
+    attention: str = "auto"                  # torch engine: auto | native | sdpa (engine.ATTENTIONS)
     torch_threads: int | None = None
     token_budget: int | None = None
     min_shared_prefix: int | None = None
@@ -290,7 +291,8 @@ def model_parameters(options: ServeOptions, checkpoint: Path,
         ENGINE_MODEL: {settings.CHECKPOINT: str(checkpoint), settings.HEAD_TYPE: head,
                        settings.REWARD_INDICES: ",".join(map(str, indices)), settings.DEVICE: options.device,
                        settings.TORCH_THREADS: str(threads), settings.DTYPE: options.dtype,
-                       settings.COMPILE: "true" if options.compile else "false"},
+                       settings.COMPILE: "true" if options.compile else "false",
+                       settings.ATTENTION: options.attention},
         "postprocessing": {settings.ATTRIBUTE_NAMES: ",".join(names or [f"reward_{i}" for i in range(k)]),
                            settings.ATTRIBUTE_WEIGHTS: options.attribute_weights or "",
                            settings.SCORE_MEAN: str(options.score_mean),

@@ -27,6 +27,7 @@ TOKEN_BUDGET = "token_budget"
 MIN_SHARED_PREFIX = "min_shared_prefix"
 DTYPE = "dtype"
 COMPILE = "compile"
+ATTENTION = "attention"
 ATTRIBUTE_NAMES = "attribute_names"
 ATTRIBUTE_WEIGHTS = "attribute_weights"
 SCORE_MEAN = "score_mean"
@@ -103,7 +104,8 @@ def engine_from_parameters(params: dict[str, str]):
                                         token_budget=_int_or_none(params, TOKEN_BUDGET) or DEFAULT_TOKEN_BUDGET,
                                         min_shared=DEFAULT_MIN_SHARED if min_shared is None else min_shared,
                                         dtype=params.get(DTYPE) or "auto",
-                                        compile=_flag(params, COMPILE))
+                                        compile=_flag(params, COMPILE),
+                                        attention=params.get(ATTENTION) or "auto")
 
 
 def score_spec_from_parameters(params: dict[str, str]):

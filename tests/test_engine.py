@@ -29,8 +29,10 @@ def _check_engine(checkpoint, indices=None, ref_indices=(0,)):
     ids = [e.token_ids for e in encoder.encode_batch(CONVERSATIONS)]
     assert ids == [reference_ids(checkpoint, c) for c in CONVERSATIONS]
     expected = reference_rewards(checkpoint, CONVERSATIONS, ref_indices)
-    for budget in (1, 200, 100_000):  # alone, small micro-batches, everything in one
-        engine = RewardEngine.from_checkpoint(checkpoint, reward_indices=indices, token_budget=budget)
+    # alone, small micro-batches, everything in one; the native attention kernel, then torch's
+    for budget, attention in ((1, "native"), (200, "native"), (100_000, "native"), (200, "sdpa")):
+        engine = RewardEngine.from_checkpoint(checkpoint, reward_indices=indices, token_budget=budget,
+                                              attention=attention)
         got = engine.score(ids)
         assert got.shape == expected.shape
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
@@ -133,7 +135,8 @@ def test_shared_prefixes_are_computed_once_and_scores_stay_exact(demo_checkpoint
         alone = RewardEngine.from_checkpoint(checkpoint, reward_indices=indices, token_budget=budget, min_shared=0)
         got_shared, got_alone = shared.score(ids), alone.score(ids)
         np.testing.assert_allclose(got_shared, expected, rtol=1e-4, atol=1e-6)
-        np.testing.assert_allclose(got_shared, got_alone, rtol=1e-4, atol=1e-6)
+        # the native kernel reads a shared prompt's keys in the order it reads a lone conversation's
+        assert shared.kernel is not None and got_shared.tobytes() == got_alone.tobytes()
         assert alone.stats.shared_tokens == 0
         # at least the three prompts' prefixes were computed once per group, not six times
         assert shared.stats.shared_tokens > 3 * 5 * 20
@@ -177,8 +180,10 @@ def test_compiled_engine_matches_reference_without_recompiling(demo_checkpoint):
 
 def test_bf16_engine_matches_the_bf16_reference(demo_checkpoint, monkeypatch):
     """bf16 (as on CUDA and bf16-capable CPUs; emulated here, fine for the tiny model): the engine
-    equals transformers run in bf16 one conversation at a time within 1% of the score spread.
-    bf16 against fp32 differs by about 5% of the spread, so the tolerance tells them apart."""
+    is as close to the fp32 truth as transformers run in bf16 one conversation at a time, and
+    within two bf16 steps of it. Not closer than that: the attention kernels differ (the engine's
+    keeps the probabilities' sum in fp32 and reduces in another order), and a bf16 score is
+    itself rounded to 8 bits (about 0.008 near 1), so the two need not share the last bit."""
     import torch
     import transformers
 
@@ -193,14 +198,17 @@ def test_bf16_engine_matches_the_bf16_reference(demo_checkpoint, monkeypatch):
     with torch.no_grad():
         reference = np.array([model(torch.tensor([i])).logits[0, 0].float().item() for i in ids])
     fp32 = reference_rewards(demo_checkpoint, CONVERSATIONS)[:, 0]
-    tolerance = 0.01 * reference.std()
-    assert np.abs(got - reference).max() <= tolerance
-    assert np.abs(fp32 - reference).max() > tolerance  # the check can tell bf16 from fp32
+    step = 2.0 ** (np.floor(np.log2(np.abs(reference).max())) - 7)  # bf16 spacing at the largest score
+    assert np.abs(got - reference).max() <= 2 * step
+    bf16_error = np.abs(reference - fp32).mean()
+    assert np.abs(got - fp32).mean() <= 1.25 * bf16_error
+    assert np.abs(got - fp32).mean() > 0.25 * bf16_error  # it did run in bf16 (fp32 would be ~1e-7 off)
 
 
 def test_suffixes_after_a_shared_prompt_attend_in_bounded_chunks(demo_checkpoint, monkeypatch):
-    """Each call of a suffix continuing a shared prompt covers at most QUERY_CHUNK queries (its mask
-    stays queries x keys small for long conversations), with the same scores."""
+    """SDPA path (CUDA, or a CPU without the native kernel): each call of a suffix continuing a
+    shared prompt covers at most QUERY_CHUNK queries (its mask stays queries x keys small for long
+    conversations), with the same scores. (The native kernel never builds a mask.)"""
     import torch.nn.functional as F
 
     from reward_server import engine as engine_module
@@ -219,7 +227,7 @@ def test_suffixes_after_a_shared_prompt_attend_in_bounded_chunks(demo_checkpoint
     group = [prompt + [{"role": "assistant", "content": f"{a}, {a + 2} and {a + 4} are prime: no divisor but "
                                                         f"one and themselves."}] for a in (3, 5, 11)]
     ids = [e.token_ids for e in ChatEncoder.from_checkpoint(demo_checkpoint).encode_batch(group)]
-    engine = RewardEngine.from_checkpoint(demo_checkpoint, min_shared=16)
+    engine = RewardEngine.from_checkpoint(demo_checkpoint, min_shared=16, attention="sdpa")
     np.testing.assert_allclose(engine.score(ids), reference_rewards(demo_checkpoint, group), rtol=1e-4, atol=1e-6)
     assert engine.stats.shared_tokens > 0 and shapes
     assert max(queries for queries, _ in shapes) == 8 and len({mask for _, mask in shapes}) > 1

@@ -1,0 +1,5 @@
+import sys
+
+from reward_server.kernels import main
+
+sys.exit(main())

@@ -1,0 +1,351 @@
+// Causal attention over a packed row on CPU, batch-invariant and skipping masked blocks.
+//
+// Every query's result is computed from exactly its own keys, in one fixed order: key blocks of
+// KEY_BLOCK keys aligned to the start of its sequence (position 0, whether the first keys come from
+// a shared prefix or from the row itself), each dot product summed over the head dimension in
+// index order, each block folded into the running softmax in key order. Nothing a query computes
+// depends on the queries around it (tile mates, row neighbours, the row's length), so a
+// conversation gets the same bits scored alone, in any batch, or continuing a shared prompt.
+// Blocks entirely after a tile's last query are never computed (causal skipping); a block that is
+// masked for some lanes of a tile is an exact no-op for them (probability 0, rescale 1).
+//
+// Layout of the inner loops: a tile of TILE queries sits across vector lanes ([dim][TILE],
+// transposed), so the softmax statistics of a key block are element-wise maxima and sums over
+// rows, never horizontal reductions. Work items (sequence, key head, chunk of queries) run on torch's
+// OpenMP threads (built with -fopenmp: at::parallel_for is inline, serial without it). Compiled for the machine it runs on (-march=native), with
+// GCC vector extensions: 8 lanes under AVX2, 16 under AVX-512.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <immintrin.h>
+#include <initializer_list>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int LANES = 16;
+#else
+constexpr int LANES = 8;
+#endif
+#ifndef RS_VECS
+#define RS_VECS 2
+#endif
+#ifndef RS_KEY_BLOCK
+#define RS_KEY_BLOCK 32
+#endif
+constexpr int VECS = RS_VECS;             // vectors of queries per tile
+constexpr int TILE = LANES * VECS;        // queries per tile
+constexpr int KEY_BLOCK = RS_KEY_BLOCK;   // keys per softmax step; also the alignment of the blocks
+constexpr int ROWS = 6;                   // keys (or dims) per register block: 6 x 2 accumulators, as in sgemm
+constexpr int CHUNK_TILES = 8;            // tiles per work item (bounds the keys packed per item)
+
+typedef float vf __attribute__((vector_size(LANES * 4)));
+typedef int32_t vi __attribute__((vector_size(LANES * 4)));
+
+inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+#if defined(__AVX512F__)
+inline vf splat(float x) { return (vf)_mm512_set1_ps(x); }
+#else
+inline vf splat(float x) { return (vf)_mm256_set1_ps(x); }
+#endif
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+
+// exp on every lane: 2^n * p(r), r = x - n ln 2 in [-ln2/2, ln2/2], degree-6 polynomial (a few ulp).
+// The same operations on every lane, so a value's exp never depends on its neighbours.
+inline vf vexp(vf x) {
+  x = vmax(x, splat(-87.0f));
+  x = x < splat(88.0f) ? x : splat(88.0f);
+  const vf shifter = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  vf t = x * splat(1.44269504088896341f) + shifter;
+  vf n = t - shifter;
+  vf r = x - n * splat(0.693359375f);
+  r = r - n * splat(-2.12194440e-4f);
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  p = p * (r * r) + r + splat(1.0f);
+  vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  return p * (vf)bits;
+}
+
+template <typename T>
+inline float to_float(T x) { return static_cast<float>(x); }
+
+// Round every lane to the nearest bf16 (ties to even), kept as a float. Finite inputs only.
+inline vf round_bf16(vf x) {
+  vi bits = (vi)x;
+  bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & int32_t(0xFFFF0000);
+  return (vf)bits;
+}
+
+// St[i][lanes] = sum_d K[i][d] * Qt[d][lanes] for keys i0 .. i0 + R - 1 (R x VECS accumulators);
+// when `top` is given, top[v] = max(top[v], St[i][v]) over those keys too.
+template <int R>
+inline void scores_rows(const float* K, const float* Qt, float* St, int dim, vf* top, int i0) {
+  vf acc[R][VECS] = {};
+  for (int d = 0; d < dim; ++d) {
+    vf q[VECS];
+    for (int v = 0; v < VECS; ++v) q[v] = load(Qt + d * TILE + v * LANES);
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      vf k = splat(K[(i0 + i) * dim + d]);
+      for (int v = 0; v < VECS; ++v) acc[i][v] += k * q[v];
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < VECS; ++v) {
+      store(St + (i0 + i) * TILE + v * LANES, acc[i][v]);
+      if (top) top[v] = vmax(top[v], acc[i][v]);
+    }
+}
+
+// The scores of one key block: every element is the same sum in the same order whichever row
+// block computes it.
+inline void scores(const float* K, const float* Qt, float* St, int dim, vf* top) {
+  int i0 = 0;
+  for (; i0 + ROWS <= KEY_BLOCK; i0 += ROWS) scores_rows<ROWS>(K, Qt, St, dim, top, i0);
+  for (; i0 + 2 <= KEY_BLOCK; i0 += 2) scores_rows<2>(K, Qt, St, dim, top, i0);
+}
+
+// Ot[d][lanes] += sum_i V[i][d] * P[i][lanes] over the block's keys, for dims d0 .. d0 + R - 1.
+template <int R>
+inline void accumulate_rows(const float* V, const float* P, float* Ot, int dim, int d0) {
+  vf acc[R][VECS];
+  for (int j = 0; j < R; ++j)
+    for (int v = 0; v < VECS; ++v) acc[j][v] = load(Ot + (d0 + j) * TILE + v * LANES);
+  for (int i = 0; i < KEY_BLOCK; ++i) {
+    vf p[VECS];
+    for (int v = 0; v < VECS; ++v) p[v] = load(P + i * TILE + v * LANES);
+#pragma GCC unroll 8
+    for (int j = 0; j < R; ++j) {
+      vf x = splat(V[i * dim + d0 + j]);
+      for (int v = 0; v < VECS; ++v) acc[j][v] += x * p[v];
+    }
+  }
+  for (int j = 0; j < R; ++j)
+    for (int v = 0; v < VECS; ++v) store(Ot + (d0 + j) * TILE + v * LANES, acc[j][v]);
+}
+
+inline void accumulate(const float* V, const float* P, float* Ot, int dim) {
+  int d0 = 0;
+  for (; d0 + ROWS <= dim; d0 += ROWS) accumulate_rows<ROWS>(V, P, Ot, dim, d0);
+  for (; d0 + 2 <= dim; d0 += 2) accumulate_rows<2>(V, P, Ot, dim, d0);
+}
+
+// A [tokens, heads, dim] view (any strides on the first two, dim contiguous).
+template <typename T>
+struct View {
+  const T* data;
+  int64_t token_stride, head_stride;
+  const T* at(int64_t token, int64_t head) const { return data + token * token_stride + head * head_stride; }
+};
+
+template <typename T>
+View<T> view_of(const at::Tensor& t) {
+  return View<T>{t.data_ptr<T>(), t.stride(0), t.stride(1)};
+}
+
+struct Segment {
+  int64_t start, length, offset;  // rows of the packed row; its first position (prefix length)
+  int64_t prefix;                 // index into the prefix lists, or -1
+};
+
+// The running softmax of one tile: TILE queries of one head, across lanes.
+struct Tile {
+  int64_t head, first, count, position0;  // position0: the first query's position in its sequence
+  int64_t blocks;                          // key blocks it needs: up to its last query's
+  std::vector<float> Qt, Ot;               // [dim][TILE]: queries (scaled) and the unnormalised output
+  vf m[VECS], l[VECS], position[VECS];
+
+  Tile(int64_t head, int64_t first, int64_t count, int64_t position0, int64_t dim)
+      : head(head), first(first), count(count), position0(position0),
+        blocks((position0 + count - 1) / KEY_BLOCK + 1), Qt(dim * TILE, 0.0f), Ot(dim * TILE, 0.0f) {
+    for (int v = 0; v < VECS; ++v) {
+      m[v] = splat(-std::numeric_limits<float>::infinity());
+      l[v] = splat(0.0f);
+      for (int lane = 0; lane < LANES; ++lane)  // padded lanes see every key: finite, discarded
+        position[v][lane] = float(position0 + v * LANES + lane);
+    }
+  }
+
+  // Fold key block b (K, V: [KEY_BLOCK][dim]) into the softmax; St is scratch [KEY_BLOCK][TILE].
+  // round: the probabilities meet the values rounded to bf16, as torch's kernel does in bf16
+  // (the sum is of the unrounded ones, as there), so bf16 scores stay within an ulp of transformers'.
+  void step(int64_t b, const float* K, const float* V, float* St, int dim, bool round) {
+    const vf minus_inf = splat(-std::numeric_limits<float>::infinity());
+    const int64_t j0 = b * KEY_BLOCK;
+    const bool diagonal = j0 + KEY_BLOCK - 1 > position0;  // some key after some lane's query
+    vf top[VECS];
+    for (int v = 0; v < VECS; ++v) top[v] = m[v];
+    scores(K, Qt.data(), St, dim, diagonal ? nullptr : top);
+    if (diagonal) {  // keys after a lane's query: -inf, and out of its maximum
+      for (int i = 0; i < KEY_BLOCK; ++i) {
+        const vf key_position = splat(float(j0 + i));
+        for (int v = 0; v < VECS; ++v) {
+          vf s = load(St + i * TILE + v * LANES);
+          s = key_position > position[v] ? minus_inf : s;
+          store(St + i * TILE + v * LANES, s);
+          top[v] = vmax(top[v], s);
+        }
+      }
+    }
+    vf alpha[VECS], sum[VECS];
+    bool rescale = false;
+    for (int v = 0; v < VECS; ++v) {
+      // the first block's old maximum is -inf (nothing to rescale); an unchanged maximum rescales by exactly 1
+      alpha[v] = m[v] == top[v] ? splat(1.0f) : vexp(m[v] - top[v]);
+      alpha[v] = m[v] == minus_inf ? splat(0.0f) : alpha[v];
+      for (int lane = 0; lane < LANES; ++lane) rescale |= alpha[v][lane] != 1.0f;
+      sum[v] = splat(0.0f);
+    }
+    for (int i = 0; i < KEY_BLOCK; ++i) {
+      for (int v = 0; v < VECS; ++v) {
+        vf s = load(St + i * TILE + v * LANES);
+        vf p = vexp(s - top[v]);
+        if (diagonal) p = s == minus_inf ? splat(0.0f) : p;
+        sum[v] += p;
+        store(St + i * TILE + v * LANES, round ? round_bf16(p) : p);
+      }
+    }
+    for (int v = 0; v < VECS; ++v) {
+      l[v] = l[v] * alpha[v] + sum[v];
+      m[v] = top[v];
+    }
+    if (rescale)  // multiplying by exactly 1 changes nothing: skipped
+      for (int d = 0; d < dim; ++d)
+        for (int v = 0; v < VECS; ++v) {
+          float* row = Ot.data() + d * TILE + v * LANES;
+          store(row, load(row) * alpha[v]);
+        }
+    accumulate(V, St, Ot.data(), dim);
+  }
+};
+
+template <typename T>
+void run(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, at::Tensor& out,
+         const std::vector<Segment>& segments, const std::vector<at::Tensor>& prefix_keys,
+         const std::vector<at::Tensor>& prefix_values, double scale) {
+  const int64_t heads = query.size(1), kv_heads = key.size(1), dim = query.size(2);
+  const int64_t group = heads / kv_heads;
+  const View<T> q = view_of<T>(query), k = view_of<T>(key), v = view_of<T>(value);
+  std::vector<View<T>> pk, pv;
+  for (size_t i = 0; i < prefix_keys.size(); ++i) {
+    pk.push_back(view_of<T>(prefix_keys[i]));
+    pv.push_back(view_of<T>(prefix_values[i]));
+  }
+  T* o = out.data_ptr<T>();
+  const int64_t o_token = out.stride(0), o_head = out.stride(1);
+
+  // A work item: the queries [first, last) of one sequence, for every query head of one key head.
+  // Its key blocks are converted once and used by all its tiles while in L1 (the outer loop).
+  struct Item { int64_t segment, kv_head, first, last; };
+  std::vector<Item> items;
+  const int64_t chunk = int64_t(TILE) * std::max<int64_t>(1, CHUNK_TILES / group);
+  for (size_t s = 0; s < segments.size(); ++s)
+    for (int64_t g = 0; g < kv_heads; ++g)
+      for (int64_t first = 0; first < segments[s].length; first += chunk)
+        items.push_back({int64_t(s), g, first, std::min(segments[s].length, first + chunk)});
+
+  const float fscale = float(scale);
+  at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> K(KEY_BLOCK * dim), V(KEY_BLOCK * dim), St(KEY_BLOCK * TILE);
+    for (int64_t n = begin; n < end; ++n) {
+      const Item& item = items[n];
+      const Segment& seg = segments[item.segment];
+      std::vector<Tile> tiles;
+      for (int64_t h = item.kv_head * group; h < (item.kv_head + 1) * group; ++h)
+        for (int64_t t0 = item.first; t0 < item.last; t0 += TILE) {
+          tiles.emplace_back(h, t0, std::min<int64_t>(TILE, item.last - t0), seg.offset + t0, dim);
+          Tile& tile = tiles.back();
+          for (int64_t lane = 0; lane < tile.count; ++lane) {
+            const T* qr = q.at(seg.start + t0 + lane, h);
+            for (int64_t d = 0; d < dim; ++d) tile.Qt[d * TILE + lane] = to_float(qr[d]) * fscale;
+          }
+        }
+      // keys at positions [0, visible): the prefix's, then the segment's own; a block's keys past
+      // them are zeros (not garbage: a masked key's value is still multiplied by 0)
+      const int64_t visible = seg.offset + item.last;
+      const int64_t blocks = (visible - 1) / KEY_BLOCK + 1;
+      for (int64_t b = 0; b < blocks; ++b) {
+        for (int64_t i = 0; i < KEY_BLOCK; ++i) {
+          const int64_t j = b * KEY_BLOCK + i;
+          if (j >= visible) {
+            std::fill(K.begin() + i * dim, K.begin() + (i + 1) * dim, 0.0f);
+            std::fill(V.begin() + i * dim, V.begin() + (i + 1) * dim, 0.0f);
+            continue;
+          }
+          const T* kr = j < seg.offset ? pk[seg.prefix].at(j, item.kv_head) : k.at(seg.start + j - seg.offset, item.kv_head);
+          const T* vr = j < seg.offset ? pv[seg.prefix].at(j, item.kv_head) : v.at(seg.start + j - seg.offset, item.kv_head);
+          for (int64_t d = 0; d < dim; ++d) {
+            K[i * dim + d] = to_float(kr[d]);
+            V[i * dim + d] = to_float(vr[d]);
+          }
+        }
+        for (Tile& tile : tiles)
+          if (b < tile.blocks) tile.step(b, K.data(), V.data(), St.data(), int(dim), std::is_same<T, at::BFloat16>::value);
+      }
+      for (const Tile& tile : tiles)
+        for (int64_t lane = 0; lane < tile.count; ++lane) {
+          const float inverse = 1.0f / tile.l[lane / LANES][lane % LANES];
+          T* orow = o + (seg.start + tile.first + lane) * o_token + tile.head * o_head;
+          for (int64_t d = 0; d < dim; ++d) orow[d] = static_cast<T>(tile.Ot[d * TILE + lane] * inverse);
+        }
+    }
+  });
+}
+
+// query [T, heads, dim], key/value [T, kv_heads, dim] (one packed row; dim contiguous); out
+// [T, heads, dim]. segments: int64 [S, 4] rows (start, length, offset, prefix index or -1);
+// prefix_keys/values[i]: [offset, kv_heads, dim], the recorded keys a segment continues.
+void packed_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, at::Tensor& out,
+                      const at::Tensor& segments, const std::vector<at::Tensor>& prefix_keys,
+                      const std::vector<at::Tensor>& prefix_values, double scale) {
+  TORCH_CHECK(query.dim() == 3 && key.dim() == 3 && value.dim() == 3 && out.dim() == 3, "expected [T, heads, dim] tensors");
+  TORCH_CHECK(query.device().is_cpu(), "CPU tensors only");
+  TORCH_CHECK(query.size(2) % 2 == 0, "head dim must be even");
+  TORCH_CHECK(query.size(1) % key.size(1) == 0, "query heads must be a multiple of key heads");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&query, &key, &value, &out}) {
+    TORCH_CHECK(t->stride(2) == 1, "the head dimension must be contiguous");
+    TORCH_CHECK(t->scalar_type() == query.scalar_type(), "all tensors must share one dtype");
+  }
+  TORCH_CHECK(segments.scalar_type() == at::kLong && segments.dim() == 2 && segments.size(1) == 4, "segments: int64 [S, 4]");
+  const at::Tensor seg = segments.contiguous();
+  std::vector<Segment> list;
+  const int64_t* s = seg.data_ptr<int64_t>();
+  for (int64_t i = 0; i < seg.size(0); ++i) {
+    Segment one{s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]};
+    TORCH_CHECK(one.start >= 0 && one.start + one.length <= query.size(0), "segment ", i, " outside the row");
+    TORCH_CHECK(one.offset == 0 || (one.prefix >= 0 && one.prefix < int64_t(prefix_keys.size()) &&
+                                    prefix_keys[one.prefix].size(0) >= one.offset), "segment ", i, ": bad prefix");
+    list.push_back(one);
+  }
+  for (size_t i = 0; i < prefix_keys.size(); ++i)
+    TORCH_CHECK(prefix_keys[i].stride(2) == 1 && prefix_values[i].stride(2) == 1 &&
+                prefix_keys[i].scalar_type() == query.scalar_type(), "prefix ", i, ": bad layout or dtype");
+  if (query.scalar_type() == at::kFloat)
+    run<float>(query, key, value, out, list, prefix_keys, prefix_values, scale);
+  else if (query.scalar_type() == at::kBFloat16)
+    run<at::BFloat16>(query, key, value, out, list, prefix_keys, prefix_values, scale);
+  else
+    TORCH_CHECK(false, "float32 or bfloat16 only");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("packed_attention", &packed_attention, "Batch-invariant causal attention over a packed row (CPU)");
+  m.attr("lanes") = LANES;
+  m.attr("key_block") = KEY_BLOCK;
+}
