@@ -1,12 +1,13 @@
 """Bit-reproducible scores: a conversation's score has the same float bits whatever it is batched
-with, wherever it sits in the batch, whatever the token budget, and across engine instances.
+with, wherever it sits in the batch, whatever the token budget, whether its prompt is shared with
+its group or not, and across engine instances.
 
 What makes it hold (not the machine): every product of the fused layers runs on oneDNN-prepacked
-weights, which give a row the same bits whatever the number of rows around it; attention runs per
-conversation; norms and the rotary embedding work per row; the reward head is applied one row at a
-time. Not covered yet (issue 18): a conversation scored through a shared prompt (its prompt computed
-once for its group) and the same conversation scored alone can differ in the last bits, because
-the attention kernel's reduction order depends on how the keys were split.
+weights, which give a row the same bits whatever the number of rows around it; norms and the rotary
+embedding work per row; the reward head is applied one row at a time; the native attention kernel
+sums each query's keys in one fixed order, in key blocks aligned to its sequence's start, whether
+the first keys were recorded in a shared-prompt pass or computed with the rest (its header comment
+in reward_server/kernels/attention.cpp; tests/test_attention_kernel.py checks it directly).
 """
 
 from __future__ import annotations
@@ -45,10 +46,12 @@ def test_engine_scores_are_bit_identical_whatever_the_batch(demo_checkpoint):
 
 
 def test_group_members_are_bit_identical_whatever_else_is_in_the_batch(demo_checkpoint):
-    """A GRPO group scored through its shared prompt: the same bits with any neighbours."""
+    """A GRPO group scored through its shared prompt: the same bits as each member scored alone,
+    and with any neighbours."""
     engine = RewardEngine.from_checkpoint(demo_checkpoint, device="cpu", min_shared=32)
     alone = _bits(engine.score(GROUP))
     assert engine.stats.shared_tokens == 2 * len(PROMPT)
+    assert alone == b"".join(_bits(engine.score([member])) for member in GROUP)
     for position in (0, 3, 10):
         for budget in (256, 4096):
             engine.token_budget = budget
@@ -79,12 +82,16 @@ def test_served_scores_are_bit_identical_across_requests_and_dynamic_batches(ser
         for position, count in ((0, 3), (4, 0), (9, 12), (20, 4), (2, 20)):
             batch = NEIGHBOURS[:position] + [TARGET] + NEIGHBOURS[position:position + count]
             got[(position, count)] = _bits(score_ids(server.grpc_url, batch)[position])
+        # a group through its shared prompt, and its members one request each
+        group = score_ids(server.grpc_url, NEIGHBOURS[:2] + GROUP)[2:]
+        members = [score_ids(server.grpc_url, [member])[0] for member in GROUP]
     finally:
         stop.set()
         for thread in threads:
             thread.join(60)
     assert len(filler_requests) >= 2
     assert {key: bits for key, bits in got.items() if bits != alone} == {}
+    assert _bits(group) == _bits(members)
 
 
 @pytest.mark.parametrize("rows", [1, 7, 64, 333, 2048])

@@ -1,0 +1,125 @@
+"""The native attention kernel (reward_server/kernels/attention.cpp), called directly.
+
+Against torch's SDPA in float64 (the exact answer to compare with), and for the property the
+engine builds on: a query's result has the same float bits whatever else is in the row, where its
+sequence sits, how its queries are tiled, and whether its first keys come from a shared prefix.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from reward_server import kernels
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    return kernels.attention()  # built by `make setup`; a failure to build fails here, loudly
+
+
+def _reference(q, k, v, scale, offset=0, prefix=None):
+    """SDPA in float64 for one sequence: q [L, H, D]; keys = prefix keys then its own."""
+    if prefix is not None:
+        k, v = torch.cat([prefix[0], k]), torch.cat([prefix[1], v])
+    mask = torch.arange(k.shape[0])[None, :] <= torch.arange(q.shape[0])[:, None] + offset
+    heads = lambda t: t.transpose(0, 1).double()  # noqa: E731
+    return F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=mask, scale=scale,
+                                          enable_gqa=True).transpose(0, 1)
+
+
+def _call(kernel, q, k, v, segments, prefixes=(), scale=None):
+    out = torch.empty_like(q)
+    kernel.packed_attention(q, k, v, out, torch.tensor(segments, dtype=torch.int64),
+                            [p[0] for p in prefixes], [p[1] for p in prefixes], scale or q.shape[-1] ** -0.5)
+    return out
+
+
+def _row(lengths, heads, kv_heads, dim, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+    return tuple(torch.randn(total, h, dim, generator=g).to(dtype) for h in (heads, kv_heads, kv_heads))
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", [(4, 2, 16), (8, 8, 64), (4, 1, 128), (6, 3, 10)])
+def test_matches_reference_on_a_packed_row_with_shared_prefixes(kernel, heads, kv_heads, dim):
+    lengths = [1, 5, 31, 32, 33, 100, 257]  # around the key-block and tile sizes
+    q, k, v = _row(lengths, heads, kv_heads, dim)
+    g = torch.Generator().manual_seed(1)
+    prefixes = [tuple(torch.randn(n, kv_heads, dim, generator=g) for _ in range(2)) for n in (77, 64)]
+    segments, at = [], 0
+    for i, length in enumerate(lengths):  # every other sequence continues a prefix (not block-aligned: 77)
+        p = i % 3 - 1
+        segments.append([at, length, prefixes[p][0].shape[0] if p >= 0 else 0, p])
+        at += length
+    out = _call(kernel, q, k, v, segments, prefixes)
+    for start, length, offset, p in segments:
+        expected = _reference(q[start:start + length], k[start:start + length], v[start:start + length],
+                              dim ** -0.5, offset, prefixes[p] if p >= 0 else None)
+        torch.testing.assert_close(out[start:start + length].double(), expected, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("length", [4096, 5000])
+def test_long_sequences_match_the_reference(kernel, length):
+    q, k, v = _row([length], 2, 1, 64, seed=length)
+    out = _call(kernel, q, k, v, [[0, length, 0, -1]])
+    torch.testing.assert_close(out.double(), _reference(q, k, v, 0.125), rtol=0, atol=2e-6)
+
+
+def test_bfloat16_is_within_bf16_rounding_of_the_exact_answer(kernel):
+    q, k, v = _row([300, 45], 4, 2, 64, dtype=torch.bfloat16)
+    out = _call(kernel, q, k, v, [[0, 300, 0, -1], [300, 45, 0, -1]])
+    assert out.dtype == torch.bfloat16
+    for start, length in ((0, 300), (300, 45)):
+        s = slice(start, start + length)
+        expected = _reference(q[s], k[s], v[s], 0.125)
+        error = (out[s].double() - expected).abs().max().item()
+        assert error <= 2 ** -7 * expected.abs().max().item()  # about one bf16 step at the largest output
+
+
+def test_a_query_gets_the_same_bits_whatever_the_row(kernel):
+    """Alone; among neighbours of other lengths at other positions; its prompt's keys recorded
+    by another pass and read as a shared prefix; split at any prefix length."""
+    heads, kv_heads, dim, length = 8, 4, 64, 700
+    q, k, v = _row([length], heads, kv_heads, dim, seed=5)
+    alone = _call(kernel, q, k, v, [[0, length, 0, -1]])
+    nq, nk, nv = _row([13, 290, 64], heads, kv_heads, dim, seed=6)
+    for before in (0, 13, 303, 367):
+        row = [torch.cat([n[:before], x, n[before:]]) for n, x in ((nq, q), (nk, k), (nv, v))]
+        segments = [[0, before, 0, -1]] if before else []
+        segments += [[before, length, 0, -1]] + ([[before + length, 367 - before, 0, -1]] if before < 367 else [])
+        out = _call(kernel, *row, segments)
+        assert torch.equal(out[before:before + length], alone), before
+    for split in (1, 31, 32, 100, 689):  # the first `split` keys as a recorded prefix
+        suffix = [x[split:].clone() for x in (q, k, v)]
+        out = _call(kernel, *suffix, [[0, length - split, split, 0]], [(k[:split], v[:split])])
+        assert torch.equal(out, alone[split:]), split
+
+
+def test_strided_views_are_read_in_place(kernel):
+    """The engine passes q, k and v as views of one fused projection [T, heads + 2 kv, dim]."""
+    heads, kv_heads, dim = 4, 2, 32
+    fused = torch.randn(90, heads + 2 * kv_heads, dim)
+    q, k, v = fused[:, :heads], fused[:, heads:heads + kv_heads], fused[:, heads + kv_heads:]
+    out = _call(kernel, q, k, v, [[0, 90, 0, -1]])
+    assert torch.equal(out, _call(kernel, q.contiguous(), k.contiguous(), v.contiguous(), [[0, 90, 0, -1]]))
+
+
+def test_bad_arguments_are_refused_with_the_reason(kernel):
+    q, k, v = _row([10], 4, 2, 16)
+    with pytest.raises(RuntimeError, match="segment 0 outside the row"):
+        _call(kernel, q, k, v, [[5, 10, 0, -1]])
+    with pytest.raises(RuntimeError, match="segment 0: bad prefix"):
+        _call(kernel, q, k, v, [[0, 10, 4, -1]])
+    with pytest.raises(RuntimeError, match="multiple of key heads"):
+        _call(kernel, q[:, :3], k, v, [[0, 10, 0, -1]])
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        _call(kernel, q.double(), k.double(), v.double(), [[0, 10, 0, -1]])
+
+
+def test_the_build_is_keyed_by_this_cpu(monkeypatch):
+    """A cache copied to a CPU with other instructions is rebuilt, not run (it could crash there)."""
+    here = kernels.build_name()
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: {"avx2", "fma", "avx512f"})
+    assert kernels.build_name() != here
