@@ -4,7 +4,8 @@
         [--layouts 8x512,1x4096] [--variants transformers,fused] [--repeats 5] [--out FILE.json]
 
 For each engine variant (`transformers`: transformers' decoder layers; `fused`: the fused layers
-of reward_server/fused.py, the default; `+compile` after either: torch.compile of the layers) and
+of reward_server/fused.py, the default; `+compile` after either: torch.compile of the layers;
+`+sdpa`: torch's attention instead of the native kernel of reward_server/kernels) and
 each packed-row layout (N sequences of L random token ids in one row, no shared prefixes), it
 times `RewardEngine.score` (median of the repeats) and profiles one more call, sorting the
 operators into matrix products, attention and the rest. It also measures, alone, the kernels
@@ -30,7 +31,7 @@ import numpy as np
 from bench import baselines, metrics
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "mkldnn::_linear_pointwise", "aten::matmul")
-ATTENTION_OPS = ("scaled_dot_product", "flash_attention")
+ATTENTION_OPS = ("scaled_dot_product", "flash_attention", "reward_server::attention")
 
 
 def cpu_flags() -> list[str]:
@@ -112,11 +113,12 @@ def run(args: argparse.Namespace) -> dict:
     rows = {f"{n}x{L}": [rng.integers(300, config["vocab_size"] - 300, L).tolist() for _ in range(n)]
             for n, L in layouts}
     for variant in args.variants.split(","):
-        base, _, extra = variant.partition("+")
+        base, *extras = variant.split("+")
         started = time.perf_counter()
         engine = RewardEngine.from_checkpoint(checkpoint, device="cpu", threads=args.threads, dtype=args.dtype,
                                               token_budget=max(n * L for n, L in layouts), min_shared=0,
-                                              fused=base == "fused", compile=extra == "compile")
+                                              fused=base == "fused", compile="compile" in extras,
+                                              attention="sdpa" if "sdpa" in extras else "native")
         results = {"load_s": time.perf_counter() - started}
         for name, ids in rows.items():
             engine.score(ids)
@@ -172,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--layouts", default="8x512,1x4096", help="packed rows, N x L (comma-separated)")
     parser.add_argument("--variants", default="transformers,fused",
-                        help="transformers | fused, each optionally +compile (comma-separated)")
+                        help="transformers | fused, each optionally +compile and/or +sdpa (comma-separated)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
