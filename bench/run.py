@@ -50,7 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--request-size", type=int, default=8, help="conversations per gRPC request")
     parser.add_argument("--workloads", default="grpo,no-sharing",
                         help="comma-separated: grpo, no-sharing, grpo-large (16 x 16, prompts ~500 and responses "
-                             "~800 tokens; --prompts/--responses do not apply to it)")
+                             "~800 tokens), long (2 x 4, responses of 2k-8k tokens; the small-long demo checkpoint); "
+                             "--prompts/--responses apply to grpo and no-sharing only")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="dtype of every system (engine, server, vLLM, naive) and of the matmul peak")
     parser.add_argument("--compile", action="store_true",
@@ -130,10 +131,12 @@ class Bench:
     def _build_demo_checkpoint(self) -> Path:
         from reward_server.demo_checkpoint import build_checkpoint
 
-        path = self.args.out / "checkpoint-small"
+        # the `long` workload's conversations (up to 8k tokens) need the 32k-position variant (same weights)
+        size = "small-long" if "long" in self.args.workloads.split(",") else "small"
+        path = self.args.out / f"checkpoint-{size}"
         if not (path / "config.json").exists():
-            _LOGGER.info("building the small demo checkpoint in %s", path)
-            build_checkpoint(path, size="small")
+            _LOGGER.info("building the %s demo checkpoint in %s", size, path)
+            build_checkpoint(path, size=size)
         return path
 
     def _record(self, system: str, name: str, runs: list[dict], **kwargs) -> metrics.Measurement:

@@ -57,6 +57,7 @@ class WorkloadSpec:
         response_words_median: median response length in words (log-normal).
         response_words_sigma: log-space standard deviation of the response length.
         min_words: lower clip of both lengths.
+        min_response_words: lower clip of the response length (at least min_words).
         max_words: upper clip of both lengths (keeps conversations under the model's context).
         system_prompt_probability: chance that a prompt starts with a system message.
         seed: seed of everything random here.
@@ -70,25 +71,32 @@ class WorkloadSpec:
     response_words_median: float = 105.0
     response_words_sigma: float = 0.6
     min_words: int = 3
+    min_response_words: int = 3
     max_words: int = 1200
     system_prompt_probability: float = 0.5
     seed: int = 0
 
     @property
     def name(self) -> str:
-        """Short workload name used in reports: "grpo", "grpo-large" or "no-sharing"."""
+        """Short workload name used in reports: "grpo", "grpo-large", "long" or "no-sharing"."""
         if not self.shared_prompt:
             return "no-sharing"
+        if self.response_words_median >= LONG_RESPONSE_WORDS:
+            return "long"
         return "grpo-large" if self.prompt_words_median >= LARGE_PROMPT_WORDS else "grpo"
 
 
 # About 2 tokens per word: prompts of ~500 tokens and responses of ~800, as long-form RL workloads.
 LARGE_PROMPT_WORDS, LARGE_RESPONSE_WORDS = 250.0, 400.0
-WORKLOAD_NAMES = ("grpo", "no-sharing", "grpo-large")
+# Reasoning traces: responses of 2k to 8k tokens (median ~4k) after a ~200-token prompt.
+LONG_RESPONSE_WORDS = 2000.0
+WORKLOAD_NAMES = ("grpo", "no-sharing", "grpo-large", "long")
 
 
 def spec_for(name: str, prompts: int = 16, responses: int = 8, seed: int = 0) -> WorkloadSpec:
-    """The spec of a named workload; "grpo-large" is always 16 prompts x 16 responses.
+    """The spec of a named workload; "grpo-large" is always 16 prompts x 16 responses; "long" is
+    2 prompts x 4 responses of 2k-8k tokens (about 35k tokens: it needs a checkpoint accepting
+    8k-token conversations, e.g. the `small-long` demo size).
 
     Raises:
         ValueError: an unknown name.
@@ -96,6 +104,10 @@ def spec_for(name: str, prompts: int = 16, responses: int = 8, seed: int = 0) ->
     if name == "grpo-large":
         return WorkloadSpec(prompts=16, responses_per_prompt=16, prompt_words_median=LARGE_PROMPT_WORDS,
                             response_words_median=LARGE_RESPONSE_WORDS, seed=seed)
+    if name == "long":
+        return WorkloadSpec(prompts=2, responses_per_prompt=4, prompt_words_median=100.0,
+                            response_words_median=LONG_RESPONSE_WORDS, response_words_sigma=0.4,
+                            min_response_words=1000, max_words=4000, seed=seed)
     if name not in WORKLOAD_NAMES:
         raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOAD_NAMES)}")
     return WorkloadSpec(prompts=prompts, responses_per_prompt=responses, shared_prompt=(name == "grpo"), seed=seed)
@@ -175,7 +187,7 @@ def generate(spec: WorkloadSpec = WorkloadSpec()) -> Workload:
     prompt_words = _lognormal_words(rng, spec.prompt_words_median, spec.prompt_words_sigma,
                                     n_prompts, spec.min_words, spec.max_words)
     response_words = _lognormal_words(rng, spec.response_words_median, spec.response_words_sigma,
-                                      total, spec.min_words, spec.max_words)
+                                      total, max(spec.min_words, spec.min_response_words), spec.max_words)
     prompts: list[Conversation] = []
     for words in prompt_words:
         messages: Conversation = []

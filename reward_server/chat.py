@@ -14,8 +14,11 @@ from typing import Any, Sequence
 
 ROLES = ("system", "user", "assistant")
 TRUNCATION_POLICIES = ("reject", "truncate_left")
-DEFAULT_MAX_LENGTH = 4096
-# Generous for max_length 4096 (a token is rarely over 16 bytes), and bounded for the server:
+DEFAULT_MAX_LENGTH = 4096   # when the checkpoint does not say its context length
+# The default limit follows the model's context up to this: longer contexts (Llama-3.1's 131k) are
+# opted into with --max-length, since one conversation runs as one row (its activations scale with it).
+MAX_DEFAULT_LENGTH = 32768
+# Generous for max_length 32768 (a token is rarely over 16 bytes), and bounded for the server:
 DEFAULT_MAX_CONVERSATION_BYTES = 1 << 20      # 1 MiB per conversation
 DEFAULT_MAX_REQUEST_BYTES = 64 << 20          # 64 MiB per request (256 conversations of 256 KiB)
 
@@ -209,7 +212,8 @@ class ChatEncoder:
 
         Args:
             checkpoint: checkpoint directory.
-            max_length: token limit; defaults to min(4096, the model's max_position_embeddings).
+            max_length: token limit; defaults to the model's max_position_embeddings, at most
+                32,768 (4,096 when the config does not say).
             truncation: "reject" or "truncate_left".
             chat_template: Jinja template overriding the checkpoint's.
         """
@@ -217,7 +221,7 @@ class ChatEncoder:
 
         tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
         if max_length is None:
-            max_length = min(DEFAULT_MAX_LENGTH, _max_positions(checkpoint) or DEFAULT_MAX_LENGTH)
+            max_length = min(MAX_DEFAULT_LENGTH, _max_positions(checkpoint) or DEFAULT_MAX_LENGTH)
         return cls(tokenizer, LengthPolicy(max_length, truncation), chat_template)
 
     def _render(self, conversations: Sequence[list[dict]], generation_prompt: bool = False) -> list[list[int]]:

@@ -51,7 +51,7 @@ def _serve_parser(sub) -> None:
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--instances", type=int, default=1, help="engine instances (torch threads split between them)")
-    p.add_argument("--max-length", type=int, help="token limit per conversation (default: min(4096, model's))")
+    p.add_argument("--max-length", type=int, help="token limit per conversation (default: the model's context, at most 32768)")
     p.add_argument("--truncation", choices=TRUNCATION_POLICIES, default="reject",
                    help="over-long conversations: reject (default) or truncate_left keeping the response")
     p.add_argument("--chat-template", type=Path, help="file with a Jinja chat template overriding the checkpoint's")

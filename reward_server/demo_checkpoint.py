@@ -51,12 +51,17 @@ class ModelSize:
     kv_heads: int
     intermediate: int
     vocab: int
+    positions: int = 4096  # max_position_embeddings: the longest conversation it accepts
 
 
 SIZES = {
     "tiny": ModelSize(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=2048),
     # ~25M non-embedding parameters: the benchmark model of DESIGN.md.
     "small": ModelSize(hidden=512, layers=8, heads=8, kv_heads=8, intermediate=1408, vocab=32000),
+    # the same weights (no learned positions: rotary) accepting 32k-token conversations, as
+    # long-context reward models do (Skywork-Reward-V2, Qwen3-based): the `long` benchmark
+    "small-long": ModelSize(hidden=512, layers=8, heads=8, kv_heads=8, intermediate=1408, vocab=32000,
+                            positions=32768),
 }
 
 ARCHITECTURES = ("llama", "qwen2")
@@ -112,7 +117,7 @@ def build_tokenizer(arch: str, vocab_size: int, seed: int, pad_token: str | None
 
 def build_checkpoint(out_dir: str | Path, size: str = "tiny", arch: str = "llama",
                      head: str = "sequence_classification", num_labels: int = 1,
-                     pad_token: str | None = None, seed: int = 0) -> Path:
+                     pad_token: str | None = None, seed: int = 0, max_positions: int | None = None) -> Path:
     """Write a random-weight reward checkpoint to `out_dir` and return its path.
 
     Args:
@@ -125,6 +130,7 @@ def build_checkpoint(out_dir: str | Path, size: str = "tiny", arch: str = "llama
         pad_token: override of the pad token (e.g. "<|eot_id|>" to mimic Llama-3 reward models
             whose pad equals the end-of-turn token).
         seed: seed for the corpus, the tokenizer and the weights.
+        max_positions: override of the size's max_position_embeddings (the weights do not change).
 
     Raises:
         ValueError: for an unknown size, architecture or head.
@@ -143,7 +149,7 @@ def build_checkpoint(out_dir: str | Path, size: str = "tiny", arch: str = "llama
     vocab = max(dims.vocab, len(tokenizer))
     common = dict(vocab_size=vocab, hidden_size=dims.hidden, num_hidden_layers=dims.layers,
                   num_attention_heads=dims.heads, num_key_value_heads=dims.kv_heads,
-                  intermediate_size=dims.intermediate, max_position_embeddings=4096,
+                  intermediate_size=dims.intermediate, max_position_embeddings=max_positions or dims.positions,
                   pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                   eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
                   num_labels=num_labels)

@@ -78,13 +78,14 @@ def test_bfloat16_is_within_bf16_rounding_of_the_exact_answer(kernel):
         assert error <= 2 ** -7 * expected.abs().max().item()  # about one bf16 step at the largest output
 
 
-def test_a_query_gets_the_same_bits_whatever_the_row(kernel):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_query_gets_the_same_bits_whatever_the_row(kernel, dtype):
     """Alone; among neighbours of other lengths at other positions; its prompt's keys recorded
     by another pass and read as a shared prefix; split at any prefix length."""
     heads, kv_heads, dim, length = 8, 4, 64, 700
-    q, k, v = _row([length], heads, kv_heads, dim, seed=5)
+    q, k, v = _row([length], heads, kv_heads, dim, dtype=dtype, seed=5)
     alone = _call(kernel, q, k, v, [[0, length, 0, -1]])
-    nq, nk, nv = _row([13, 290, 64], heads, kv_heads, dim, seed=6)
+    nq, nk, nv = _row([13, 290, 64], heads, kv_heads, dim, dtype=dtype, seed=6)
     for before in (0, 13, 303, 367):
         row = [torch.cat([n[:before], x, n[before:]]) for n, x in ((nq, q), (nk, k), (nv, v))]
         segments = [[0, before, 0, -1]] if before else []

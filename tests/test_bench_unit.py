@@ -256,6 +256,18 @@ def test_named_workload_specs():
         workload.spec_for("grpo-huge")
 
 
+def test_long_workload_is_groups_of_2k_to_8k_token_responses():
+    from bench import workload
+
+    spec = workload.spec_for("long", prompts=16, responses=8)
+    generated = workload.generate(spec)
+    assert (spec.name, len(generated), len(set(generated.group_ids))) == ("long", 8, 2)
+    responses = [len(c[-1]["content"].split()) for c in generated.conversations]
+    prompts = [len(c[-2]["content"].split()) for c in generated.conversations]
+    assert min(responses) >= 1000 and max(responses) <= 4000  # ~2 tokens a word: 2k to 8k tokens
+    assert max(prompts) < 1000  # only the responses are long
+
+
 def test_matmul_peak_in_each_dtype():
     from bench import baselines
 
@@ -265,3 +277,12 @@ def test_matmul_peak_in_each_dtype():
         # the peak is the fastest kernel measured (oneDNN prepacked among them where torch has it)
         assert result["gflops"] == max(result["kernels"].values()) == result["kernels"][result["kernel"]]
         assert {"torch.mm", "F.linear"} <= set(result["kernels"])
+
+
+def test_small_long_demo_size_is_small_accepting_32k_tokens():
+    from dataclasses import replace
+
+    from reward_server.demo_checkpoint import SIZES
+
+    assert SIZES["small-long"].positions >= 16384
+    assert replace(SIZES["small-long"], positions=SIZES["small"].positions) == SIZES["small"]

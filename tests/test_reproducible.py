@@ -59,6 +59,26 @@ def test_group_members_are_bit_identical_whatever_else_is_in_the_batch(demo_chec
             assert _bits(engine.score(batch)[position:position + len(GROUP)]) == alone, (position, budget)
 
 
+def test_bf16_scores_are_bit_identical_whatever_the_batch(demo_checkpoint, monkeypatch):
+    """The same guarantees in bf16, where the CPU can prepack bf16 products (the attention kernel's
+    bf16 invariance is checked on every machine in tests/test_attention_kernel.py)."""
+    import torch
+
+    from reward_server import engine as engine_module
+    from reward_server.fused import prepack_available
+
+    if not prepack_available(torch.device("cpu"), torch.bfloat16):
+        pytest.skip("this CPU cannot prepack bf16 products for oneDNN (AVX-512 BW/VL/DQ or AVX-NE-CONVERT): "
+                    "bf16 scores are not claimed batch-invariant here")
+    monkeypatch.setattr(engine_module, "cpu_has_fast_bf16", lambda: True)
+    engine = RewardEngine.from_checkpoint(demo_checkpoint, device="cpu", dtype="bfloat16", min_shared=32)
+    alone = _bits(engine.score([TARGET])[0])
+    for position, count in ((0, 6), (5, 24), (12, 1)):
+        batch = NEIGHBOURS[:position] + [TARGET] + NEIGHBOURS[position:position + count]
+        assert _bits(engine.score(batch)[position]) == alone, (position, count)
+    assert _bits(engine.score(NEIGHBOURS[:3] + GROUP)[3:]) == b"".join(_bits(engine.score([m])) for m in GROUP)
+
+
 def test_served_scores_are_bit_identical_across_requests_and_dynamic_batches(server):
     """Through the real server: alone, in requests of other sizes and positions, and while other
     clients' requests share its dynamic batches. (Two copies of one conversation in one dynamic
