@@ -30,11 +30,14 @@
 
 namespace {
 
+#ifndef RS_LANES  // overridable to check the 16-lane logic on an AVX2 machine (GCC splits the vectors)
 #if defined(__AVX512F__)
-constexpr int LANES = 16;
+#define RS_LANES 16
 #else
-constexpr int LANES = 8;
+#define RS_LANES 8
 #endif
+#endif
+constexpr int LANES = RS_LANES;
 #ifndef RS_VECS
 #define RS_VECS 2
 #endif
@@ -52,10 +55,16 @@ typedef int32_t vi __attribute__((vector_size(LANES * 4)));
 
 inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-#if defined(__AVX512F__)
+#if RS_LANES == 16 && defined(__AVX512F__)
 inline vf splat(float x) { return (vf)_mm512_set1_ps(x); }
-#else
+#elif RS_LANES == 8 && defined(__AVX__)
 inline vf splat(float x) { return (vf)_mm256_set1_ps(x); }
+#else
+inline vf splat(float x) {
+  vf v;
+  for (int i = 0; i < LANES; ++i) v[i] = x;
+  return v;
+}
 #endif
 inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 
