@@ -30,7 +30,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from reward_server.batching import DEFAULT_MIN_SHARED, DEFAULT_TOKEN_BUDGET, group_shared_prefixes, pack_sequences
-from reward_server.heads import RewardHead, detect_head_type, parse_indices, split_model
+from reward_server.heads import (ProcessHead, RewardHead, detect_head_type, parse_indices, process_head,
+                                 resolve_step_tag, split_model, tag_positions)
 
 _LOGGER = logging.getLogger(__name__)
 ATTENTION = "reward_packed"
@@ -115,6 +116,7 @@ class Segment:
     prefix: int | None = None   # key of a recorded prefix this segment attends to first
     offset: int = 0             # its first position (the prefix length)
     record: int | None = None   # key under which to record this segment's keys and values
+    reads: list[int] | None = None  # its tokens whose hidden states are wanted (None: the last)
 
 
 @dataclass
@@ -233,6 +235,14 @@ def _utf8_text_files() -> None:
             _LOGGER.warning("no UTF-8 locale: compilation may fail reading non-ASCII files")
 
 
+def _per_position(module, hidden) -> Any:
+    """`module` applied to each row of `hidden` [S, H] alone: a product's result for a row must not
+    depend on how many rows it was computed with (the heads are tiny: no measurable cost)."""
+    import torch
+
+    return torch.cat([module(hidden[j:j + 1]) for j in range(hidden.shape[0])])
+
+
 @dataclass
 class EngineStats:
     """Running totals of what the engine computed, for benchmarks and metrics."""
@@ -264,6 +274,7 @@ class RewardEngine:
     token_budget: int = DEFAULT_TOKEN_BUDGET
     min_shared: int = DEFAULT_MIN_SHARED  # 0 turns prefix sharing off
     kernel: Any = None  # the native attention module, or None: torch's SDPA (`attention_kernel`)
+    process: ProcessHead | None = None  # set for process reward models (`score_steps`)
     stats: EngineStats = field(default_factory=EngineStats)
 
     @classmethod
@@ -271,13 +282,15 @@ class RewardEngine:
                         reward_indices: str | Sequence[int] | None = None, device: str = "auto",
                         threads: int | None = None, token_budget: int = DEFAULT_TOKEN_BUDGET,
                         min_shared: int = DEFAULT_MIN_SHARED, dtype: str = "auto",
-                        compile: bool = False, fused: bool = True, attention: str = "auto") -> "RewardEngine":
+                        compile: bool = False, fused: bool = True, attention: str = "auto",
+                        step_tag: str | int | None = None,
+                        step_labels: str | Sequence[int] | None = None) -> "RewardEngine":
         """Load a local Hugging Face reward checkpoint.
 
         Args:
             checkpoint: directory with config.json and weights.
-            head_type: "auto" (from the config's architectures), "sequence_classification"
-                or "lm_logits".
+            head_type: "auto" (from the config's architectures), "sequence_classification",
+                "lm_logits" or "process" (a process reward model: `score_steps`).
             reward_indices: for lm_logits, the vocabulary indices read as rewards ("0,1").
             device: "auto" (CUDA when present), "cpu" or "cuda[:N]".
             dtype: "auto" (see `resolve_dtype`), "float32" or "bfloat16".
@@ -286,6 +299,10 @@ class RewardEngine:
                 (`reward_server.fused`: same arithmetic, fewer and larger products, prepacked weights).
             attention: "auto", "native" (reward_server/kernels: batch-invariant, causal block
                 skipping, CPU) or "sdpa" (torch's); see `attention_kernel`.
+            step_tag: process heads: the step tag, a token of the vocabulary or its id (default:
+                "<extra_0>" for a `*ForProcessRewardModel` whose tokenizer has it).
+            step_labels: process heads on a `*ForCausalLM`: the (positive, negative) label token
+                ids ("+" and "-" in Math-Shepherd), e.g. "648,387".
             threads: torch intra-op threads (CPU); None leaves torch's default.
             token_budget: tokens per packed row (one forward pass).
             min_shared: shortest token prefix worth computing once for a group; 0 disables.
@@ -314,23 +331,41 @@ class RewardEngine:
         dtype = getattr(torch, dtype_name)
         if threads and device.type == "cpu":
             torch.set_num_threads(threads)
+        architecture = (config.get("architectures") or [""])[0]
         auto = (transformers.AutoModelForSequenceClassification if head_type == "sequence_classification"
                 else transformers.AutoModelForCausalLM)
+        tag_id = labels = None
+        if head_type == "process":
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(checkpoint))
+            tag_id = resolve_step_tag(tokenizer, architecture, step_tag)
+            labels = parse_indices(step_labels) if step_labels not in (None, "") else None
+            if architecture.endswith("ForProcessRewardModel"):  # remote code: the backbone alone, head from the weights
+                auto = transformers.AutoModel
+            elif architecture.endswith("ForTokenClassification"):
+                auto = transformers.AutoModelForTokenClassification
+            elif not labels:
+                raise ValueError(f"a process head on {architecture or 'this model'} needs the two label token ids "
+                                 "(--step-labels POSITIVE,NEGATIVE)")
         start = time.perf_counter()
         attention = _register_attention()
         model = auto.from_pretrained(str(checkpoint), dtype=dtype, attn_implementation=ATTENTION)
         model.to(device).eval()
-        backbone, head = split_model(model, head_type, indices)
+        if head_type == "process":
+            process = process_head(model, checkpoint, tag_id, labels)
+            backbone, head = model.base_model, RewardHead("process", process.module, None)
+        else:
+            process = None
+            backbone, head = split_model(model, head_type, indices)
         if fused:
             from reward_server.fused import fuse_layers
 
             # inductor cannot lower a product on an eagerly prepacked weight: compiled layers keep
             # plain weights (inductor's own freezing would prepack them, at a much longer compile)
             _LOGGER.info("%s", fuse_layers(backbone, attention, device, dtype, prepack=not compile))
-        outputs = head.module.weight.shape[0]
+        outputs = 2 if process is not None else head.module.weight.shape[0]
         _LOGGER.info("loaded %s (%s, %d outputs) on %s %s, %s attention, in %.1fs", checkpoint, head_type, outputs,
                      device, dtype, "native" if kernel is not None else "SDPA", time.perf_counter() - start)
-        engine = cls(backbone, head, device, outputs, token_budget, min_shared, kernel)
+        engine = cls(backbone, head, device, outputs, token_budget, min_shared, kernel, process)
         if compile:
             engine.compile()
         return engine
@@ -361,37 +396,76 @@ class RewardEngine:
         """Raw reward outputs, float32 [N, K], one row per sequence in input order.
 
         Raises:
-            ValueError: an empty sequence.
+            ValueError: an empty sequence, or a process head (see `score_steps`).
         """
         import torch
 
+        if self.process is not None:
+            raise ValueError("this model is a process reward model: it scores steps (score_steps)")
         rows = []
         for i, ids in enumerate(sequences):
             if len(ids) == 0:
                 raise ValueError(f"sequence {i} is empty")
             rows.append(list(ids[: self.head.position(ids) + 1]))
-        groups = group_shared_prefixes(rows, self.min_shared)[0] if self.min_shared > 0 else []
+        hidden = self._hidden(rows, [[len(row) - 1] for row in rows], [len(row) for row in rows])
+        with torch.inference_mode():
+            out = torch.cat([_per_position(self.head.module, h) for h in hidden]).float().cpu().numpy()
+        self.stats.sequences += len(rows)
+        return out
+
+    def score_steps(self, sequences: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """A process reward model's label logits at every step tag: float32 [S_i, 2] per sequence
+        (`self.process.step_scores` turns them into step scores). Each sequence is cut after its
+        last tag; a shared prompt is computed once up to, never past, a member's first tag.
+
+        Raises:
+            ValueError: not a process head, or a sequence without a step tag (named by its index).
+        """
+        import torch
+
+        if self.process is None:
+            raise ValueError("this model has an outcome reward head: it scores whole sequences (score)")
+        rows, reads = [], []
+        for i, ids in enumerate(sequences):
+            tags = tag_positions(ids, self.process.tag_id)
+            if not tags:
+                raise ValueError(f"sequence {i} has no step tag (token id {self.process.tag_id})")
+            rows.append(list(ids[: tags[-1] + 1]))
+            reads.append(tags)
+        hidden = self._hidden(rows, reads, [tags[0] + 1 for tags in reads])
+        with torch.inference_mode():
+            out = [_per_position(self.process.module, h).float().cpu().numpy() for h in hidden]
+        self.stats.sequences += len(rows)
+        return out
+
+    def _hidden(self, rows: list[list[int]], reads: list[list[int]], shareable: list[int]) -> list[Any]:
+        """Final hidden states of each row at the positions `reads[i]`, one [len(reads[i]), H]
+        tensor per row. Rows sharing a prefix of at least `min_shared` tokens within their first
+        `shareable[i]` tokens compute it once (a row always keeps one token of its own)."""
+        import torch
+
+        limited = [row[:n] for row, n in zip(rows, shareable)]
+        groups = group_shared_prefixes(limited, self.min_shared)[0] if self.min_shared > 0 else []
         store: dict[int, dict[int, tuple[Any, Any]]] = {}
-        segments = [Segment(row) for row in rows]
+        segments = [Segment(row, reads=read) for row, read in zip(rows, reads)]
+        result: list[Any] = [None] * len(rows)
         with torch.inference_mode():
             prefixes = [Segment(rows[g.members[0]][: g.prefix_length], record=key) for key, g in enumerate(groups)]
             for pack in pack_sequences([len(p.ids) for p in prefixes], self.token_budget):
                 self._run([prefixes[i] for i in pack], store)
             for key, group in enumerate(groups):
                 for i in group.members:
-                    segments[i] = Segment(rows[i][group.prefix_length:], prefix=key, offset=group.prefix_length)
+                    segments[i] = Segment(rows[i][group.prefix_length:], prefix=key, offset=group.prefix_length,
+                                          reads=[r - group.prefix_length for r in reads[i]])
                 self.stats.shared_tokens += (len(group.members) - 1) * group.prefix_length
-            out = np.empty((len(rows), self.num_outputs), dtype=np.float32)
             for pack in pack_sequences([len(s.ids) for s in segments], self.token_budget):
-                hidden = self._run([segments[i] for i in pack], store)
-                # one row at a time: a product's result for a row must not depend on how many rows
-                # it was computed with (the head is K x hidden: negligible work)
-                out[pack] = torch.cat([self.head.module(row[None]) for row in hidden]).float().cpu().numpy()
-        self.stats.sequences += len(rows)
-        return out
+                for i, hidden in zip(pack, self._run([segments[i] for i in pack], store)):
+                    result[i] = hidden
+        return result
 
     def _run(self, segments: list[Segment], store: dict) -> Any:
-        """One forward pass over `segments` packed into a row; hidden states at each segment's end."""
+        """One forward pass over `segments` packed into a row; each segment's hidden states at its
+        `reads` ([len(reads), H] each; [1, H] at its last token by default)."""
         import torch
 
         start = time.perf_counter()
@@ -412,4 +486,5 @@ class RewardEngine:
         self.stats.padded_tokens += at
         self.stats.microbatches += 1
         self.stats.forward_seconds += time.perf_counter() - start
-        return hidden[0, [end - 1 for _, end in bounds]]
+        return [hidden[0, [start + r for r in (segment.reads or [end - start - 1])]]
+                for (start, end), segment in zip(bounds, segments)]

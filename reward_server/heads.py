@@ -7,6 +7,12 @@ Two layouts are served:
   scores must follow the same rule.
 - `lm_logits` (`*ForCausalLM`): the reward is the logits at chosen vocabulary indices at the
   final position (Llama-3.1-Nemotron-70B-Reward-HF reads index 0).
+- `process` (process reward models): two label logits at every step tag of the response, read
+  where the tag token sits. Three layouts: `*ForProcessRewardModel` (Qwen2.5-Math-PRM's remote
+  code: Linear(h, h), ReLU, Linear(h, 2) under `score.0` / `score.2`, read from the weights, never
+  executed), `*ForTokenClassification` (a `score` or `classifier` Linear(h, 2), as TRL's PRM trainer
+  writes it), and a plain `*ForCausalLM` (Math-Shepherd) whose LM-head rows of two label tokens are
+  the logits. The step score is the softmax probability of the positive label (`ProcessHead`).
 """
 
 from __future__ import annotations
@@ -14,7 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-HEAD_TYPES = ("auto", "sequence_classification", "lm_logits")
+HEAD_TYPES = ("auto", "sequence_classification", "lm_logits", "process")
+# Qwen2.5-Math-PRM's step tag: the default where the architecture is a process reward model and
+# the tokenizer has this token.
+DEFAULT_STEP_TAG = "<extra_0>"
 
 
 def detect_head_type(architectures: Sequence[str] | None, head_type: str = "auto") -> str:
@@ -28,12 +37,14 @@ def detect_head_type(architectures: Sequence[str] | None, head_type: str = "auto
     if head_type != "auto":
         return head_type
     arch = (architectures or [""])[0]
+    if arch.endswith("ForProcessRewardModel") or arch.endswith("ForTokenClassification"):
+        return "process"
     if arch.endswith("ForSequenceClassification"):
         return "sequence_classification"
     if arch.endswith("ForCausalLM"):
         return "lm_logits"
     raise ValueError(f"cannot detect the reward head of architecture {arch!r}; "
-                     "set head_type to sequence_classification or lm_logits")
+                     "set head_type to sequence_classification, lm_logits or process")
 
 
 def parse_indices(text: str | Sequence[int] | None) -> tuple[int, ...]:
@@ -49,6 +60,8 @@ def num_outputs(config: dict, head_type: str, reward_indices: Sequence[int]) -> 
     """K, the number of raw reward outputs, from a checkpoint's config.json contents."""
     if head_type == "lm_logits":
         return len(reward_indices)
+    if head_type == "process":
+        return 2
     if "id2label" in config:
         return len(config["id2label"])
     return int(config.get("num_labels", 2))
@@ -111,3 +124,107 @@ def split_model(model: Any, head_type: str, reward_indices: Sequence[int]) -> tu
             picked.bias.copy_(lm_head.bias[rows])
     picked.to(device=lm_head.weight.device, dtype=lm_head.weight.dtype)
     return backbone, RewardHead(head_type, picked, pad)
+
+
+def tag_positions(token_ids: Sequence[int], tag_id: int) -> list[int]:
+    """Indices of every step tag in a sequence, in order."""
+    return [i for i, token in enumerate(token_ids) if token == tag_id]
+
+
+@dataclass
+class ProcessHead:
+    """A process reward head: `module` maps hidden states at step tags [S, H] to two label
+    logits [S, 2]; `positive` is the label whose softmax probability is the step score."""
+
+    module: Any
+    tag_id: int
+    positive: int
+
+    def step_scores(self, logits) -> Any:
+        """Step scores in [0, 1] from label logits [S, 2] (any array type with softmax via numpy)."""
+        import numpy as np
+
+        logits = np.asarray(logits, dtype=np.float64)
+        shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        return (shifted[..., self.positive] / shifted.sum(axis=-1)).astype(np.float32)
+
+
+def resolve_step_tag(tokenizer: Any, architecture: str, step_tag: str | int | None) -> int:
+    """The step tag's token id: `step_tag` as an id or a token of the vocabulary; by default
+    `DEFAULT_STEP_TAG` for a `*ForProcessRewardModel` whose tokenizer has it.
+
+    Raises:
+        ValueError: no tag given where there is no default, or a tag that is not one token.
+    """
+    if step_tag is None:
+        if architecture.endswith("ForProcessRewardModel") and DEFAULT_STEP_TAG in tokenizer.get_vocab():
+            step_tag = DEFAULT_STEP_TAG
+        else:
+            raise ValueError("a process reward head needs its step tag (--step-tag TOKEN or id): "
+                             f"{architecture or 'this model'} has no default one")
+    if isinstance(step_tag, int) or str(step_tag).isdigit():
+        tag_id = int(step_tag)
+        if not 0 <= tag_id < len(tokenizer):
+            raise ValueError(f"step tag id {tag_id} is outside the tokenizer's vocabulary of {len(tokenizer)}")
+        return tag_id
+    vocab = tokenizer.get_vocab()
+    if step_tag not in vocab:
+        raise ValueError(f"step tag {step_tag!r} is not one token of this tokenizer's vocabulary")
+    return vocab[step_tag]
+
+
+def process_head(model: Any, checkpoint: Any, tag_id: int, labels: Sequence[int] | None) -> ProcessHead:
+    """The `ProcessHead` of a loaded model (see the module docstring for the three layouts).
+
+    `model`: the base model for `*ForProcessRewardModel` (its head is read from the checkpoint's
+    safetensors), a `*ForTokenClassification`, or a `*ForCausalLM` with `labels` = (positive,
+    negative) token ids.
+
+    Raises:
+        ValueError: a head of the wrong shape, missing head weights, or label ids outside the vocabulary.
+    """
+    import torch
+
+    architecture = (getattr(model.config, "architectures", None) or [""])[0]
+    if labels:
+        if len(labels) != 2:
+            raise ValueError(f"a causal-LM process head needs two label token ids (positive, negative), got {labels}")
+        lm_head = model.get_output_embeddings()
+        vocab = lm_head.weight.shape[0]
+        bad = [i for i in labels if not 0 <= i < vocab]
+        if bad:
+            raise ValueError(f"step label id {bad[0]} is outside the LM head's vocabulary of {vocab}")
+        picked = torch.nn.Linear(lm_head.weight.shape[1], 2, bias=lm_head.bias is not None)
+        with torch.no_grad():
+            picked.weight.copy_(lm_head.weight[list(labels)])
+            if lm_head.bias is not None:
+                picked.bias.copy_(lm_head.bias[list(labels)])
+        return ProcessHead(picked.to(lm_head.weight.device, lm_head.weight.dtype), tag_id, positive=0)
+    if architecture.endswith("ForProcessRewardModel"):
+        from pathlib import Path
+
+        from safetensors import safe_open
+
+        weights = {}
+        for path in sorted(Path(checkpoint).glob("*.safetensors")):
+            with safe_open(str(path), framework="pt") as f:
+                weights.update({k: f.get_tensor(k) for k in f.keys() if k.startswith("score.")})
+        needed = ("score.0.weight", "score.0.bias", "score.2.weight", "score.2.bias")
+        missing = [k for k in needed if k not in weights]
+        if missing:
+            raise ValueError(f"{architecture}: the checkpoint has no {missing[0]} (expected a Linear(h, h), ReLU, "
+                             "Linear(h, 2) head under score.0 / score.2)")
+        first, last = torch.nn.Linear(*weights["score.0.weight"].shape[::-1]), torch.nn.Linear(*weights["score.2.weight"].shape[::-1])
+        with torch.no_grad():
+            first.weight.copy_(weights["score.0.weight"]), first.bias.copy_(weights["score.0.bias"])
+            last.weight.copy_(weights["score.2.weight"]), last.bias.copy_(weights["score.2.bias"])
+        module = torch.nn.Sequential(first, torch.nn.ReLU(), last)
+    else:
+        module = getattr(model, "score", None) or getattr(model, "classifier", None)
+        if module is None:
+            raise ValueError(f"{type(model).__name__} has neither a `score` nor a `classifier` head")
+    out = module[-1] if isinstance(module, torch.nn.Sequential) else module
+    if out.weight.shape[0] != 2:
+        raise ValueError(f"a process reward head has two labels; this one has {out.weight.shape[0]}")
+    parameter = next(model.parameters())
+    return ProcessHead(module.to(parameter.device, parameter.dtype), tag_id, positive=1)

@@ -279,6 +279,9 @@ def model_parameters(options: ServeOptions, checkpoint: Path,
         return params, k
     config = json.loads((checkpoint / "config.json").read_text())
     head = detect_head_type(config.get("architectures"), options.head_type)
+    if head == "process":  # the engine scores steps (RewardEngine.score_steps); the wire does not carry them yet
+        raise ValueError("process reward models (per-step scores) are not served yet: score them in-process "
+                         "with reward_server.engine.RewardEngine.score_steps (issue 19)")
     indices = parse_indices(options.reward_indices)
     k = _check_outputs(num_outputs(config, head, indices), score, names)
     cores = os.cpu_count() or 1
