@@ -60,13 +60,19 @@ class InputLimits:
                                     "bytes per conversation")
 
 
-def parse_messages(raw: bytes | str | list) -> list[dict[str, str]]:
+def parse_messages(raw: bytes | str | list, step_tag: str | None = None) -> list[dict[str, str]]:
     """Parse and validate one conversation: a JSON array of {"role", "content"} messages.
+
+    With `step_tag` (a process reward model's tag text), the response is a list of reasoning
+    steps: either the last message's `"steps": ["...", ...]`, joined here with the tag after each
+    step (`join_steps`), or its `content` with the tags already in place; either way it must hold
+    at least one tag.
 
     Raises:
         ConversationError: invalid UTF-8, malformed or too deeply nested JSON, not a list, empty,
             a message that is not an object, an unknown role, non-string content, content with a
-            NUL character or a lone surrogate, or a last message not from the assistant.
+            NUL character or a lone surrogate, or a last message not from the assistant; with a
+            step tag, bad steps or a response without the tag.
     """
     raw = _decoded(raw, "messages")
     if isinstance(raw, str):
@@ -91,6 +97,10 @@ def parse_messages(raw: bytes | str | list) -> list[dict[str, str]]:
         if role not in ROLES:
             raise ConversationError(f"message {i} has unknown role {_short(role)}; expected one of {', '.join(ROLES)}")
         content = message.get("content")
+        if step_tag is not None and i == len(raw) - 1 and "steps" in message:
+            if content is not None:
+                raise ConversationError(f"message {i} has both steps and content: send one of them")
+            content = join_steps(message["steps"], step_tag, f"message {i} steps")
         if not isinstance(content, str):
             raise ConversationError(f"message {i} content must be a string, got {type(content).__name__}")
         _check_text(content, f"message {i} content")
@@ -98,7 +108,28 @@ def parse_messages(raw: bytes | str | list) -> list[dict[str, str]]:
     if messages[-1]["role"] != "assistant":
         raise ConversationError(f"the last message (message {len(messages) - 1}) must be the assistant "
                                 f"response being scored, got role {messages[-1]['role']!r}")
+    if step_tag is not None and step_tag not in messages[-1]["content"]:
+        raise ConversationError(f"the response (message {len(messages) - 1}) has no step tag {step_tag!r}: "
+                                "send its steps as \"steps\": [...] or end each step with the tag")
     return messages
+
+
+def join_steps(steps: Any, tag: str, what: str = "steps") -> str:
+    """A process reward model's response text: every step followed by the step tag (Qwen2.5-Math-PRM:
+    "step 1<extra_0>step 2<extra_0>"). Steps are taken as given, whitespace included.
+
+    Raises:
+        ConversationError: not a non-empty list of non-empty strings, or a step containing the tag.
+    """
+    if not isinstance(steps, list) or not steps:
+        raise ConversationError(f"{what} must be a non-empty array of strings")
+    for j, step in enumerate(steps):
+        if not isinstance(step, str) or not step:
+            raise ConversationError(f"{what}[{j}] must be a non-empty string, got {_short(step)}")
+        _check_text(step, f"{what}[{j}]")
+        if tag in step:
+            raise ConversationError(f"{what}[{j}] contains the step tag {tag!r}: it would count as two steps")
+    return "".join(step + tag for step in steps)
 
 
 def check_text(raw: bytes | str) -> str:

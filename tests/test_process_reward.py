@@ -159,3 +159,27 @@ def test_serving_a_process_model_is_refused_with_the_reason(qwen_prm):
     checkpoint, _ = qwen_prm
     with pytest.raises(ValueError, match="process reward models .* not served yet"):
         model_parameters(ServeOptions(checkpoint=checkpoint), checkpoint)
+
+
+def test_steps_are_joined_with_the_tag_or_found_in_the_content():
+    from reward_server.chat import ConversationError, join_steps, parse_messages
+
+    assert join_steps(["a = 2.", " So b = 4."], "<extra_0>") == "a = 2.<extra_0> So b = 4.<extra_0>"
+    prompt = {"role": "user", "content": "b = 2a, a = 2. b?"}
+    joined = parse_messages([prompt, {"role": "assistant", "steps": ["a = 2.", "b = 4."]}], step_tag="<extra_0>")
+    assert joined[-1] == {"role": "assistant", "content": "a = 2.<extra_0>b = 4.<extra_0>"}
+    given = parse_messages([prompt, {"role": "assistant", "content": "b = 4.<extra_0>"}], step_tag="<extra_0>")
+    assert given[-1]["content"] == "b = 4.<extra_0>"
+    for message, needle in [({"role": "assistant", "content": "b = 4."}, "has no step tag '<extra_0>'"),
+                            ({"role": "assistant", "steps": []}, "message 1 steps must be a non-empty array"),
+                            ({"role": "assistant", "steps": ["ok", 3]}, r"message 1 steps\[1\] must be a non-empty"),
+                            ({"role": "assistant", "steps": ["a<extra_0>b"]}, "contains the step tag"),
+                            ({"role": "assistant", "steps": ["a"], "content": "a"}, "both steps and content")]:
+        with pytest.raises(ConversationError, match=needle):
+            parse_messages([prompt, message], step_tag="<extra_0>")
+    # outcome models never read "steps": the content is required as before
+    with pytest.raises(ConversationError, match="content must be a string"):
+        parse_messages([prompt, {"role": "assistant", "steps": ["a"]}])
+    with pytest.raises(ConversationError, match="has no step tag"):  # a tag in the prompt is not a step
+        parse_messages([{"role": "user", "content": "x<extra_0>"}, {"role": "assistant", "content": "y"}],
+                       step_tag="<extra_0>")
