@@ -124,3 +124,22 @@ def test_the_build_is_keyed_by_this_cpu(monkeypatch):
     here = kernels.build_name()
     monkeypatch.setattr(kernels, "_cpu_flags", lambda: {"avx2", "fma", "avx512f"})
     assert kernels.build_name() != here
+
+
+def test_a_failed_build_names_the_compiler_error(monkeypatch, tmp_path):
+    """Where the kernel cannot be built the engine falls back to SDPA and logs this reason: the
+    compiler's own error line, not ninja's "build stopped"."""
+    from torch.utils import cpp_extension
+
+    def failing(**kwargs):
+        raise RuntimeError("Error building extension 'x': [1/2] c++ ...\n"
+                           "attention.cpp:12:3: error: 'vf' was not declared in this scope\n"
+                           "ninja: build stopped: subcommand failed.")
+
+    monkeypatch.setattr(kernels, "CACHE", tmp_path)
+    monkeypatch.setattr(kernels, "_LOADED", {})
+    monkeypatch.setattr(cpp_extension, "load", failing)
+    with pytest.raises(kernels.KernelUnavailable, match="attention.cpp:12:3: error: 'vf' was not declared"):
+        kernels.attention()
+    with pytest.raises(kernels.KernelUnavailable, match="not built"):
+        kernels.attention(build=False)

@@ -100,7 +100,9 @@ def attention(build: bool = True) -> Any:
                                             extra_cflags=["-O3", "-march=native", "-fopenmp"],
                                             extra_ldflags=["-fopenmp"], verbose=False)
             except Exception as exc:  # compiler missing, unsupported platform: the engine falls back
-                raise KernelUnavailable(f"attention kernel build failed: {str(exc).strip().splitlines()[-1]}") from exc
+                lines = str(exc).strip().splitlines() or [type(exc).__name__]
+                cause = next((line for line in lines if "error:" in line), lines[-1])  # the compiler's
+                raise KernelUnavailable(f"attention kernel build failed: {cause.strip()}") from exc
         _LOADED[name] = module
         return module
 
