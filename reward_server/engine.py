@@ -315,7 +315,8 @@ class RewardEngine:
         import transformers
 
         config = json.loads((Path(checkpoint) / "config.json").read_text())
-        layer_types = config.get("text_config", config).get("layer_types") or []
+        text = config.get("text_config", config)
+        layer_types = text.get("layer_types") or []
         if any("sliding" in t for t in layer_types):  # checked before the weights are loaded
             raise ValueError("sliding-window attention layers are not supported by the packed engine")
         head_type = detect_head_type(config.get("architectures"), head_type)
@@ -325,7 +326,6 @@ class RewardEngine:
         device = torch.device(device)
         checkpoint_dtype = config.get("dtype") or config.get("torch_dtype")
         dtype_name = resolve_dtype(dtype, device.type, checkpoint_dtype)
-        text = config.get("text_config", config)
         head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
         kernel = attention_kernel(attention, device.type, dtype_name, head_dim)  # before minutes of loading
         dtype = getattr(torch, dtype_name)

@@ -102,28 +102,45 @@ def split_model(model: Any, head_type: str, reward_indices: Sequence[int]) -> tu
     Raises:
         ValueError: no head module found, or a reward index outside the LM vocabulary.
     """
-    import torch
-
     backbone = model.base_model
     pad = getattr(model.config.get_text_config(), "pad_token_id", None)
     if head_type == "sequence_classification":
-        module = getattr(model, "score", None) or getattr(model, "classifier", None)
-        if module is None:
-            raise ValueError(f"{type(model).__name__} has neither a `score` nor a `classifier` head")
-        return backbone, RewardHead(head_type, module, pad)
+        return backbone, RewardHead(head_type, classifier(model), pad)
+    return backbone, RewardHead(head_type, picked_rows(model, reward_indices, "reward index"), pad)
+
+
+def classifier(model: Any) -> Any:
+    """A classification model's head: its `score` (transformers' reward models) or `classifier`.
+
+    Raises:
+        ValueError: it has neither.
+    """
+    module = getattr(model, "score", None) or getattr(model, "classifier", None)
+    if module is None:
+        raise ValueError(f"{type(model).__name__} has neither a `score` nor a `classifier` head")
+    return module
+
+
+def picked_rows(model: Any, indices: Sequence[int], what: str) -> Any:
+    """A Linear holding just the LM head's rows `indices` (full-vocabulary logits are never computed).
+
+    Raises:
+        ValueError: an index outside the vocabulary, named as `what`.
+    """
+    import torch
+
     lm_head = model.get_output_embeddings()
     vocab = lm_head.weight.shape[0]
-    bad = [i for i in reward_indices if not 0 <= i < vocab]
+    bad = [i for i in indices if not 0 <= i < vocab]
     if bad:
-        raise ValueError(f"reward index {bad[0]} is outside the LM head's vocabulary of {vocab}")
-    rows = torch.tensor(list(reward_indices), dtype=torch.long)
+        raise ValueError(f"{what} {bad[0]} is outside the LM head's vocabulary of {vocab}")
+    rows = torch.tensor(list(indices), dtype=torch.long)
     picked = torch.nn.Linear(lm_head.weight.shape[1], len(rows), bias=lm_head.bias is not None)
     with torch.no_grad():
         picked.weight.copy_(lm_head.weight[rows])
         if lm_head.bias is not None:
             picked.bias.copy_(lm_head.bias[rows])
-    picked.to(device=lm_head.weight.device, dtype=lm_head.weight.dtype)
-    return backbone, RewardHead(head_type, picked, pad)
+    return picked.to(device=lm_head.weight.device, dtype=lm_head.weight.dtype)
 
 
 def tag_positions(token_ids: Sequence[int], tag_id: int) -> list[int]:
@@ -189,17 +206,7 @@ def process_head(model: Any, checkpoint: Any, tag_id: int, labels: Sequence[int]
     if labels:
         if len(labels) != 2:
             raise ValueError(f"a causal-LM process head needs two label token ids (positive, negative), got {labels}")
-        lm_head = model.get_output_embeddings()
-        vocab = lm_head.weight.shape[0]
-        bad = [i for i in labels if not 0 <= i < vocab]
-        if bad:
-            raise ValueError(f"step label id {bad[0]} is outside the LM head's vocabulary of {vocab}")
-        picked = torch.nn.Linear(lm_head.weight.shape[1], 2, bias=lm_head.bias is not None)
-        with torch.no_grad():
-            picked.weight.copy_(lm_head.weight[list(labels)])
-            if lm_head.bias is not None:
-                picked.bias.copy_(lm_head.bias[list(labels)])
-        return ProcessHead(picked.to(lm_head.weight.device, lm_head.weight.dtype), tag_id, positive=0)
+        return ProcessHead(picked_rows(model, labels, "step label id"), tag_id, positive=0)
     if architecture.endswith("ForProcessRewardModel"):
         from pathlib import Path
 
@@ -220,9 +227,7 @@ def process_head(model: Any, checkpoint: Any, tag_id: int, labels: Sequence[int]
             last.weight.copy_(weights["score.2.weight"]), last.bias.copy_(weights["score.2.bias"])
         module = torch.nn.Sequential(first, torch.nn.ReLU(), last)
     else:
-        module = getattr(model, "score", None) or getattr(model, "classifier", None)
-        if module is None:
-            raise ValueError(f"{type(model).__name__} has neither a `score` nor a `classifier` head")
+        module = classifier(model)
     out = module[-1] if isinstance(module, torch.nn.Sequential) else module
     if out.weight.shape[0] != 2:
         raise ValueError(f"a process reward head has two labels; this one has {out.weight.shape[0]}")
