@@ -158,9 +158,8 @@ def _native_attention(pack: _Pack, layer: int, query, key, value, scaling):
     """The row in one call of the native kernel (reward_server/kernels/attention.cpp)."""
     import torch
 
-    prefixes: list[int] = []  # store keys, in the order of the kernel's prefix lists
     if pack.table is None:
-        rows = []
+        rows, prefixes = [], []  # prefixes: store keys, in the order of the kernel's prefix lists
         for (start, end), segment in zip(pack.bounds, pack.segments):
             index = -1
             if segment.prefix is not None:
