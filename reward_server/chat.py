@@ -108,6 +108,10 @@ def parse_messages(raw: bytes | str | list, step_tag: str | None = None) -> list
     if messages[-1]["role"] != "assistant":
         raise ConversationError(f"the last message (message {len(messages) - 1}) must be the assistant "
                                 f"response being scored, got role {messages[-1]['role']!r}")
+    tagged = next((i for i, m in enumerate(messages[:-1]) if step_tag is not None and step_tag in m["content"]), None)
+    if tagged is not None:
+        raise ConversationError(f"message {tagged} holds the step tag {step_tag!r}: only the response (the last "
+                                "message) is made of tagged steps")
     if step_tag is not None and step_tag not in messages[-1]["content"]:
         raise ConversationError(f"the response (message {len(messages) - 1}) has no step tag {step_tag!r}: "
                                 "send its steps as \"steps\": [...] or end each step with the tag")
@@ -224,7 +228,8 @@ class ChatEncoder:
     ensured exactly once when the tokenizer would normally add one.
     """
 
-    def __init__(self, tokenizer: Any, policy: LengthPolicy, chat_template: str | None = None):
+    def __init__(self, tokenizer: Any, policy: LengthPolicy, chat_template: str | None = None,
+                 step_tag_id: int | None = None):
         self.tokenizer = tokenizer
         self.policy = policy
         if chat_template:
@@ -235,10 +240,14 @@ class ChatEncoder:
         bos = tokenizer.bos_token_id
         adds_bos = bos is not None and tokenizer("x", add_special_tokens=True).input_ids[:1] == [bos]
         self._bos = bos if adds_bos else None
+        # A process reward model's step tag: its token id, and the text that tokenises to it.
+        self.step_tag_id = step_tag_id
+        self.step_tag = None if step_tag_id is None else tokenizer.decode([step_tag_id])
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, max_length: int | None = None,
-                        truncation: str = "reject", chat_template: str | None = None) -> "ChatEncoder":
+                        truncation: str = "reject", chat_template: str | None = None,
+                        step_tag: str | int | None = None) -> "ChatEncoder":
         """Load the tokenizer of a local Hugging Face checkpoint.
 
         Args:
@@ -247,13 +256,18 @@ class ChatEncoder:
                 32,768 (4,096 when the config does not say).
             truncation: "reject" or "truncate_left".
             chat_template: Jinja template overriding the checkpoint's.
+            step_tag: a process reward model's step tag, a token or its id (`heads.resolve_step_tag`):
+                every conversation must then hold tagged steps in its response (`parse_messages`).
         """
         from transformers import AutoTokenizer
+
+        from reward_server.heads import resolve_step_tag
 
         tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
         if max_length is None:
             max_length = min(MAX_DEFAULT_LENGTH, _max_positions(checkpoint) or DEFAULT_MAX_LENGTH)
-        return cls(tokenizer, LengthPolicy(max_length, truncation), chat_template)
+        tag_id = None if step_tag in (None, "") else resolve_step_tag(tokenizer, "", step_tag)
+        return cls(tokenizer, LengthPolicy(max_length, truncation), chat_template, tag_id)
 
     def _render(self, conversations: Sequence[list[dict]], generation_prompt: bool = False) -> list[list[int]]:
         texts = self.tokenizer.apply_chat_template(list(conversations), tokenize=False,
@@ -301,7 +315,7 @@ class ChatEncoder:
                 results.append(ids)
                 continue
             try:
-                results.append(self._fit(messages, ids))
+                results.append(self._steps_kept(self._fit(messages, ids), messages[-1]["content"]))
             except ConversationError as err:
                 results.append(err)
         return results
@@ -332,7 +346,7 @@ class ChatEncoder:
                 results.append(text)
                 continue
             try:
-                results.append(self.policy.apply(next(ids), int(self._bos is not None), None))
+                results.append(self._steps_kept(self.policy.apply(next(ids), int(self._bos is not None), None), text))
             except ConversationError as err:
                 results.append(err)
         return results
@@ -357,7 +371,31 @@ class ChatEncoder:
         bad = [i for i in ids if i < 0 or i >= self.vocab_size]
         if bad:
             raise ConversationError(f"input_ids holds {bad[0]}, outside the vocabulary [0, {self.vocab_size})")
-        return self.policy.apply(ids, int(self._bos is not None and ids[0] == self._bos), None)
+        return self._steps_kept(self.policy.apply(ids, int(self._bos is not None and ids[0] == self._bos), None),
+                                ids=ids)
+
+    def _steps_kept(self, encoded: Encoded, text: str | None = None, ids: Sequence[int] | None = None) -> Encoded:
+        """`encoded` if it holds every step tag of the response `text` (or of the given `ids`) as the
+        tag token; no-op for an outcome model.
+
+        Raises:
+            ConversationError: no tag at all, a tag that tokenised into other tokens, or tags that
+                the length policy cut off.
+        """
+        if self.step_tag_id is None:
+            return encoded
+        expected = text.count(self.step_tag) if text is not None else list(ids).count(self.step_tag_id)
+        found = encoded.token_ids.count(self.step_tag_id)
+        if expected == 0:
+            raise ConversationError(f"there is no step tag {self.step_tag!r} (token id {self.step_tag_id}): a process "
+                                    "reward model scores tagged steps")
+        if found < expected and encoded.truncated:
+            raise ConversationError(f"truncate_left to the maximum length of {self.policy.max_length} tokens would cut "
+                                    f"{expected - found} of the {expected} steps")
+        if found != expected:
+            raise ConversationError(f"the {expected} step tags {self.step_tag!r} became {found} tag tokens (id "
+                                    f"{self.step_tag_id}): a tag merged with the text next to it")
+        return encoded
 
 
 def _max_positions(checkpoint: str | Path) -> int | None:

@@ -16,8 +16,9 @@ from pathlib import Path
 from reward_server import demo_checkpoint
 from reward_server.chat import TRUNCATION_POLICIES
 from reward_server.engines import ENGINES
-from reward_server.heads import HEAD_TYPES
+from reward_server.heads import DEFAULT_STEP_TAG, HEAD_TYPES
 from reward_server.launcher import ServeOptions, ServerStartError, TlsOptions, TritonServer
+from reward_server.scoring import AGGREGATES, DEFAULT_AGGREGATE
 from reward_server.trtllm.builder import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_NUM_TOKENS, DTYPES
 from reward_server.trtllm.calibration import HELP as CALIB_HELP
 
@@ -57,6 +58,11 @@ def _serve_parser(sub) -> None:
     p.add_argument("--chat-template", type=Path, help="file with a Jinja chat template overriding the checkpoint's")
     p.add_argument("--head-type", choices=HEAD_TYPES, default="auto")
     p.add_argument("--reward-indices", help="lm_logits heads: vocabulary indices read as rewards, e.g. 0 or 0,1,2")
+    p.add_argument("--step-tag", help="process reward models: the step tag, a token or its id "
+                   f"(default for *ForProcessRewardModel: {DEFAULT_STEP_TAG})")
+    p.add_argument("--step-labels", help="process reward models on a causal LM: label token ids POSITIVE,NEGATIVE")
+    p.add_argument("--step-aggregate", choices=AGGREGATES, default=DEFAULT_AGGREGATE,
+                   help="process reward models: the score from the step scores (default %(default)s)")
     p.add_argument("--attribute-names", help="comma-separated names of the K raw outputs")
     p.add_argument("--attribute-weights", help="comma-separated weights: score = sum(w_k * attribute_k)")
     p.add_argument("--score-mean", type=float, default=0.0, help="score = (raw - mean) / std")
@@ -160,7 +166,8 @@ def _options(args: argparse.Namespace) -> ServeOptions:
         grpc_port=args.grpc_port, http_port=args.http_port, metrics_port=args.metrics_port,
         instances=args.instances, max_length=args.max_length, truncation=args.truncation,
         chat_template=args.chat_template.read_text() if args.chat_template else None,
-        head_type=args.head_type, reward_indices=args.reward_indices, attribute_names=args.attribute_names,
+        head_type=args.head_type, reward_indices=args.reward_indices, step_tag=args.step_tag,
+        step_labels=args.step_labels, step_aggregate=args.step_aggregate, attribute_names=args.attribute_names,
         attribute_weights=args.attribute_weights, score_mean=args.score_mean, score_std=args.score_std,
         device=args.device, dtype=args.dtype, compile=args.compile, attention=args.attention,
         torch_threads=args.threads,

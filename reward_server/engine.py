@@ -31,7 +31,7 @@ import numpy as np
 
 from reward_server.batching import DEFAULT_MIN_SHARED, DEFAULT_TOKEN_BUDGET, group_shared_prefixes, pack_sequences
 from reward_server.heads import (ProcessHead, RewardHead, detect_head_type, parse_indices, process_head,
-                                 resolve_step_tag, split_model, tag_positions)
+                                 process_layout, resolve_step_tag, split_model, tag_positions)
 
 _LOGGER = logging.getLogger(__name__)
 ATTENTION = "reward_packed"
@@ -338,13 +338,11 @@ class RewardEngine:
             tokenizer = transformers.AutoTokenizer.from_pretrained(str(checkpoint))
             tag_id = resolve_step_tag(tokenizer, architecture, step_tag)
             labels = parse_indices(step_labels) if step_labels not in (None, "") else None
-            if architecture.endswith("ForProcessRewardModel"):  # remote code: the backbone alone, head from the weights
+            layout = process_layout(architecture, labels)
+            if layout == "remote":  # remote code: the backbone alone, head from the weights
                 auto = transformers.AutoModel
-            elif architecture.endswith("ForTokenClassification"):
+            elif layout == "token_classification":
                 auto = transformers.AutoModelForTokenClassification
-            elif not labels:
-                raise ValueError(f"a process head on {architecture or 'this model'} needs the two label token ids "
-                                 "(--step-labels POSITIVE,NEGATIVE)")
         start = time.perf_counter()
         attention = _register_attention()
         model = auto.from_pretrained(str(checkpoint), dtype=dtype, attn_implementation=ATTENTION)
@@ -413,8 +411,9 @@ class RewardEngine:
         return out
 
     def score_steps(self, sequences: Sequence[Sequence[int]]) -> list[np.ndarray]:
-        """A process reward model's label logits at every step tag: float32 [S_i, 2] per sequence
-        (`self.process.step_scores` turns them into step scores). Each sequence is cut after its
+        """A process reward model's label logits at every step tag: float32 [S_i, 2] per sequence,
+        ordered (negative, positive) (`reward_server.scoring.step_scores` turns them into step
+        scores). Each sequence is cut after its
         last tag; a shared prompt is computed once up to, never past, a member's first tag.
 
         Raises:

@@ -12,7 +12,9 @@ Two layouts are served:
   code: Linear(h, h), ReLU, Linear(h, 2) under `score.0` / `score.2`, read from the weights, never
   executed), `*ForTokenClassification` (a `score` or `classifier` Linear(h, 2), as TRL's PRM trainer
   writes it), and a plain `*ForCausalLM` (Math-Shepherd) whose LM-head rows of two label tokens are
-  the logits. The step score is the softmax probability of the positive label (`ProcessHead`).
+  the logits. Every layout gives its two logits in the order (negative, positive), as
+  Qwen2.5-Math-PRM's head does; the step score is the positive label's softmax probability
+  (`reward_server.scoring.step_scores`).
 """
 
 from __future__ import annotations
@@ -150,35 +152,52 @@ def tag_positions(token_ids: Sequence[int], tag_id: int) -> list[int]:
 
 @dataclass
 class ProcessHead:
-    """A process reward head: `module` maps hidden states at step tags [S, H] to two label
-    logits [S, 2]; `positive` is the label whose softmax probability is the step score."""
+    """A process reward head: `module` maps hidden states at step tags [S, H] to the two label
+    logits [S, 2], ordered (negative, positive)."""
 
     module: Any
     tag_id: int
-    positive: int
 
-    def step_scores(self, logits) -> Any:
-        """Step scores in [0, 1] from label logits [S, 2] (any array type with softmax via numpy)."""
-        import numpy as np
 
-        logits = np.asarray(logits, dtype=np.float64)
-        shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-        return (shifted[..., self.positive] / shifted.sum(axis=-1)).astype(np.float32)
+def step_tag_or_default(architecture: str, step_tag: str | int | None) -> str | int:
+    """`step_tag`, or by default `DEFAULT_STEP_TAG` for a `*ForProcessRewardModel`.
+
+    Raises:
+        ValueError: no tag given where there is no default.
+    """
+    if step_tag not in (None, ""):
+        return step_tag
+    if architecture.endswith("ForProcessRewardModel"):
+        return DEFAULT_STEP_TAG
+    raise ValueError("a process reward head needs its step tag (--step-tag TOKEN or id): "
+                     f"{architecture or 'this model'} has no default one")
+
+
+def process_layout(architecture: str, labels: Sequence[int] | str | None) -> str:
+    """Which of the three process layouts a checkpoint has: "remote" (`*ForProcessRewardModel`),
+    "token_classification", or "causal_lm" (any other architecture, read at two label tokens).
+
+    Raises:
+        ValueError: a causal LM without its label token ids.
+    """
+    if architecture.endswith("ForProcessRewardModel"):
+        return "remote"
+    if architecture.endswith("ForTokenClassification"):
+        return "token_classification"
+    if not labels:
+        raise ValueError(f"a process head on {architecture or 'this model'} needs the two label token ids "
+                         "(--step-labels POSITIVE,NEGATIVE)")
+    return "causal_lm"
 
 
 def resolve_step_tag(tokenizer: Any, architecture: str, step_tag: str | int | None) -> int:
-    """The step tag's token id: `step_tag` as an id or a token of the vocabulary; by default
-    `DEFAULT_STEP_TAG` for a `*ForProcessRewardModel` whose tokenizer has it.
+    """The step tag's token id: `step_tag` as an id or a token of the vocabulary (default: see
+    `step_tag_or_default`).
 
     Raises:
         ValueError: no tag given where there is no default, or a tag that is not one token.
     """
-    if step_tag is None:
-        if architecture.endswith("ForProcessRewardModel") and DEFAULT_STEP_TAG in tokenizer.get_vocab():
-            step_tag = DEFAULT_STEP_TAG
-        else:
-            raise ValueError("a process reward head needs its step tag (--step-tag TOKEN or id): "
-                             f"{architecture or 'this model'} has no default one")
+    step_tag = step_tag_or_default(architecture, step_tag)
     if isinstance(step_tag, int) or str(step_tag).isdigit():
         tag_id = int(step_tag)
         if not 0 <= tag_id < len(tokenizer):
@@ -206,7 +225,8 @@ def process_head(model: Any, checkpoint: Any, tag_id: int, labels: Sequence[int]
     if labels:
         if len(labels) != 2:
             raise ValueError(f"a causal-LM process head needs two label token ids (positive, negative), got {labels}")
-        return ProcessHead(picked_rows(model, labels, "step label id"), tag_id, positive=0)
+        positive, negative = labels
+        return ProcessHead(picked_rows(model, (negative, positive), "step label id"), tag_id)
     if architecture.endswith("ForProcessRewardModel"):
         from pathlib import Path
 
@@ -221,7 +241,8 @@ def process_head(model: Any, checkpoint: Any, tag_id: int, labels: Sequence[int]
         if missing:
             raise ValueError(f"{architecture}: the checkpoint has no {missing[0]} (expected a Linear(h, h), ReLU, "
                              "Linear(h, 2) head under score.0 / score.2)")
-        first, last = torch.nn.Linear(*weights["score.0.weight"].shape[::-1]), torch.nn.Linear(*weights["score.2.weight"].shape[::-1])
+        first = torch.nn.Linear(*weights["score.0.weight"].shape[::-1])
+        last = torch.nn.Linear(*weights["score.2.weight"].shape[::-1])
         with torch.no_grad():
             first.weight.copy_(weights["score.0.weight"]), first.bias.copy_(weights["score.0.bias"])
             last.weight.copy_(weights["score.2.weight"]), last.bias.copy_(weights["score.2.bias"])
@@ -232,4 +253,4 @@ def process_head(model: Any, checkpoint: Any, tag_id: int, labels: Sequence[int]
     if out.weight.shape[0] != 2:
         raise ValueError(f"a process reward head has two labels; this one has {out.weight.shape[0]}")
     parameter = next(model.parameters())
-    return ProcessHead(module.to(parameter.device, parameter.dtype), tag_id, positive=1)
+    return ProcessHead(module.to(parameter.device, parameter.dtype), tag_id)

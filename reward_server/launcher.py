@@ -28,9 +28,9 @@ from pathlib import Path
 
 from reward_server import engines, settings
 from reward_server.drain import DrainState, read_metrics, settle_time_from_metrics
-from reward_server.heads import detect_head_type, num_outputs, parse_indices
+from reward_server.heads import detect_head_type, num_outputs, parse_indices, process_layout, step_tag_or_default
 from reward_server.ports import free_ports
-from reward_server.scoring import ScoreSpec, parse_floats
+from reward_server.scoring import DEFAULT_AGGREGATE, ScoreSpec, parse_floats
 from reward_server.trtllm.mpi import WORKER_FLAGS, find_mpirun, mpirun_command, ranks
 
 _LOGGER = logging.getLogger(__name__)
@@ -127,6 +127,9 @@ class ServeOptions:
     chat_template: str | None = None
     head_type: str = "auto"
     reward_indices: str | None = None
+    step_tag: str | None = None              # process reward models: the step tag (token or id)
+    step_labels: str | None = None           # process reward models on a causal LM: "POSITIVE,NEGATIVE" ids
+    step_aggregate: str = DEFAULT_AGGREGATE  # process reward models: min | last | mean | product
     attribute_names: str | None = None
     attribute_weights: str | None = None
     score_mean: float = 0.0
@@ -279,24 +282,24 @@ def model_parameters(options: ServeOptions, checkpoint: Path,
         return params, k
     config = json.loads((checkpoint / "config.json").read_text())
     head = detect_head_type(config.get("architectures"), options.head_type)
-    if head == "process":  # the engine scores steps (RewardEngine.score_steps); the wire does not carry them yet
-        raise ValueError("process reward models (per-step scores) are not served yet: score them in-process "
-                         "with reward_server.engine.RewardEngine.score_steps (issue 19)")
     indices = parse_indices(options.reward_indices)
-    k = _check_outputs(num_outputs(config, head, indices), score, names)
+    steps = _step_parameters(options, config) if head == "process" else {}
+    k = -1 if steps else _check_outputs(num_outputs(config, head, indices), score, names)  # -1: one per step
     cores = os.cpu_count() or 1
     threads = options.torch_threads or max(1, cores // max(1, options.instances))
     optional = lambda value: "" if value is None else str(value)  # noqa: E731
     params = {
         "preprocessing": {settings.CHECKPOINT: str(checkpoint), settings.MAX_LENGTH: optional(options.max_length),
-                          settings.TRUNCATION: options.truncation,
+                          settings.TRUNCATION: options.truncation, settings.STEP_TAG: steps.get(settings.STEP_TAG, ""),
                           settings.CHAT_TEMPLATE: options.chat_template or "", **_byte_limits(options)},
         ENGINE_MODEL: {settings.CHECKPOINT: str(checkpoint), settings.HEAD_TYPE: head,
                        settings.REWARD_INDICES: ",".join(map(str, indices)), settings.DEVICE: options.device,
                        settings.TORCH_THREADS: str(threads), settings.DTYPE: options.dtype,
                        settings.COMPILE: "true" if options.compile else "false",
-                       settings.ATTENTION: options.attention},
+                       settings.ATTENTION: options.attention, settings.STEP_TAG: steps.get(settings.STEP_TAG, ""),
+                       settings.STEP_LABELS: steps.get(settings.STEP_LABELS, "")},
         "postprocessing": {settings.ATTRIBUTE_NAMES: ",".join(names or [f"reward_{i}" for i in range(k)]),
+                           settings.STEP_AGGREGATE: steps.get(settings.STEP_AGGREGATE, ""),
                            settings.ATTRIBUTE_WEIGHTS: options.attribute_weights or "",
                            settings.SCORE_MEAN: str(options.score_mean),
                            settings.SCORE_STD: str(options.score_std)},
@@ -306,6 +309,25 @@ def model_parameters(options: ServeOptions, checkpoint: Path,
     if options.min_shared_prefix is not None:
         params[ENGINE_MODEL][settings.MIN_SHARED_PREFIX] = str(options.min_shared_prefix)
     return params, k
+
+
+def _step_parameters(options: ServeOptions, config: dict) -> dict[str, str]:
+    """A process reward model's step tag, labels and aggregate, checked before anything loads (the
+    models check the tag and labels against the vocabulary when they load).
+
+    Raises:
+        ValueError: no tag where the model has no default one, a causal LM without its two labels,
+            an unknown aggregate, or outcome-only options (attribute names or weights).
+    """
+    architecture = (config.get("architectures") or [""])[0]
+    if options.attribute_names or options.attribute_weights:
+        raise ValueError("a process reward model has one score per step: --attribute-names and "
+                         "--attribute-weights do not apply (its score is --step-aggregate of the steps)")
+    ScoreSpec(aggregate=options.step_aggregate)  # raises on an unknown rule
+    tag = str(step_tag_or_default(architecture, options.step_tag))
+    process_layout(architecture, options.step_labels)
+    return {settings.STEP_TAG: tag, settings.STEP_LABELS: options.step_labels or "",
+            settings.STEP_AGGREGATE: options.step_aggregate}
 
 
 def render_repository(options: ServeOptions, checkpoint: Path, dest: Path, serving=None) -> Path:

@@ -28,6 +28,9 @@ MIN_SHARED_PREFIX = "min_shared_prefix"
 DTYPE = "dtype"
 COMPILE = "compile"
 ATTENTION = "attention"
+STEP_TAG = "step_tag"
+STEP_LABELS = "step_labels"
+STEP_AGGREGATE = "step_aggregate"
 ATTRIBUTE_NAMES = "attribute_names"
 ATTRIBUTE_WEIGHTS = "attribute_weights"
 SCORE_MEAN = "score_mean"
@@ -71,7 +74,8 @@ def encoder_from_parameters(params: dict[str, str]):
 
     return ChatEncoder.from_checkpoint(_checkpoint(params), max_length=_int_or_none(params, MAX_LENGTH),
                                        truncation=params.get(TRUNCATION) or "reject",
-                                       chat_template=params.get(CHAT_TEMPLATE) or None)
+                                       chat_template=params.get(CHAT_TEMPLATE) or None,
+                                       step_tag=params.get(STEP_TAG) or None)
 
 
 def limits_from_parameters(params: dict[str, str]):
@@ -105,7 +109,9 @@ def engine_from_parameters(params: dict[str, str]):
                                         min_shared=DEFAULT_MIN_SHARED if min_shared is None else min_shared,
                                         dtype=params.get(DTYPE) or "auto",
                                         compile=_flag(params, COMPILE),
-                                        attention=params.get(ATTENTION) or "auto")
+                                        attention=params.get(ATTENTION) or "auto",
+                                        step_tag=params.get(STEP_TAG) or None,
+                                        step_labels=params.get(STEP_LABELS) or None)
 
 
 def score_spec_from_parameters(params: dict[str, str]):
@@ -113,7 +119,8 @@ def score_spec_from_parameters(params: dict[str, str]):
     from reward_server.scoring import ScoreSpec, parse_floats
 
     return ScoreSpec(weights=parse_floats(params.get(ATTRIBUTE_WEIGHTS)),
-                     mean=float(params.get(SCORE_MEAN) or 0.0), std=float(params.get(SCORE_STD) or 1.0))
+                     mean=float(params.get(SCORE_MEAN) or 0.0), std=float(params.get(SCORE_STD) or 1.0),
+                     aggregate=params.get(STEP_AGGREGATE) or None)
 
 
 def fanout_from_parameters(params: dict[str, str]):

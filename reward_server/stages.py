@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from reward_server.chat import ChatEncoder, ConversationError, Encoded, InputLimits, parse_messages
+from reward_server.scoring import step_rows
 
 
 class RequestError(str):
@@ -87,7 +88,7 @@ def preprocess(encoder: ChatEncoder, requests: Sequence[PreprocessInput],
             results[r] = _check_ids(encoder, request)
         else:
             what = given[0]
-            parsed = _parse_rows(getattr(request, what), what, limits)
+            parsed = _parse_rows(getattr(request, what), what, limits, encoder.step_tag)
             if isinstance(parsed, RequestError):
                 results[r] = parsed
             else:
@@ -103,8 +104,9 @@ def preprocess(encoder: ChatEncoder, requests: Sequence[PreprocessInput],
     return results
 
 
-def _parse_rows(array: np.ndarray, what: str, limits: InputLimits) -> list | RequestError:
-    """One request's `messages` (parsed) or `text` rows, after the byte limits."""
+def _parse_rows(array: np.ndarray, what: str, limits: InputLimits, step_tag: str | None) -> list | RequestError:
+    """One request's `messages` (parsed; a process model's steps joined with `step_tag`) or `text`
+    rows, after the byte limits."""
     rows = np.asarray(array, dtype=object).reshape(-1)
     size = sum(len(raw) if isinstance(raw, (bytes, str)) else 0 for raw in rows)
     if size > limits.max_request_bytes:
@@ -114,7 +116,7 @@ def _parse_rows(array: np.ndarray, what: str, limits: InputLimits) -> list | Req
     for c, raw in enumerate(rows):
         try:
             limits.check_conversation(raw, what)
-            items.append(parse_messages(raw) if what == "messages" else raw)
+            items.append(parse_messages(raw, step_tag) if what == "messages" else raw)
         except ConversationError as err:
             return RequestError(f"conversation {c}: {err}")
     return items
@@ -148,20 +150,29 @@ def engine_sequences(requests: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple
 def score_requests(engine, requests: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[dict]:
     """Run the engine once over all sequences of all requests and split rewards back.
 
-    Each request is (input_ids [B, W], input_lengths [B, 1]).
+    Each request is (input_ids [B, W], input_lengths [B, 1]). A process reward model's rewards
+    are `reward_server.scoring.step_rows`.
     """
     sequences, counts = engine_sequences(requests)
-    rewards = engine.score(sequences)
     offsets = np.cumsum([0] + counts)
+    if engine.process is not None:
+        steps = engine.score_steps(sequences)
+        return [{"rewards": step_rows(steps[offsets[i]:offsets[i + 1]])} for i in range(len(requests))]
+    rewards = engine.score(sequences)
     return [{"rewards": rewards[offsets[i]:offsets[i + 1]]} for i in range(len(requests))]
 
 
 def postprocess(spec, requests: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> list[dict]:
-    """The ensemble's public outputs for each request's (rewards [B, K], lengths [B, 1], truncated [B, 1]).
+    """The ensemble's public outputs for each request's (rewards [B, K], lengths [B, 1], truncated [B, 1]):
+    score, attributes (a process model's step scores), num_steps (0 for an outcome model), num_tokens, truncated.
 
     Every public output comes from this last step: Triton 2.51's ensemble scheduler stalls when
     a client requests only some outputs and an earlier step's outputs are partly unrequested.
     """
-    return [{"score": spec.score(np.asarray(rewards)).reshape(-1, 1), "attributes": np.asarray(rewards),
-             "num_tokens": np.asarray(lengths, dtype=np.int32), "truncated": np.asarray(truncated, dtype=bool)}
-            for rewards, lengths, truncated in requests]
+    results = []
+    for rewards, lengths, truncated in requests:
+        score, attributes, steps = spec.outputs(rewards)
+        results.append({"score": score.reshape(-1, 1), "attributes": attributes, "num_steps": steps.reshape(-1, 1),
+                        "num_tokens": np.asarray(lengths, dtype=np.int32),
+                        "truncated": np.asarray(truncated, dtype=bool)})
+    return results

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from reward_server.demo_checkpoint import build_checkpoint
 from reward_server.engine import RewardEngine
-from reward_server.heads import ProcessHead
+from reward_server.scoring import step_scores
 
 RNG = np.random.default_rng(19)
 TAG = 7  # the step tag's id in the token-classification and causal-LM checkpoints
@@ -97,7 +97,7 @@ def test_qwen2_process_reward_model_from_its_weights(qwen_prm):
     assert engine.stats.shared_tokens == 2 * (60 + 25)
     alone = [engine.score_steps([ids])[0] for ids in sequences]
     assert all(a.tobytes() == g.tobytes() for a, g in zip(alone, got))
-    scores = engine.process.step_scores(got[0])
+    scores = step_scores(got[0])
     expected = torch.softmax(torch.tensor(reference[0], dtype=torch.float64), -1)[:, 1].numpy()
     np.testing.assert_allclose(scores, expected, rtol=1e-4)
 
@@ -117,22 +117,21 @@ def test_token_classification_process_reward_model(tmp_path, budget):
                      for ids in sequences]
     engine = RewardEngine.from_checkpoint(out, step_tag=TAG, token_budget=budget)
     got = _check(engine, sequences, reference)
-    assert np.all((engine.process.step_scores(got[1]) > 0) & (engine.process.step_scores(got[1]) < 1))
+    assert np.all((step_scores(got[1]) > 0) & (step_scores(got[1]) < 1))
 
 
 def test_causal_lm_process_reward_model_reads_two_label_tokens(tmp_path):
     out = build_checkpoint(tmp_path / "ckpt", "tiny", arch="llama", head="lm_logits", seed=9)
-    labels = (41, 42)  # "+" and "-" in Math-Shepherd; here two ids of the demo vocabulary
+    positive, negative = 41, 42  # "+" and "-" in Math-Shepherd; here two ids of the demo vocabulary
     sequences = _sequences(TAG)
     model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    with torch.no_grad():
-        reference = [model(torch.tensor([ids])).logits[0, [i for i, t in enumerate(ids) if t == TAG]][:, labels]
-                     .numpy() for ids in sequences]
+    with torch.no_grad():  # the engine orders every head's logits (negative, positive)
+        reference = [model(torch.tensor([ids])).logits[0, [i for i, t in enumerate(ids) if t == TAG]]
+                     [:, [negative, positive]].numpy() for ids in sequences]
     engine = RewardEngine.from_checkpoint(out, head_type="process", step_tag=str(TAG), step_labels="41,42")
-    got = _check(engine, sequences, reference)
-    assert engine.process.positive == 0  # the first label is the positive one
-    head = ProcessHead(None, TAG, positive=0)
-    np.testing.assert_allclose(head.step_scores([[2.0, 0.0]]), [1 / (1 + np.exp(-2.0))], rtol=1e-6)
+    _check(engine, sequences, reference)
+    np.testing.assert_allclose(step_scores([[0.0, 2.0], [2.0, 0.0]]), [1 / (1 + np.exp(-2.0)), 1 / (1 + np.exp(2.0))],
+                               rtol=1e-6)
 
 
 def test_process_errors_name_what_is_wrong(qwen_prm, tmp_path):
@@ -153,12 +152,23 @@ def test_process_errors_name_what_is_wrong(qwen_prm, tmp_path):
         RewardEngine.from_checkpoint(causal, head_type="process", step_tag=TAG, step_labels="1,99999")
 
 
-def test_serving_a_process_model_is_refused_with_the_reason(qwen_prm):
+def test_serve_options_of_a_process_model_are_checked_before_loading(qwen_prm, tmp_path):
     from reward_server.launcher import ServeOptions, model_parameters
 
     checkpoint, _ = qwen_prm
-    with pytest.raises(ValueError, match="process reward models .* not served yet"):
-        model_parameters(ServeOptions(checkpoint=checkpoint), checkpoint)
+    params, k = model_parameters(ServeOptions(checkpoint=checkpoint), checkpoint)
+    assert k == -1  # one attribute per step
+    assert params["preprocessing"]["step_tag"] == params["reward_engine"]["step_tag"] == "<extra_0>"
+    assert params["postprocessing"]["step_aggregate"] == "min"
+    for options, needle in [(dict(step_aggregate="median"), "step_aggregate must be one of"),
+                            (dict(attribute_weights="1,2"), "do not apply")]:
+        with pytest.raises(ValueError, match=needle):
+            model_parameters(ServeOptions(checkpoint=checkpoint, **options), checkpoint)
+    causal = build_checkpoint(tmp_path / "causal", "tiny", head="lm_logits")
+    with pytest.raises(ValueError, match="needs its step tag"):
+        model_parameters(ServeOptions(checkpoint=causal, head_type="process"), causal)
+    with pytest.raises(ValueError, match="two label token ids"):
+        model_parameters(ServeOptions(checkpoint=causal, head_type="process", step_tag="7"), causal)
 
 
 def test_steps_are_joined_with_the_tag_or_found_in_the_content():
@@ -180,6 +190,7 @@ def test_steps_are_joined_with_the_tag_or_found_in_the_content():
     # outcome models never read "steps": the content is required as before
     with pytest.raises(ConversationError, match="content must be a string"):
         parse_messages([prompt, {"role": "assistant", "steps": ["a"]}])
-    with pytest.raises(ConversationError, match="has no step tag"):  # a tag in the prompt is not a step
-        parse_messages([{"role": "user", "content": "x<extra_0>"}, {"role": "assistant", "content": "y"}],
-                       step_tag="<extra_0>")
+    for response in ("y", "y<extra_0>"):  # a tag in the prompt is not a step, even beside tagged steps
+        with pytest.raises(ConversationError, match="message 0 holds the step tag '<extra_0>': only the response"):
+            parse_messages([{"role": "user", "content": "x<extra_0>"}, {"role": "assistant", "content": response}],
+                           step_tag="<extra_0>")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict
+from typing import Dict, Sequence, Tuple, Union
 
 
 @dataclass(frozen=True)
@@ -14,9 +14,12 @@ class ScoreResult:
     Attributes:
         index: 0-based position of the conversation in the caller's input.
         score: the scalar reward (after the server's head selection, weighting, normalisation).
-        attributes: raw head outputs by attribute name, in the model's order.
+        attributes: raw head outputs by attribute name, in the model's order (empty for a process
+            reward model).
         num_tokens: tokens the server scored for this conversation.
         truncated: whether the server truncated the conversation to fit its context.
+        steps: a process reward model's step scores in [0, 1], one per step in order; ``score`` is
+            then their aggregate (the server's ``--step-aggregate``). Empty for an outcome model.
     """
 
     index: int
@@ -24,11 +27,13 @@ class ScoreResult:
     attributes: Dict[str, float] = field(default_factory=dict)
     num_tokens: int = 0
     truncated: bool = False
+    steps: Tuple[float, ...] = ()
 
     def to_dict(self) -> Dict[str, object]:
-        """Return the result as a JSON-ready dict (without ``index``)."""
-        return {"score": self.score, "attributes": dict(self.attributes),
-                "num_tokens": self.num_tokens, "truncated": self.truncated}
+        """Return the result as a JSON-ready dict (without ``index``; ``steps`` only for a process
+        reward model, in place of ``attributes``)."""
+        scored: Dict[str, object] = {"steps": list(self.steps)} if self.steps else {"attributes": dict(self.attributes)}
+        return {"score": self.score, **scored, "num_tokens": self.num_tokens, "truncated": self.truncated}
 
 
 @dataclass(frozen=True)
@@ -37,12 +42,12 @@ class RankedResponse:
 
     Attributes:
         index: position of the response in the list given to ``rank``.
-        response: the response text.
+        response: the response text (or its steps, for a process reward model).
         result: its full score result.
     """
 
     index: int
-    response: str
+    response: Union[str, Sequence[str]]
     result: ScoreResult
 
     @property

@@ -13,7 +13,7 @@ from tritonclient.utils import InferenceServerException
 from reward_client._base import (DEFAULT_URL, AttributeNames, ClientSettings, checked_id_rows,
                                  encoded_conversations, encoded_texts, keyed_conversations, keyed_id_rows,
                                  keyed_texts)
-from reward_client.conversations import ConversationLike, with_response
+from reward_client.conversations import ConversationLike, Response, with_response
 from reward_client.errors import RewardUnavailableError
 from reward_client.results import RankedResponse, ScoreResult, bradley_terry
 from reward_client.retry import RetryPolicy, call_with_retries
@@ -319,8 +319,11 @@ class RewardClient:
         a, b = self.score([with_response(prompt, response_a), with_response(prompt, response_b)])
         return bradley_terry(a.score, b.score)
 
-    def rank(self, prompt: Prompt, responses: Sequence[str]) -> List[RankedResponse]:
+    def rank(self, prompt: Prompt, responses: Sequence[Response]) -> List[RankedResponse]:
         """Rank responses to one prompt, best first (best-of-n); ties keep input order.
+
+        With a process reward model a response may be its list of steps; responses are ranked by
+        their score, the aggregate of their step scores (each result's ``steps``).
 
         Raises:
             RewardInvalidInputError: a response was rejected; ``.index`` is its position.
@@ -366,8 +369,7 @@ class RewardClient:
 
     def _infer(self, model: str, inputs: list, offset: int) -> List[ScoreResult]:
         try:
-            response = self._client.infer(model, inputs, outputs=wire.requested_outputs(),
-                                          client_timeout=self.settings.timeout_s)
+            response = self._client.infer(model, inputs, client_timeout=self.settings.timeout_s)
         except InferenceServerException as exc:
             raise wire.map_error(exc, offset) from exc
         self._load_attribute_names(self._client)
@@ -402,8 +404,7 @@ class RewardClient:
     def _infer_routed(self, chunk: routing.RoutedChunk, model: str, make_inputs: Any) -> List[ScoreResult]:
         client = self._pool.client(chunk.address)
         try:
-            response = client.infer(model, make_inputs(chunk.payloads), outputs=wire.requested_outputs(),
-                                    client_timeout=self.settings.timeout_s)
+            response = client.infer(model, make_inputs(chunk.payloads), client_timeout=self.settings.timeout_s)
         except InferenceServerException as exc:
             raise chunk_error(exc, chunk) from exc
         self._pool.health.mark_up(chunk.address)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from reward_client import (RewardClientError, RewardInvalidInputError, RewardTimeoutError,
-                           RewardUnavailableError)
+                           RewardUnavailableError, ScoreResult)
 
 # How a conversation reaches the server: a message list (the server applies the chat template),
 # an already-templated string (`reward_text`), or token ids (`reward_ids`).
@@ -70,6 +70,19 @@ def activate(values: Sequence[float]) -> list[float]:
     exps = [math.exp(float(v) - top) for v in values]
     total = sum(exps)
     return [e / total for e in exps]
+
+
+def head_outputs(result: ScoreResult) -> list[float]:
+    """An outcome reward model's raw head outputs, in the model's order.
+
+    Raises:
+        GatewayError: the result is a process reward model's (step scores have no classes).
+    """
+    if result.steps:
+        raise GatewayError("the served model is a process reward model: its step scores are answered by "
+                           "/pooling with \"task\": \"token_classify\", its aggregate score by /v1/score, "
+                           "/get_reward and /v1/chat/completions")
+    return list(result.attributes.values())
 
 
 def check_messages(value: Any, where: str) -> list:

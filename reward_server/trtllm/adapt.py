@@ -86,6 +86,19 @@ class RewardHeadSpec:
         return spec
 
 
+def engine_head(architectures: list[str] | None, head_type: str) -> str:
+    """The head type of a checkpoint the TensorRT-LLM path can build (`detect_head_type`).
+
+    Raises:
+        ValueError: an unknown head, or a process reward model (served by the torch engine only).
+    """
+    head = detect_head_type(architectures, head_type)
+    if head == "process":
+        raise ValueError("process reward models are not built for TensorRT-LLM yet: serve them with the torch "
+                         "engine (reward-server serve --engine torch)")
+    return head
+
+
 def adapt_checkpoint(source: str | Path, output: str | Path, head_type: str = "auto",
                      reward_indices: str | Sequence[int] | None = None) -> RewardHeadSpec:
     """Prepare a reward checkpoint for TensorRT-LLM's `*ForCausalLM` conversion.
@@ -109,7 +122,7 @@ def adapt_checkpoint(source: str | Path, output: str | Path, head_type: str = "a
     source, output = Path(source).resolve(), Path(output).resolve()
     config = _read_json(source / "config.json")
     architecture = (config.get("architectures") or ["<none>"])[0]
-    head = detect_head_type(config.get("architectures"), head_type)
+    head = engine_head(config.get("architectures"), head_type)
     suffix = _SEQ_CLS if head == "sequence_classification" else _CAUSAL_LM
     if not architecture.endswith(suffix):
         raise ValueError(f"head_type {head} needs a *{suffix} checkpoint; {source} is {architecture}")

@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from reward_server.heads import detect_head_type
 from reward_server.trtllm.calibration import HELP, check_calibration_dataset
 from reward_server.trtllm.layout import EngineLayout
 
@@ -127,7 +126,9 @@ def check_inputs(options: BuildOptions, config: dict) -> tuple[str, str, str, in
             can read, pp above 1 (unverified).
     """
     architecture = (config.get("architectures") or ["<none>"])[0]
-    head = detect_head_type(config.get("architectures"), options.head_type)
+    from reward_server.trtllm.adapt import engine_head  # safetensors, loaded when a build is checked
+
+    head = engine_head(config.get("architectures"), options.head_type)
     family = architecture.removesuffix("ForSequenceClassification").removesuffix("ForCausalLM")
     causal = family + "ForCausalLM"
     if causal not in CONVERTERS:

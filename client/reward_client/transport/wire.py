@@ -4,7 +4,10 @@ Ensemble ``reward`` takes ``messages`` (BYTES [B, 1], one JSON conversation each
 ``reward_ids`` takes ``input_ids`` (INT32 [B, L], right-padded) and ``input_lengths``
 (INT32 [B, 1]); ensemble ``reward_text`` takes ``text`` (BYTES [B, 1], one already-templated
 string each). All return ``score`` FP32 [B, 1], ``attributes`` FP32 [B, K],
-``num_tokens`` INT32 [B, 1] and ``truncated`` BOOL [B, 1].
+``num_tokens`` INT32 [B, 1] and ``truncated`` BOOL [B, 1]; servers since process reward models
+also return ``num_steps`` INT32 [B, 1]: 0 for an outcome model; for a process model the number of
+steps, whose scores are the first ``num_steps`` values of the row's ``attributes`` (NaN after them).
+Requests ask for every output (no output list), so a client works with servers of either kind.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import re
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
-from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
 
 from reward_client.errors import (RewardClientError, RewardInvalidInputError, RewardServerError,
@@ -92,11 +95,6 @@ def ids_inputs(rows: Sequence[Sequence[int]]) -> List[InferInput]:
     return [ids_tensor, lengths_tensor]
 
 
-def requested_outputs() -> List[InferRequestedOutput]:
-    """Return the four outputs every scoring request asks for."""
-    return [InferRequestedOutput(name) for name in OUTPUT_NAMES]
-
-
 def parse_attribute_names(parameter: str, count: int) -> Tuple[str, ...]:
     """Return ``count`` attribute names from the comma-separated ``attribute_names`` parameter.
 
@@ -126,11 +124,18 @@ def parse_results(as_numpy: Callable[[str], Optional[np.ndarray]], offset: int,
     if missing:
         raise RewardServerError(f"response lacks outputs {missing}")
     scores = arrays["score"].reshape(-1)
+    steps = as_numpy("num_steps")
+    steps = np.zeros(len(scores), dtype=np.int64) if steps is None else steps.reshape(-1)
     attributes = arrays["attributes"].reshape(len(scores), -1)
     num_tokens = arrays["num_tokens"].reshape(-1)
     truncated = arrays["truncated"].reshape(-1)
-    if not len(scores) == len(attributes) == len(num_tokens) == len(truncated):
+    if not len(scores) == len(attributes) == len(num_tokens) == len(truncated) == len(steps):
         raise RewardServerError("outputs disagree on the batch size")
+    if steps.any():  # a process reward model: the attributes are its step scores
+        return [ScoreResult(index=offset + row, score=float(scores[row]),
+                            steps=tuple(float(v) for v in attributes[row, :int(steps[row])]),
+                            num_tokens=int(num_tokens[row]), truncated=bool(truncated[row]))
+                for row in range(len(scores))]
     names = attribute_names(attributes.shape[1])
     return [
         ScoreResult(index=offset + row, score=float(scores[row]),

@@ -56,7 +56,7 @@ async def predict(body: Any, ctx: Context) -> list:
     results = await ctx.score(items, "inputs")
     answers = []
     for result in results:
-        values = list(result.attributes.values())
+        values = head_outputs(result)
         values = values if raw else activate(values)
         labels = [{"score": v, "label": name} for name, v in zip(result.attributes, values)]
         answers.append(sorted(labels, key=lambda label: -label["score"]))

@@ -11,6 +11,10 @@ reads `data[-1].probs[-1]`; its SGLang variant reads `data[-1].embedding[-1]` fr
 `use_activation` (or the legacy `activation`): absent or true gives vLLM's classifier activation
 (sigmoid for one output, softmax for several), false gives the raw head outputs. SGLang's
 embeddings are always raw. `model` is accepted and ignored.
+
+A process reward model answers `/pooling` with `"task": "token_classify"` (or no task), as vLLM
+answers for Qwen2.5-Math-PRM: `data[i].data` holds one `[p_negative, p_positive]` row per step tag
+(the server returns the positive probability; the negative one is its complement).
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from typing import Any
 
 from reward_client import ScoreResult
 
-from reward_server.gateway.core import IDS, MESSAGES, TEXT, GatewayError, Item, activate, check_ids, check_messages
+from reward_server.gateway.core import (IDS, MESSAGES, TEXT, GatewayError, Item, activate, check_ids, check_messages,
+                                        head_outputs)
 from reward_server.gateway.protocols import Context, body_object, usage
 
 _TYPES = {"invalid_input": "BadRequestError", "too_large": "BadRequestError", "unavailable": "ServiceUnavailableError",
@@ -67,9 +72,19 @@ def wants_activation(body: dict) -> bool:
     return True
 
 
+POOLING_TASKS = ("classify", "token_classify", "embed", "score", "token_embed", "encode")
+
+
 def _values(result: ScoreResult, activated: bool) -> list[float]:
-    raw = list(result.attributes.values())
+    raw = head_outputs(result)
     return activate(raw) if activated else raw
+
+
+def _step_rows(result: ScoreResult, activated: bool) -> list[list[float]]:
+    if not activated:
+        raise GatewayError("use_activation false: a process reward model is answered with step probabilities "
+                           "only", param="use_activation")
+    return [[1.0 - p, p] for p in result.steps]
 
 
 def _envelope(prefix: str, body: dict, ctx: Context, data: list, results: list[ScoreResult]) -> dict:
@@ -92,11 +107,23 @@ async def classify(body: Any, ctx: Context) -> dict:
 
 
 async def pooling(body: Any, ctx: Context) -> dict:
-    """vLLM `/pooling`: `data[i] = {index, object: "pooling", data}`."""
+    """vLLM `/pooling`: `data[i] = {index, object: "pooling", data}`; a process reward model's
+    `data` is its `[p_negative, p_positive]` step rows (`"task": "token_classify"`)."""
     body = body_object(body)
     activated = wants_activation(body)
+    task = body.get("task")
+    if task is not None and task not in POOLING_TASKS:
+        raise GatewayError(f"task must be one of {', '.join(POOLING_TASKS)}, got {task!r}", param="task")
     results = await ctx.score(parse_input(body), "input")
-    data = [{"index": i, "object": "pooling", "data": _values(r, activated)} for i, r in enumerate(results)]
+    steps = any(r.steps for r in results)
+    if steps and task not in (None, "token_classify"):
+        raise GatewayError(f"task {task!r}: the served model is a process reward model; ask for task "
+                           "token_classify", param="task")
+    if not steps and task == "token_classify":
+        raise GatewayError("task token_classify needs a process reward model; the served model scores whole "
+                           "conversations", param="task")
+    rows = _step_rows if steps else _values
+    data = [{"index": i, "object": "pooling", "data": rows(r, activated)} for i, r in enumerate(results)]
     return _envelope("pool", body, ctx, data, results)
 
 
