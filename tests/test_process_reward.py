@@ -194,3 +194,179 @@ def test_steps_are_joined_with_the_tag_or_found_in_the_content():
         with pytest.raises(ConversationError, match="message 0 holds the step tag '<extra_0>': only the response"):
             parse_messages([{"role": "user", "content": "x<extra_0>"}, {"role": "assistant", "content": response}],
                            step_tag="<extra_0>")
+
+
+# -- served: a real tritonserver and the gateway on the Qwen2 PRM ------------------------------------
+
+PROMPT = "Tom has 3 apples and buys 2 more, then eats one. How many are left?"
+STEPS = [["Tom starts with 3 apples.", " He buys 2: 3 + 2 = 5.", " He eats one: 5 - 1 = 4."],
+         ["3 + 2 = 6.", " 6 - 1 = 5."],
+         ["Grüße! 3 + 2 - 1 = 4 🙂"],
+         ["Start: 3.", " Buy two, so five.", " Eat one.", " Four are left, the answer is 4."]]
+MAX_LENGTH = 200
+
+
+@pytest.fixture(scope="module")
+def prm_server(qwen_prm):
+    """`serve --checkpoint PRM` with nothing else: head, tag and aggregate (min) found alone."""
+    from reward_server.launcher import ServeOptions, TritonServer
+
+    checkpoint, _ = qwen_prm
+    with TritonServer(ServeOptions(checkpoint=checkpoint, max_length=MAX_LENGTH, min_shared_prefix=8)) as server:
+        yield server
+
+
+def _reference_steps(checkpoint, tag, messages):
+    """transformers' template and a plain forward pass: the positive probability at every tag."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
+    ids = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+    logits = _qwen_prm_reference(checkpoint, ids, tag)
+    return torch.softmax(torch.tensor(logits, dtype=torch.float64), -1)[:, 1].numpy()
+
+
+def test_process_model_served_over_grpc_with_its_steps(prm_server, qwen_prm):
+    from reward_client import RewardClient, RewardInvalidInputError
+
+    checkpoint, tag = qwen_prm
+    tagged = [{"role": "user", "content": "What is 2 + 2?"},
+              {"role": "assistant", "content": "2 + 2 = 4.<extra_0> The answer is 4.<extra_0>"}]
+    conversations = [(PROMPT, steps) for steps in STEPS] + [tagged]
+    with RewardClient(prm_server.grpc_url, batch_size=3) as client:
+        results = client.score(conversations)
+        ranked = client.rank(PROMPT, STEPS)
+        with pytest.raises(RewardInvalidInputError, match="no step tag") as err:
+            client.score([(PROMPT, STEPS[0]), (PROMPT, "an answer without steps")])
+        assert err.value.index == 1
+    for result, conversation in zip(results, conversations):
+        messages = ([{"role": "user", "content": conversation[0]},
+                     {"role": "assistant", "content": "".join(s + "<extra_0>" for s in conversation[1])}]
+                    if isinstance(conversation, tuple) else conversation)
+        expected = _reference_steps(checkpoint, tag, messages)
+        np.testing.assert_allclose(result.steps, expected, rtol=1e-4, atol=1e-6)
+        assert result.score == pytest.approx(min(result.steps), abs=1e-7)  # the default aggregate
+        assert result.attributes == {} and result.to_dict()["steps"] == list(result.steps)
+    assert [len(r.steps) for r in results] == [3, 2, 1, 4, 2]
+    assert [r.index for r in ranked] == sorted(range(len(STEPS)), key=lambda i: (-results[i].score, i))
+
+
+def test_process_model_served_over_http_batched_with_bad_input(prm_server, qwen_prm):
+    """Triton's own HTTP API: the step scores NaN-padded in `attributes`, `num_steps` per row; a
+    conversation without a tag, with a tag in its prompt, or over the length limit fails its own
+    request only, naming it, while concurrent good requests are answered in full."""
+    import concurrent.futures
+    import json as json_module
+
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    def infer(conversations):
+        client = httpclient.InferenceServerClient(prm_server.http_url.removeprefix("http://"), network_timeout=120)
+        data = np.array([[json_module.dumps(c).encode()] for c in conversations], dtype=object)
+        tensor = httpclient.InferInput("messages", list(data.shape), "BYTES")
+        tensor.set_data_from_numpy(data)
+        try:
+            reply = client.infer("reward", [tensor])
+        except InferenceServerException as err:
+            return str(err)
+        return {name: reply.as_numpy(name) for name in ("score", "attributes", "num_steps", "num_tokens")}
+
+    good = [[{"role": "user", "content": PROMPT}, {"role": "assistant", "steps": steps}] for steps in STEPS]
+    long_steps = [" ".join(["one more careful step of the computation"] * 3)] * 20
+    bad = {"no tag": [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": "4"}],
+           "tag in prompt": [{"role": "user", "content": "2+2?<extra_0>"},
+                             {"role": "assistant", "steps": ["4"]}],
+           "too long": [{"role": "user", "content": PROMPT}, {"role": "assistant", "steps": long_steps}]}
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        goods = [pool.submit(infer, good) for _ in range(3)]
+        bads = {what: pool.submit(infer, [good[0], conversation]) for what, conversation in bad.items()}
+        goods, bads = [f.result() for f in goods], {what: f.result() for what, f in bads.items()}
+    assert "conversation 1: the response (message 1) has no step tag '<extra_0>'" in bads["no tag"]
+    assert "conversation 1: message 0 holds the step tag '<extra_0>'" in bads["tag in prompt"]
+    assert f"conversation 1: conversation is" in bads["too long"] and f"maximum length of {MAX_LENGTH}" in bads["too long"]
+    checkpoint, tag = qwen_prm
+    for answer in goods:
+        assert answer["num_steps"].reshape(-1).tolist() == [3, 2, 1, 4]
+        assert answer["attributes"].shape == (4, 4)
+        for row, steps, conversation in zip(answer["attributes"], answer["num_steps"].reshape(-1), good):
+            messages = [conversation[0], {"role": "assistant", "content": "".join(s + "<extra_0>" for s in
+                                                                                 conversation[1]["steps"])}]
+            np.testing.assert_allclose(row[:steps], _reference_steps(checkpoint, tag, messages), rtol=1e-4, atol=1e-6)
+            assert np.isnan(row[steps:]).all()
+        assert (goods[0]["attributes"][~np.isnan(goods[0]["attributes"])].tobytes()
+                == answer["attributes"][~np.isnan(answer["attributes"])].tobytes())
+
+
+def test_process_model_through_the_gateway(prm_server, qwen_prm):
+    """vLLM's `/pooling` with task token_classify on templated text, as vLLM answers for
+    Qwen2.5-Math-PRM; OpenRLHF's `/get_reward` gets the aggregate; `/classify` says why not."""
+    from reward_client import RewardClient
+
+    from tests.conftest import GatewayProcess
+    from tests.test_gateway import post
+
+    checkpoint, _ = qwen_prm
+    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": PROMPT},
+                                            {"role": "assistant", "content": "".join(s + "<extra_0>" for s in steps)}],
+                                           tokenize=False) for steps in STEPS]
+    with RewardClient(prm_server.grpc_url) as client:
+        results = client.score((PROMPT, steps) for steps in STEPS)
+    with GatewayProcess(prm_server.grpc_url) as gateway:
+        status, answer = post(gateway.url + "/pooling", {"model": "prm", "input": texts, "task": "token_classify"})
+        assert status == 200, answer
+        for item, result in zip(answer["data"], results):
+            np.testing.assert_allclose([row[1] for row in item["data"]], result.steps, rtol=1e-6)
+            np.testing.assert_allclose([sum(row) for row in item["data"]], 1.0, rtol=1e-6)
+        status, answer = post(gateway.url + "/get_reward", {"query": texts})
+        assert status == 200 and answer["rewards"] == pytest.approx([r.score for r in results], rel=1e-6)
+        status, answer = post(gateway.url + "/classify", {"input": texts[0]})
+        assert status == 400 and "process reward model" in answer["error"]["message"]
+        status, answer = post(gateway.url + "/pooling", {"input": texts[0], "task": "embed"})
+        assert status == 400 and "token_classify" in answer["error"]["message"]
+
+
+def test_step_rows_and_aggregates():
+    from reward_server.scoring import ScoreSpec, step_rows
+
+    logits = [np.array([[0.0, 1.0], [2.0, -1.0], [0.5, 0.5]]), np.array([[-3.0, 3.0]])]
+    rows = step_rows(logits)
+    assert rows.shape == (2, 7) and rows[:, 0].tolist() == [3, 1] and np.isnan(rows[1, 3:]).all()
+    probabilities = [1 / (1 + np.exp(-1.0)), 1 / (1 + np.exp(3.0)), 0.5]
+    expected = {"min": [probabilities[1], 1 / (1 + np.exp(-6.0))], "last": [0.5, 1 / (1 + np.exp(-6.0))],
+                "mean": [np.mean(probabilities), 1 / (1 + np.exp(-6.0))],
+                "product": [np.prod(probabilities), 1 / (1 + np.exp(-6.0))]}
+    for rule, scores in expected.items():
+        score, steps, counts = ScoreSpec(aggregate=rule, mean=0.25, std=2.0).outputs(rows)
+        np.testing.assert_allclose(score, (np.array(scores) - 0.25) / 2.0, rtol=1e-6)
+        np.testing.assert_allclose(steps[0], probabilities, rtol=1e-6)
+        assert counts.tolist() == [3, 1] and np.isnan(steps[1, 1:]).all()
+    score, attributes, counts = ScoreSpec().outputs(np.array([[1.5, 2.0]]))  # outcome: unchanged, no steps
+    assert score.tolist() == [1.5] and attributes.tolist() == [[1.5, 2.0]] and counts.tolist() == [0]
+
+
+def test_encoder_keeps_every_step_tag_or_says_why(qwen_prm, tmp_path):
+    """Token-level checks on all three inputs: a tag that merges into its neighbours, steps cut by
+    truncation, and token ids or text without the tag."""
+    from reward_server.chat import ChatEncoder, ConversationError
+
+    checkpoint, tag = qwen_prm
+    encoder = ChatEncoder.from_checkpoint(checkpoint, step_tag="<extra_0>")
+    assert (encoder.step_tag, encoder.step_tag_id) == ("<extra_0>", tag)
+    [ok] = encoder.encode_batch([[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a<extra_0>"}]])
+    assert ok.token_ids.count(tag) == 1
+    assert encoder.check_ids([5, 6, tag]).token_ids == [5, 6, tag]
+    with pytest.raises(ConversationError, match=f"no step tag '<extra_0>' \\(token id {tag}\\)"):
+        encoder.check_ids([5, 6, 7])
+    [missing] = encoder.encode_texts(["no tag here"])
+    assert isinstance(missing, ConversationError) and "no step tag" in str(missing)
+    short = ChatEncoder.from_checkpoint(checkpoint, max_length=6, truncation="truncate_left", step_tag=str(tag))
+    assert short.step_tag == "<extra_0>"  # the id's text: what steps are joined with
+    [cut] = short.encode_texts(["a<extra_0>b<extra_0>c d e f g h i j k"])
+    assert isinstance(cut, ConversationError) and "would cut 2 of the 2 steps" in str(cut)
+    # a tag that is an ordinary token can merge with the text next to it: counted, not lost
+    vocab = encoder.tokenizer.get_vocab()
+    word = next(w for w in sorted(vocab) if len(w) > 1 and w.isalpha() and w[0] in vocab
+                and encoder.tokenizer(w, add_special_tokens=False).input_ids == [vocab[w]])
+    plain = ChatEncoder.from_checkpoint(checkpoint, step_tag=word[0])
+    [merged] = plain.encode_texts([f"{word}{word[0]}"])  # the tag's character inside a longer token, and alone
+    assert isinstance(merged, ConversationError) and f"the 2 step tags {word[0]!r} became 1 tag tokens" in str(merged)
