@@ -109,6 +109,8 @@ def test_many_conversations_in_one_request(server):
 class _NoEncoder:
     """Fails the test if anything reaches tokenisation."""
 
+    step_tag = None  # an outcome model's encoder
+
     def encode_batch(self, conversations):
         assert not conversations, "tokenised a conversation over the byte limit"
         return []

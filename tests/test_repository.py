@@ -31,6 +31,7 @@ def test_checked_in_configs_parse_and_match_the_wire_contract():
     assert [(i.name, i.data_type, list(i.dims)) for i in reward.input] == [("messages", model_config_pb2.TYPE_STRING, [1])]
     outputs = {o.name: (o.data_type, list(o.dims)) for o in reward.output}
     assert outputs == {"score": (model_config_pb2.TYPE_FP32, [1]), "attributes": (model_config_pb2.TYPE_FP32, [-1]),
+                       "num_steps": (model_config_pb2.TYPE_INT32, [1]),
                        "num_tokens": (model_config_pb2.TYPE_INT32, [1]), "truncated": (model_config_pb2.TYPE_BOOL, [1])}
     assert {o.name: (o.data_type, list(o.dims)) for o in configs["reward_ids"].output} == outputs
     assert {o.name: (o.data_type, list(o.dims)) for o in configs["reward_text"].output} == outputs
