@@ -593,6 +593,24 @@ def check_engine_logits(client: Any, model: Any, ids: Sequence[Sequence[int]], p
             "_expected": expected}
 
 
+def check_step_chain(client: Any, model: Any, seq: Sequence[int], pad_id: int, end_id: int, dtype: str,
+                     every: int = 48) -> dict:
+    """A process reward model's requests on the real engine: one sequence cut after every `every`
+    tokens (standing in for step tags), the prefixes sent one after another as the fan-out sends a
+    conversation's steps, each finding the blocks of the one before cached. The logits of each
+    prefix's last position must equal transformers at that position (what KV-cache reuse must not
+    change beyond the dtype's tolerance).
+    """
+    from bench.gpu import trtllm_client
+
+    cuts = list(range(every, len(seq) + 1, every)) or [len(seq)]
+    expected = np.stack([reference.scores_at_final_token(model, seq[:cut]) for cut in cuts])
+    k = expected.shape[1]
+    observed = np.stack([trtllm_client.infer(client, list(seq[:cut]), end_id=end_id, pad_id=pad_id).first_logits()[:k]
+                         for cut in cuts]).astype(np.float32)
+    return {"cuts": cuts, **compare.compare(observed, expected, dtype)}
+
+
 def stage_trtllm_logits(ctx: Context, out: dict) -> None:
     _require_trtllm(ctx)
     if ctx.engine_dir is None:
@@ -624,6 +642,8 @@ def check_served_logits(ctx: Context, out: dict, engine_dir: Path) -> None:
     direct = check_engine_logits(client, ctx.trtllm_reference, ids, pad_id, end_id, ctx.run.dtype)
     expected = direct.pop("_expected")
     out["engine_direct"] = direct
+    out["step_chain"] = check_step_chain(client, ctx.trtllm_reference, max(ids, key=len), pad_id, end_id,
+                                         ctx.run.dtype, every=48 if ctx.cuda else 8)
     served = score_served(client, workload.conversations)
     out["served_vs_reference"] = compare.compare(served["attributes"], expected, ctx.run.dtype, workload.group_ids)
     out["served_num_tokens_equal"] = int(np.sum(served["num_tokens"] == np.array([len(s) for s in ids])))
@@ -643,6 +663,9 @@ def check_served_logits(ctx: Context, out: dict, engine_dir: Path) -> None:
                         f"({direct['positions']})")
     if not out["served_vs_reference"]["within_tolerance"]:
         failures.append(f"served scores differ from transformers by {out['served_vs_reference']['max_abs']:.4g}")
+    if not out["step_chain"]["within_tolerance"]:
+        failures.append(f"step-by-step requests (process reward models) differ from transformers by "
+                        f"{out['step_chain']['max_abs']:.4g} at {len(out['step_chain']['cuts'])} cuts")
     if out["served_num_tokens_equal"] != n:
         failures.append(f"num_tokens differs from the token count for {n - out['served_num_tokens_equal']} of {n}")
     if failures:

@@ -58,9 +58,7 @@ def _serve_parser(sub) -> None:
     p.add_argument("--chat-template", type=Path, help="file with a Jinja chat template overriding the checkpoint's")
     p.add_argument("--head-type", choices=HEAD_TYPES, default="auto")
     p.add_argument("--reward-indices", help="lm_logits heads: vocabulary indices read as rewards, e.g. 0 or 0,1,2")
-    p.add_argument("--step-tag", help="process reward models: the step tag, a token or its id "
-                   f"(default for *ForProcessRewardModel: {DEFAULT_STEP_TAG})")
-    p.add_argument("--step-labels", help="process reward models on a causal LM: label token ids POSITIVE,NEGATIVE")
+    _step_arguments(p)
     p.add_argument("--step-aggregate", choices=AGGREGATES, default=DEFAULT_AGGREGATE,
                    help="process reward models: the score from the step scores (default %(default)s)")
     p.add_argument("--attribute-names", help="comma-separated names of the K raw outputs")
@@ -231,6 +229,12 @@ def _stop_gateway(process: subprocess.Popen | None) -> None:
         process.wait()
 
 
+def _step_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--step-tag", help="process reward models: the step tag, a token or its id "
+                   f"(default for *ForProcessRewardModel: {DEFAULT_STEP_TAG})")
+    p.add_argument("--step-labels", help="process reward models on a causal LM: label token ids POSITIVE,NEGATIVE")
+
+
 def _build_engine_parser(sub) -> None:
     p = sub.add_parser("build-engine", help="build a TensorRT-LLM engine directory from a Hugging Face reward "
                                             "checkpoint (GPU host; --dry-run anywhere)")
@@ -247,6 +251,7 @@ def _build_engine_parser(sub) -> None:
                    help=f"tokens per engine step; longer prompts run in chunks (default {DEFAULT_MAX_NUM_TOKENS})")
     p.add_argument("--head-type", choices=HEAD_TYPES, default="auto")
     p.add_argument("--reward-indices", help="causal-LM reward models: logits read as rewards, e.g. 0 or 0,1,2")
+    _step_arguments(p)
     p.add_argument("--calib-dataset", type=Path, help="fp8: calibration data, checked before the build: " + CALIB_HELP)
     p.add_argument("--force", action="store_true", help="rebuild over an existing engine")
     p.add_argument("--dry-run", action="store_true", help="check the inputs, print every step and command, run nothing")
@@ -259,7 +264,8 @@ def build_engine(args: argparse.Namespace) -> int:
     options = BuildOptions(checkpoint=args.checkpoint, output=args.output, tp=args.tp, pp=args.pp, dtype=args.dtype,
                            max_input_len=args.max_input_len, max_batch_size=args.max_batch_size,
                            max_num_tokens=args.max_num_tokens, head_type=args.head_type,
-                           reward_indices=args.reward_indices, calib_dataset=args.calib_dataset, force=args.force)
+                           reward_indices=args.reward_indices, step_tag=args.step_tag, step_labels=args.step_labels,
+                           calib_dataset=args.calib_dataset, force=args.force)
     try:
         plan = plan_build(options)
         print(plan.render(), flush=True)

@@ -272,13 +272,18 @@ def model_parameters(options: ServeOptions, checkpoint: Path,
     if serving is not None:
         from reward_server.trtllm.serving import model_parameters as engine_parameters
 
-        k = _check_outputs(serving.num_outputs, score, names)
+        process = serving.spec.head_type == "process"
+        if process and (options.step_tag or options.step_labels):
+            raise ValueError("the engine was built with its step tag and labels: they are set by build-engine "
+                             "(--step-tag, --step-labels), not at serve time")
+        steps = _step_options(options) if process else {}
+        k = -1 if process else _check_outputs(serving.num_outputs, score, names)
         params = engine_parameters(serving, options.max_length, names, options.reward_indices)
         params["preprocessing"].update({settings.CHECKPOINT: str(checkpoint), settings.TRUNCATION: options.truncation,
                                         settings.CHAT_TEMPLATE: options.chat_template or "", **_byte_limits(options)})
         params["postprocessing"].update({settings.ATTRIBUTE_WEIGHTS: options.attribute_weights or "",
                                          settings.SCORE_MEAN: str(options.score_mean),
-                                         settings.SCORE_STD: str(options.score_std)})
+                                         settings.SCORE_STD: str(options.score_std), **steps})
         return params, k
     config = json.loads((checkpoint / "config.json").read_text())
     head = detect_head_type(config.get("architectures"), options.head_type)
@@ -311,23 +316,32 @@ def model_parameters(options: ServeOptions, checkpoint: Path,
     return params, k
 
 
-def _step_parameters(options: ServeOptions, config: dict) -> dict[str, str]:
-    """A process reward model's step tag, labels and aggregate, checked before anything loads (the
-    models check the tag and labels against the vocabulary when they load).
+def _step_options(options: ServeOptions) -> dict[str, str]:
+    """Postprocessing's parameters for a process reward model (either engine).
 
     Raises:
-        ValueError: no tag where the model has no default one, a causal LM without its two labels,
-            an unknown aggregate, or outcome-only options (attribute names or weights).
+        ValueError: an unknown aggregate, or outcome-only options (attribute names or weights).
     """
-    architecture = (config.get("architectures") or [""])[0]
     if options.attribute_names or options.attribute_weights:
         raise ValueError("a process reward model has one score per step: --attribute-names and "
                          "--attribute-weights do not apply (its score is --step-aggregate of the steps)")
     ScoreSpec(aggregate=options.step_aggregate)  # raises on an unknown rule
+    return {settings.STEP_AGGREGATE: options.step_aggregate}
+
+
+def _step_parameters(options: ServeOptions, config: dict) -> dict[str, str]:
+    """A process reward model's step tag, labels and aggregate for the torch engine, checked before
+    anything loads (the models check the tag and labels against the vocabulary when they load).
+
+    Raises:
+        ValueError: no tag where the model has no default one, a causal LM without its two labels,
+            or what `_step_options` refuses.
+    """
+    architecture = (config.get("architectures") or [""])[0]
+    steps = _step_options(options)
     tag = str(step_tag_or_default(architecture, options.step_tag))
     process_layout(architecture, options.step_labels)
-    return {settings.STEP_TAG: tag, settings.STEP_LABELS: options.step_labels or "",
-            settings.STEP_AGGREGATE: options.step_aggregate}
+    return {settings.STEP_TAG: tag, settings.STEP_LABELS: options.step_labels or "", **steps}
 
 
 def render_repository(options: ServeOptions, checkpoint: Path, dest: Path, serving=None) -> Path:

@@ -370,3 +370,45 @@ def test_encoder_keeps_every_step_tag_or_says_why(qwen_prm, tmp_path):
     plain = ChatEncoder.from_checkpoint(checkpoint, step_tag=word[0])
     [merged] = plain.encode_texts([f"{word}{word[0]}"])  # the tag's character inside a longer token, and alone
     assert isinstance(merged, ConversationError) and f"the 2 step tags {word[0]!r} became 1 tag tokens" in str(merged)
+
+
+def test_token_classification_prm_through_the_tensorrt_llm_ensembles(tmp_path):
+    """build-engine's adaptation of a TRL-style PRM (a token classifier with a bias) served through
+    the TensorRT-LLM ensembles, with the contract double of the `tensorrt_llm` model: one engine
+    request per step, in order, each reusing the blocks of the one before; step scores equal a
+    transformers forward of the classifier."""
+    from bench.gpu_check import kv_cache_counters
+    from reward_client import RewardClient
+    from reward_server.launcher import ServeOptions, TritonServer
+    from tests.trtllm_double import engine_dir_for, repository_with_double
+
+    out = build_checkpoint(tmp_path / "prm", "tiny", arch="llama", seed=12)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<step>"]})
+    tokenizer.save_pretrained(out)
+    config = transformers.AutoConfig.from_pretrained(out)
+    config.num_labels, config.architectures, config.vocab_size = 2, ["LlamaForTokenClassification"], len(tokenizer)
+    torch.manual_seed(12)
+    model = transformers.LlamaForTokenClassification(config).eval()
+    with torch.no_grad():
+        model.score.bias.copy_(torch.tensor([0.3, -0.2]))
+    model.save_pretrained(out)
+    tag = tokenizer.convert_tokens_to_ids("<step>")
+    options = ServeOptions(engine="tensorrt_llm", engine_dir=engine_dir_for(out, tmp_path / "engine", step_tag="<step>"),
+                           model_repository=repository_with_double(tmp_path / "repository"), max_length=512,
+                           step_aggregate="last")
+    long_steps = [" ".join(["a long and careful step"] * 6)] * 4  # each step request reuses the previous blocks
+    with TritonServer(options) as server, RewardClient(server.grpc_url) as client:
+        before = kv_cache_counters(server.metrics_url)
+        results = client.score([(PROMPT, steps) for steps in STEPS + [long_steps]])
+        after = kv_cache_counters(server.metrics_url)
+    for result, steps in zip(results, STEPS + [long_steps]):
+        messages = [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": "".join(s + "<step>" for s in steps)}]
+        ids = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, [i for i, t in enumerate(ids) if t == tag]]
+        expected = torch.softmax(logits.double(), -1)[:, 1].numpy()
+        np.testing.assert_allclose(result.steps, expected, rtol=1e-4, atol=1e-6)
+        assert result.score == pytest.approx(result.steps[-1], abs=1e-7)  # --step-aggregate last
+    assert after["requests"] - before.get("requests", 0) == sum(len(s) for s in STEPS) + len(long_steps)
+    assert after["reused_blocks"] - before.get("reused_blocks", 0) >= len(long_steps) - 1

@@ -200,7 +200,7 @@ def _fake_checkpoint(directory, architecture, tensors):
     ("BertForSequenceClassification",
      {"bert.embeddings.word_embeddings.weight": (16, 4), "classifier.weight": (1, 4)}, "bert.embeddings"),
     ("LlamaForSequenceClassification", {"model.embed_tokens.weight": (16, 4), "score.weight": (1, 4),
-                                        "score.bias": (1,)}, "score.bias"),
+                                        "pooler.dense.weight": (4, 4)}, "pooler.dense"),
 ])
 def test_unsupported_heads_are_refused(tmp_path, architecture, tensors, found):
     source = _fake_checkpoint(tmp_path / "src", architecture, tensors)
@@ -239,3 +239,54 @@ def test_interrupted_run_leaves_no_metadata(seq_cls, tmp_path, monkeypatch):
         adapt_checkpoint(source, out)
     with pytest.raises(ValueError, match="is missing"):
         RewardHeadSpec.read(out)
+
+
+def _token_classifier(directory, seed=4):
+    """A TRL-style PRM: LlamaForTokenClassification, two labels, a `score` head with a bias."""
+    import transformers
+
+    out = build_checkpoint(directory, "tiny", arch="llama", seed=seed)
+    config = transformers.AutoConfig.from_pretrained(out)
+    config.num_labels, config.architectures = 2, ["LlamaForTokenClassification"]
+    torch.manual_seed(seed)
+    model = transformers.LlamaForTokenClassification(config).eval()
+    with torch.no_grad():
+        model.score.bias.copy_(torch.tensor([0.7, -0.4]))
+    model.save_pretrained(out)
+    return out, model
+
+
+@torch.no_grad()
+def test_token_classification_prm_becomes_a_causal_lm_plus_bias(tmp_path):
+    """Logits rows 0, 1 of the adapted causal LM plus the recorded bias are the classifier's two
+    labels at every position, so a request cut after a step tag reads that tag's logits."""
+    source, model = _token_classifier(tmp_path / "prm")
+    spec = adapt_checkpoint(source, tmp_path / "out", step_tag=7)
+    assert (spec.head_type, spec.architecture, spec.pooling) == ("process", "LlamaForCausalLM", "last")
+    assert spec.step_tag_id == 7 and spec.reward_indices == [0, 1]
+    assert spec.bias == pytest.approx([0.7, -0.4])
+    assert RewardHeadSpec.read(tmp_path / "out") == spec
+    assert "score.bias" not in _tensors(tmp_path / "out")
+    causal = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    ids = torch.tensor([[5, 9, 7, 11, 12, 7, 13, 7]])
+    expected = model(ids).logits[0]
+    for end in (3, 6, 8):  # after each tag
+        got = causal(ids[:, :end]).logits[0, -1, :2] + torch.tensor(spec.bias)
+        torch.testing.assert_close(got, expected[end - 1], rtol=1e-5, atol=1e-5)
+
+
+def test_process_heads_on_the_engine_path(tmp_path):
+    """A Math-Shepherd-style causal LM is read at its labels, negative first; Qwen2.5-Math-PRM's
+    two-layer head is refused with the reason; a causal LM without labels says what it needs."""
+    source = build_checkpoint(tmp_path / "causal", "tiny", head="lm_logits")
+    spec = adapt_checkpoint(source, tmp_path / "out", head_type="process", step_tag="7", step_labels="41,42")
+    assert spec.reward_indices == [42, 41] and spec.attribute_names == ["negative", "positive"]
+    assert spec.step_tag_id == 7 and spec.hf_checkpoint == str(source.resolve()) and spec.bias is None
+    with pytest.raises(ValueError, match="two label token ids"):
+        adapt_checkpoint(source, tmp_path / "out2", head_type="process", step_tag="7")
+    with pytest.raises(ValueError, match="not one token"):
+        adapt_checkpoint(source, tmp_path / "out3", head_type="process", step_tag="<no such tag>", step_labels="1,2")
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "architectures": ["Qwen2ForProcessRewardModel"]}))
+    with pytest.raises(ValueError, match="two-layer head .* torch engine"):
+        adapt_checkpoint(source, tmp_path / "out4")

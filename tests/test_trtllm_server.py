@@ -223,3 +223,19 @@ def test_tensor_parallel_ranks_run_under_mpirun_and_stop_cleanly(demo_checkpoint
         assert outcome["error"].status() == "StatusCode.UNAVAILABLE", outcome["error"]
     else:
         np.testing.assert_allclose(outcome["score"], np.tile(expected, (8, 1)), rtol=1e-5)
+
+
+def test_gpu_check_step_chain_runs_against_the_double(trtllm_server, demo_checkpoint):
+    """bench/gpu_check's process-model check (a conversation's prefixes sent one after another to
+    the `tensorrt_llm` model) against the contract double: logits at every cut equal transformers."""
+    from bench.gpu import reference
+    from bench.gpu_check import _token_ids, check_step_chain
+    from reward_server.chat import ChatEncoder
+
+    [encoded] = ChatEncoder.from_checkpoint(demo_checkpoint).encode_batch(make_conversations(1, seed=9))
+    model = reference.load(demo_checkpoint, "cpu", "float32")
+    pad_id, end_id = _token_ids(demo_checkpoint)
+    with grpcclient.InferenceServerClient(trtllm_server.grpc_url) as client:
+        result = check_step_chain(client, model, encoded.token_ids, pad_id, end_id, "float32", every=8)
+    assert result["cuts"] == list(range(8, len(encoded.token_ids) + 1, 8)) and len(result["cuts"]) >= 3
+    assert result["within_tolerance"] and result["max_abs"] < 1e-4, result

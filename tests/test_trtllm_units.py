@@ -210,3 +210,38 @@ def test_rank_zero_is_found_among_mpiruns_children():
         assert ranks(parent.pid) == (leader, [worker])
     finally:
         parent.communicate("", timeout=30)
+
+
+def test_process_steps_go_one_after_another():
+    """A process model's sequence becomes one request per step tag, cut right after it, sent in
+    order (each finds the blocks of the one before cached); the logits read, plus the head's bias,
+    come back as one step row per conversation; a sequence without a tag fails its request alone."""
+    tag = 7
+    first = [1, 2, tag, 3, tag, 4, 4, tag]
+    second = [5, tag, 6]  # its last tokens after the last tag are never sent
+    events = []
+
+    async def infer(inputs):
+        ids = inputs["input_ids"][0].tolist()
+        events.append(("start", len(ids), ids[0]))
+        await asyncio.sleep(0.01)
+        events.append(("end", len(ids), ids[0]))
+        logits = np.zeros((1, 1, 1, 4), dtype=np.float32)
+        logits[0, 0, 0, :2] = [-len(ids), len(ids)]
+        return {"generation_logits": logits}
+
+    fanout = FanOut((0, 1), "last", None, prompt_first=0, bias=(0.5, -0.5), step_tag_id=tag)
+    assert fanout.cuts(first) == [3, 5, 8] and fanout.cuts(second) == [2]
+    ids = np.zeros((2, 8), dtype=np.int32)
+    ids[0], ids[1, :3] = first, second
+    good, bad = asyncio.run(score_requests(fanout, infer, [(ids, np.array([[8], [3]])),
+                                                          (np.array([[1, 2, 3]]), np.array([[3]]))]))
+    assert "conversation 0: no step tag (token id 7)" in bad
+    rows = good["rewards"]
+    assert rows.shape == (2, 7) and rows[:, 0].tolist() == [3, 1]
+    np.testing.assert_array_equal(rows[0, 1:], [-2.5, 2.5, -4.5, 4.5, -7.5, 7.5])
+    np.testing.assert_array_equal(rows[1, 1:3], [-1.5, 1.5])
+    assert np.isnan(rows[1, 3:]).all()
+    chain = [(kind, n) for kind, n, start in events if start == 1]
+    assert chain == [("start", 3), ("end", 3), ("start", 5), ("end", 5), ("start", 8), ("end", 8)]
+    assert events.index(("start", 2, 5)) < events.index(("end", 3, 1))  # conversations run side by side

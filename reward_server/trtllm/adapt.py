@@ -1,10 +1,17 @@
 """Turn a reward checkpoint into one TensorRT-LLM's engine path can build, and say what its logits mean.
 
 TensorRT-LLM converts `*ForCausalLM` checkpoints only. A `*ForSequenceClassification` reward model
-(a bias-free `score` head with K outputs) is rewritten as the equivalent causal LM whose `lm_head`
-rows 0..K-1 are the score rows and every other row zero: logits[0:K] at the pooled position are
-then the K rewards. transformers pools at the last token whose id is not the pad id
+(a `score` head with K outputs) is rewritten as the equivalent causal LM whose `lm_head` rows
+0..K-1 are the score rows and every other row zero: logits[0:K] at the pooled position are then
+the K rewards (plus the head's bias, if it has one, which the engine step adds: a causal LM's
+lm_head has none). transformers pools at the last token whose id is not the pad id
 (`reward_server.heads.pool_position`), so the engine path cuts each input right after that token.
+
+Process reward models: a `*ForTokenClassification` (two labels) is rewritten the same way; a
+causal LM (Math-Shepherd) is used as it is, its logits read at the (negative, positive) label
+tokens. Their logits are read at every step tag (reward_server.trtllm.fanout). Qwen2.5-Math-PRM's
+two-layer head (Linear, ReLU, Linear) cannot be an lm_head: it is refused here (the torch engine
+serves it).
 
 The rewrite is streamed: shards are opened one after another and every tensor is written as soon
 as it is read, so at most one tensor plus the new lm_head are in memory, even for a 70B model.
@@ -26,15 +33,15 @@ from typing import Any, Callable, Sequence
 
 from safetensors import safe_open
 
-from reward_server.heads import detect_head_type, num_outputs, parse_indices
+from reward_server.heads import detect_head_type, num_outputs, parse_indices, process_layout, resolve_step_tag
 
 _LOGGER = logging.getLogger(__name__)
 
 METADATA_FILE = "reward_head.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-SCORE, LM_HEAD = "score.weight", "lm_head.weight"
-_SEQ_CLS, _CAUSAL_LM = "ForSequenceClassification", "ForCausalLM"
+SCORE, SCORE_BIAS, LM_HEAD = "score.weight", "score.bias", "lm_head.weight"
+_SEQ_CLS, _TOKEN_CLS, _CAUSAL_LM = "ForSequenceClassification", "ForTokenClassification", "ForCausalLM"
 _LABEL_KEYS = ("num_labels", "id2label", "label2id", "problem_type")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".index.json")
 _DEFAULT_LABEL = re.compile(r"LABEL_\d+")
@@ -57,6 +64,8 @@ class RewardHeadSpec:
     pooling: str
     pad_token_id: int | None
     vocab_size: int
+    bias: list[float] | None = None   # added to the logits read (a classifier head's bias)
+    step_tag_id: int | None = None    # process reward models: logits are read at every such token
 
     def write(self, directory: str | Path) -> Path:
         """Write `directory/reward_head.json` (replacing it in one step) and return its path."""
@@ -90,26 +99,30 @@ def engine_head(architectures: list[str] | None, head_type: str) -> str:
     """The head type of a checkpoint the TensorRT-LLM path can build (`detect_head_type`).
 
     Raises:
-        ValueError: an unknown head, or a process reward model (served by the torch engine only).
+        ValueError: an unknown head, or a `*ForProcessRewardModel` (served by the torch engine only).
     """
     head = detect_head_type(architectures, head_type)
-    if head == "process":
-        raise ValueError("process reward models are not built for TensorRT-LLM yet: serve them with the torch "
-                         "engine (reward-server serve --engine torch)")
+    architecture = (architectures or [""])[0]
+    if head == "process" and architecture.endswith("ForProcessRewardModel"):
+        raise ValueError(f"{architecture}'s two-layer head (Linear, ReLU, Linear) cannot be built into a "
+                         "TensorRT-LLM engine: serve it with the torch engine (reward-server serve --engine torch)")
     return head
 
 
 def adapt_checkpoint(source: str | Path, output: str | Path, head_type: str = "auto",
-                     reward_indices: str | Sequence[int] | None = None) -> RewardHeadSpec:
+                     reward_indices: str | Sequence[int] | None = None, step_tag: str | int | None = None,
+                     step_labels: str | Sequence[int] | None = None) -> RewardHeadSpec:
     """Prepare a reward checkpoint for TensorRT-LLM's `*ForCausalLM` conversion.
 
     Args:
         source: Hugging Face checkpoint directory (safetensors weights for sequence classification).
         output: directory for the results; `reward_head.json` is written into it last, so a
             directory without it holds an interrupted run.
-        head_type: "auto" (from `architectures`), "sequence_classification" or "lm_logits".
+        head_type: "auto" (from `architectures`), "sequence_classification", "lm_logits" or "process".
         reward_indices: logits indices of the rewards for "lm_logits" (default "0"); ignored for
             sequence classification, whose rewards are always logits 0..K-1 of the adapted model.
+        step_tag: process heads: the step tag, a token or its id (`heads.resolve_step_tag`).
+        step_labels: process heads on a causal LM: the label token ids "POSITIVE,NEGATIVE".
 
     Returns:
         The spec also written to `output/reward_head.json`; its `hf_checkpoint` is the directory to
@@ -123,22 +136,28 @@ def adapt_checkpoint(source: str | Path, output: str | Path, head_type: str = "a
     config = _read_json(source / "config.json")
     architecture = (config.get("architectures") or ["<none>"])[0]
     head = engine_head(config.get("architectures"), head_type)
-    suffix = _SEQ_CLS if head == "sequence_classification" else _CAUSAL_LM
-    if not architecture.endswith(suffix):
-        raise ValueError(f"head_type {head} needs a *{suffix} checkpoint; {source} is {architecture}")
+    suffixes = {"sequence_classification": (_SEQ_CLS,), "lm_logits": (_CAUSAL_LM,),
+                "process": (_TOKEN_CLS, _CAUSAL_LM)}[head]
+    if not architecture.endswith(suffixes):
+        raise ValueError(f"head_type {head} needs a *{' or *'.join(suffixes)} checkpoint; {source} is {architecture}")
     if "vocab_size" not in config:
         raise ValueError(f"{architecture} is not supported: {source}/config.json has no vocab_size")
     vocab_size = int(config["vocab_size"])
+    tag_id = _step_tag_id(source, architecture, step_tag) if head == "process" else None
+    causal_process = head == "process" and process_layout(architecture, step_labels) == "causal_lm"
 
-    if head == "lm_logits":
+    if head == "lm_logits" or causal_process:
+        if causal_process:  # the logits of the (negative, positive) labels, as every process head gives them
+            positive, negative = parse_indices(step_labels)
+            reward_indices = (negative, positive)
         indices = list(parse_indices(reward_indices))
         bad = [i for i in indices if not 0 <= i < vocab_size]
         if bad:
             raise ValueError(f"reward index {bad[0]} is outside the vocabulary of {vocab_size} tokens "
                              f"of {source}")
-        spec = RewardHeadSpec(str(source), str(source), architecture, architecture, head, indices,
-                              _attribute_names(config, len(indices)), "last", config.get("pad_token_id"),
-                              vocab_size)
+        names = ["negative", "positive"] if causal_process else _attribute_names(config, len(indices))
+        spec = RewardHeadSpec(str(source), str(source), architecture, architecture, head, indices, names, "last",
+                              config.get("pad_token_id"), vocab_size, step_tag_id=tag_id)
         _prepare_output(output)
     else:
         if output == source:
@@ -147,25 +166,34 @@ def adapt_checkpoint(source: str | Path, output: str | Path, head_type: str = "a
         if reward_indices is not None and list(parse_indices(reward_indices)) != list(range(k)):
             _LOGGER.warning("reward_indices %s ignored: a %s's rewards are logits 0..%d", reward_indices,
                             architecture, k - 1)
-        causal = architecture[: -len(_SEQ_CLS)] + _CAUSAL_LM
+        suffix = _TOKEN_CLS if head == "process" else _SEQ_CLS
+        causal = architecture[: -len(suffix)] + _CAUSAL_LM
+        # a token classifier is read at its step tags, each request cut right after one
         spec = RewardHeadSpec(str(source), str(output), architecture, causal, head, list(range(k)),
-                              _attribute_names(config, k), "last_non_pad", config.get("pad_token_id"),
-                              vocab_size)
-        _adapt_sequence_classification(source, output, config, spec)
+                              _attribute_names(config, k), "last" if head == "process" else "last_non_pad",
+                              config.get("pad_token_id"), vocab_size, step_tag_id=tag_id)
+        _adapt_classifier(source, output, config, spec)
     spec.write(output)
     _LOGGER.info("reward head of %s: %s, indices %s -> %s", source, spec.head_type, spec.reward_indices,
                  output / METADATA_FILE)
     return spec
 
 
-def _adapt_sequence_classification(source: Path, output: Path, config: dict, spec: RewardHeadSpec) -> None:
-    """Write the equivalent causal-LM checkpoint of a `score`-head classifier into `output`."""
+def _step_tag_id(source: Path, architecture: str, step_tag: str | int | None) -> int:
+    from transformers import AutoTokenizer
+
+    return resolve_step_tag(AutoTokenizer.from_pretrained(str(source)), architecture, step_tag)
+
+
+def _adapt_classifier(source: Path, output: Path, config: dict, spec: RewardHeadSpec) -> None:
+    """Write the equivalent causal-LM checkpoint of a `score`-head classifier into `output`; the
+    head's bias, if any, goes into `spec.bias`."""
     weight_map, sharded = _weight_map(source)
-    unexpected = sorted(name for name in weight_map if not name.startswith("model.") and name != SCORE)
+    unexpected = sorted(name for name in weight_map if not name.startswith("model.") and name not in (SCORE, SCORE_BIAS))
     if SCORE not in weight_map or unexpected:
         found = ", ".join(unexpected[:4]) if unexpected else f"no {SCORE}"
         raise ValueError(f"{spec.source_architecture} is not supported for TensorRT-LLM adaptation: it needs "
-                         f"a `model.` backbone and a bias-free `score` head; found {found}")
+                         f"a `model.` backbone and a `score` head; found {found}")
     _prepare_output(output)
     if not sharded:  # an earlier sharded run's index would otherwise win over model.safetensors
         (output / INDEX_FILE).unlink(missing_ok=True)
@@ -176,9 +204,11 @@ def _adapt_sequence_classification(source: Path, output: Path, config: dict, spe
         with safe_open(str(source / shard), framework="pt") as reader:
             entries = [(name, reader.get_slice(name).get_dtype(), reader.get_slice(name).get_shape(),
                         lambda name=name: reader.get_tensor(name))
-                       for name in reader.keys() if name != SCORE]
+                       for name in reader.keys() if name not in (SCORE, SCORE_BIAS)]
             if SCORE in reader.keys():  # the new head goes where the old one was
                 entries.append(_lm_head_entry(reader, spec))
+            if SCORE_BIAS in reader.keys():
+                spec.bias = reader.get_tensor(SCORE_BIAS).float().tolist()
             total_size += _write_safetensors(output / shard, entries, reader.metadata())
         new_map.update((entry[0], shard) for entry in entries)
         _LOGGER.info("adapted shard %d/%d %s (%d tensors)", number, len(shards), shard, len(entries))

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from reward_server.heads import process_layout, step_tag_or_default
 from reward_server.trtllm.calibration import HELP, check_calibration_dataset
 from reward_server.trtllm.layout import EngineLayout
 
@@ -56,6 +57,8 @@ class BuildOptions:
     max_num_tokens: int = DEFAULT_MAX_NUM_TOKENS
     head_type: str = "auto"
     reward_indices: str | None = None
+    step_tag: str | None = None       # process reward models (see reward_server.trtllm.adapt)
+    step_labels: str | None = None
     calib_dataset: Path | None = None
     force: bool = False
 
@@ -129,11 +132,15 @@ def check_inputs(options: BuildOptions, config: dict) -> tuple[str, str, str, in
     from reward_server.trtllm.adapt import engine_head  # safetensors, loaded when a build is checked
 
     head = engine_head(config.get("architectures"), options.head_type)
-    family = architecture.removesuffix("ForSequenceClassification").removesuffix("ForCausalLM")
-    causal = family + "ForCausalLM"
+    if head == "process":  # the tag is looked up in the vocabulary when the checkpoint is adapted
+        step_tag_or_default(architecture, options.step_tag)
+        process_layout(architecture, options.step_labels)
+    family = architecture.removesuffix("ForSequenceClassification").removesuffix("ForTokenClassification")
+    causal = family.removesuffix("ForCausalLM") + "ForCausalLM"
     if causal not in CONVERTERS:
         raise ValueError(f"{architecture} is not supported by the TensorRT-LLM path; supported: "
-                         f"{', '.join(sorted(CONVERTERS))} and their *ForSequenceClassification reward models")
+                         f"{', '.join(sorted(CONVERTERS))} and their *ForSequenceClassification and "
+                         "*ForTokenClassification reward models")
     if options.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {options.dtype!r}")
     if options.tp < 1 or options.pp < 1:
@@ -236,7 +243,7 @@ def run_build(plan: BuildPlan, runner: Callable[[list[str]], None] | None = None
         _LOGGER.info("step %d/%d %s: %s", number, len(plan.steps), step.name, step.description)
         started = time.monotonic()
         if step.name == "adapt":
-            adapt_checkpoint(o.checkpoint, layout.hf, o.head_type, o.reward_indices)
+            adapt_checkpoint(o.checkpoint, layout.hf, o.head_type, o.reward_indices, o.step_tag, o.step_labels)
         elif step.name == "render":
             render_engine_repository(layout)
         else:

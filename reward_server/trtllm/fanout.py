@@ -19,6 +19,12 @@ each request asks the backend for its KV-cache counters (`return_perf_metrics`),
 adds up the blocks found cached (exported as reward_engine_kv_cache_*_total; bench/gpu_check.sh
 compares them with the blocks a group could share).
 
+A process reward model needs the logits at every step tag, not only at the last token, and the
+backend returns the logits of the last input position only (context logits would be prompt length
+x vocabulary floats). So each conversation is sent once per step, cut right after that step's tag,
+the steps one after another: each request finds the blocks of the one before it cached, and
+computes little more than its own step (only whole blocks are reused).
+
 Pure logic; the Triton calls are passed in as an async `infer` callable.
 """
 
@@ -31,7 +37,8 @@ from typing import Awaitable, Callable, Sequence
 import numpy as np
 
 from reward_server.batching import group_shared_prefixes
-from reward_server.heads import pool_position
+from reward_server.heads import pool_position, tag_positions
+from reward_server.scoring import step_rows
 from reward_server.stages import EngineError, EngineUnavailable, RequestError, engine_sequences
 from reward_server.trtllm.adapt import RewardHeadSpec
 
@@ -82,6 +89,8 @@ class FanOut:
     pad_token_id: int | None
     prompt_first: int = DEFAULT_PROMPT_FIRST  # shortest shared prefix (tokens) sent leader first; 0: all at once
     perf_metrics: bool = False  # ask the backend for each request's KV-cache counters
+    bias: tuple[float, ...] = ()  # added to the logits read (a classifier head's bias)
+    step_tag_id: int | None = None  # a process reward model: logits read at every step tag
 
     @property
     def requested_outputs(self) -> tuple[str, ...]:
@@ -99,12 +108,27 @@ class FanOut:
         if spec.pooling not in POOLING_HEADS:
             raise ValueError(f"unknown pooling {spec.pooling!r} in reward_head.json; expected one of "
                              f"{sorted(POOLING_HEADS)}")
-        return cls(tuple(spec.reward_indices), spec.pooling, spec.pad_token_id, prompt_first, perf_metrics)
+        return cls(tuple(spec.reward_indices), spec.pooling, spec.pad_token_id, prompt_first, perf_metrics,
+                   tuple(spec.bias or ()), spec.step_tag_id)
 
-    def request(self, ids: Sequence[int]) -> dict[str, np.ndarray]:
-        """The `tensorrt_llm` inputs for one sequence: cut after its pooled token, one output token,
-        generation logits returned (batch dimension 1), and KV-cache counters with `perf_metrics`."""
-        end = pool_position(ids, POOLING_HEADS[self.pooling], self.pad_token_id) + 1
+    def cuts(self, ids: Sequence[int]) -> list[int]:
+        """Where a sequence's requests end: after its pooled token, or after each step tag.
+
+        Raises:
+            ValueError: a process model's sequence without a step tag.
+        """
+        if self.step_tag_id is None:
+            return [pool_position(ids, POOLING_HEADS[self.pooling], self.pad_token_id) + 1]
+        tags = tag_positions(ids, self.step_tag_id)
+        if not tags:
+            raise ValueError(f"no step tag (token id {self.step_tag_id})")
+        return [tag + 1 for tag in tags]
+
+    def request(self, ids: Sequence[int], end: int | None = None) -> dict[str, np.ndarray]:
+        """The `tensorrt_llm` inputs for one sequence: cut after `end` tokens (default: after its
+        pooled token), one output token, generation logits returned (batch dimension 1), and
+        KV-cache counters with `perf_metrics`."""
+        end = self.cuts(ids)[-1] if end is None else end
         request = {"input_ids": np.asarray([ids[:end]], dtype=np.int32),
                    "input_lengths": np.array([[end]], dtype=np.int32),
                    "request_output_len": np.array([[1]], dtype=np.int32),
@@ -131,12 +155,14 @@ class FanOut:
         if max(self.reward_indices) >= logits.shape[3]:
             raise EngineReplyError(f"reward index {max(self.reward_indices)} is outside the engine's "
                               f"{logits.shape[3]} logits")
-        return logits[0, 0, 0, list(self.reward_indices)].astype(np.float32)
+        rewards = logits[0, 0, 0, list(self.reward_indices)].astype(np.float32)
+        return rewards + np.asarray(self.bias, dtype=np.float32) if self.bias else rewards
 
 
 async def score_requests(fanout: FanOut, infer: Infer, requests: Sequence[tuple[np.ndarray, np.ndarray]],
                          kv_stats: KvCacheStats | None = None) -> list[dict | RequestError]:
-    """Score every sequence of every request concurrently, one engine request per sequence.
+    """Score every sequence of every request concurrently: one engine request per sequence, or per
+    step of a process model's sequence (the steps in order; `reward_server.scoring.step_rows`).
 
     Each request is (input_ids [B, W], input_lengths [B, 1]). A failed engine call fails only
     the request it belongs to, naming the conversation: `EngineUnavailable` (retryable) when the
@@ -144,34 +170,51 @@ async def score_requests(fanout: FanOut, infer: Infer, requests: Sequence[tuple[
     """
     sequences, counts = engine_sequences(requests)
     owners = [(r, c) for r, count in enumerate(counts) for c in range(count)]
-    inputs = [fanout.request(seq) for seq in sequences]
-    leader_of: dict[int, int] = {}
+    errors: dict[int, RequestError] = {}
+    inputs, sent_for, first_of = [], [], {}  # engine requests, their sequence, each sequence's first one
+    for s, ((r, c), seq) in enumerate(zip(owners, sequences)):
+        try:
+            cuts = fanout.cuts(seq)
+        except ValueError as err:  # preprocessing lets no such sequence through; kept from the engine anyway
+            errors.setdefault(r, EngineError(f"conversation {c}: {err}"))
+            continue
+        first_of[s] = len(inputs)
+        inputs.extend(fanout.request(seq, end) for end in cuts)
+        sent_for.extend([s] * len(cuts))
+    after = {i: i - 1 for i in range(1, len(inputs)) if sent_for[i] == sent_for[i - 1]}  # a sequence's steps in turn
     if fanout.prompt_first > 0:
-        groups, _ = group_shared_prefixes([x["input_ids"][0].tolist() for x in inputs], fanout.prompt_first)
-        leader_of = {member: group.members[0] for group in groups for member in group.members[1:]}
+        firsts = list(first_of.values())
+        groups, _ = group_shared_prefixes([inputs[i]["input_ids"][0].tolist() for i in firsts], fanout.prompt_first)
+        after.update({firsts[m]: firsts[g.members[0]] for g in groups for m in g.members[1:]})
     tasks: dict[int, asyncio.Future] = {}
 
     async def send(i: int):
-        if i in leader_of:  # after the leader, whatever its outcome: its prompt blocks are then cached
-            await asyncio.wait([tasks[leader_of[i]]])
+        if i in after:  # whatever the outcome of the one before: its blocks are then cached
+            await asyncio.wait([tasks[after[i]]])
         return await infer(inputs[i])
 
     for i in range(len(inputs)):
         tasks[i] = asyncio.ensure_future(send(i))
     replies = await asyncio.gather(*tasks.values(), return_exceptions=True)
-    rows: list[list[np.ndarray]] = [[] for _ in requests]
-    errors: dict[int, RequestError] = {}
-    for (r, c), reply in zip(owners, replies):
+    read: dict[int, list[np.ndarray]] = {s: [] for s in first_of}
+    for s, reply in zip(sent_for, replies):
+        r, c = owners[s]
         if r in errors:
             continue
         try:
             if isinstance(reply, BaseException):
                 raise reply
-            rows[r].append(fanout.rewards(reply))
+            read[s].append(fanout.rewards(reply))
             if kv_stats is not None:
                 kv_stats.add(reply)
         except EngineUnavailableError as err:
             errors[r] = EngineUnavailable(f"conversation {c}: {err}")
         except Exception as err:  # noqa: BLE001 - reported on its own request only
             errors[r] = EngineError(f"conversation {c}: {err}")
-    return [errors.get(r) or {"rewards": np.stack(rows[r]).astype(np.float32)} for r in range(len(requests))]
+    rows: list[list[np.ndarray]] = [[] for _ in requests]  # per request, each sequence's [steps, K]
+    for s, (r, _) in enumerate(owners):
+        if r not in errors:
+            rows[r].append(np.stack(read[s]).astype(np.float32))
+    if fanout.step_tag_id is not None:
+        return [errors.get(r) or {"rewards": step_rows(rows[r])} for r in range(len(requests))]
+    return [errors.get(r) or {"rewards": np.concatenate(rows[r])} for r in range(len(requests))]

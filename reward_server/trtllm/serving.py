@@ -43,7 +43,7 @@ class EngineServing:
 
     @property
     def num_outputs(self) -> int:
-        """K, the raw reward outputs."""
+        """K, the raw reward outputs (for a process reward model: its two label logits per step)."""
         return len(self.spec.reward_indices)
 
 
@@ -83,10 +83,12 @@ def model_parameters(serving: EngineServing, max_length: int | None, attribute_n
     if reward_indices and [int(i) for i in reward_indices.split(",") if i.strip()] != spec.reward_indices:
         raise ValueError(f"the engine was built to read logits {spec.reward_indices}; --reward-indices cannot "
                          "change that at serve time (rebuild with build-engine --reward-indices)")
-    names = attribute_names or spec.attribute_names
+    process = spec.head_type == "process"
+    names = [] if process else attribute_names or spec.attribute_names
     return {
         "preprocessing": {settings.CHECKPOINT: str(serving.tokenizer_checkpoint),
-                          settings.MAX_LENGTH: str(max_length or info.max_input_len)},
+                          settings.MAX_LENGTH: str(max_length or info.max_input_len),
+                          settings.STEP_TAG: str(spec.step_tag_id) if process else ""},
         "reward_engine_trtllm": {settings.ENGINE_DIR: str(serving.layout.root),
                                  settings.TENSORRT_LLM_MODEL: TENSORRT_LLM_MODEL},
         TENSORRT_LLM_MODEL: {"gpt_model_path": str(serving.layout.engine),

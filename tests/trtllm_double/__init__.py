@@ -33,11 +33,12 @@ def repository_with_double(dest: Path) -> Path:
 
 
 def engine_dir_for(checkpoint: Path, dest: Path, max_input_len: int = 512, tp: int = 1, pp: int = 1,
-                   reward_indices: str | None = None) -> Path:
+                   reward_indices: str | None = None, **adapt) -> Path:
     """An engine directory as build-engine leaves it, minus the engines themselves: the adapted
-    checkpoint (real adaptation) and a stand-in engine/config.json in trtllm-build's layout."""
+    checkpoint (real adaptation; `adapt`: adapt_checkpoint's step_tag, step_labels) and a stand-in
+    engine/config.json in trtllm-build's layout."""
     layout = EngineLayout(dest)
-    adapt_checkpoint(checkpoint, layout.hf, reward_indices=reward_indices)
+    adapt_checkpoint(checkpoint, layout.hf, reward_indices=reward_indices, **adapt)
     layout.engine.mkdir(parents=True)
     config = {"version": "stand-in", "pretrained_config": {
         "architecture": "LlamaForCausalLM", "dtype": "float32",
