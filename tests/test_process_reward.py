@@ -375,8 +375,8 @@ def test_encoder_keeps_every_step_tag_or_says_why(qwen_prm, tmp_path):
 def test_token_classification_prm_through_the_tensorrt_llm_ensembles(tmp_path):
     """build-engine's adaptation of a TRL-style PRM (a token classifier with a bias) served through
     the TensorRT-LLM ensembles, with the contract double of the `tensorrt_llm` model: one engine
-    request per step, in order, each reusing the blocks of the one before; step scores equal a
-    transformers forward of the classifier."""
+    request per step (their order: tests/test_trtllm_units.py), later steps finding earlier blocks
+    cached; step scores equal a transformers forward of the classifier."""
     from bench.gpu_check import kv_cache_counters
     from reward_client import RewardClient
     from reward_server.launcher import ServeOptions, TritonServer
@@ -397,7 +397,7 @@ def test_token_classification_prm_through_the_tensorrt_llm_ensembles(tmp_path):
     options = ServeOptions(engine="tensorrt_llm", engine_dir=engine_dir_for(out, tmp_path / "engine", step_tag="<step>"),
                            model_repository=repository_with_double(tmp_path / "repository"), max_length=512,
                            step_aggregate="last")
-    long_steps = [" ".join(["a long and careful step"] * 6)] * 4  # each step request reuses the previous blocks
+    long_steps = [" ".join(["a long and careful step"] * 3)] * 4  # steps of more than one KV block each
     with TritonServer(options) as server, RewardClient(server.grpc_url) as client:
         before = kv_cache_counters(server.metrics_url)
         results = client.score([(PROMPT, steps) for steps in STEPS + [long_steps]])
