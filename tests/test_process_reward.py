@@ -231,11 +231,20 @@ def test_process_model_served_over_grpc_with_its_steps(prm_server, qwen_prm):
     tagged = [{"role": "user", "content": "What is 2 + 2?"},
               {"role": "assistant", "content": "2 + 2 = 4.<extra_0> The answer is 4.<extra_0>"}]
     conversations = [(PROMPT, steps) for steps in STEPS] + [tagged]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
     with RewardClient(prm_server.grpc_url, batch_size=3) as client:
         results = client.score(conversations)
         ranked = client.rank(PROMPT, STEPS)
         with pytest.raises(RewardInvalidInputError, match="no step tag") as err:
             client.score([(PROMPT, STEPS[0]), (PROMPT, "an answer without steps")])
+        assert err.value.index == 1
+        ids = [list(tokenizer.apply_chat_template([{"role": "user", "content": PROMPT},
+                                                   {"role": "assistant", "content": "".join(s + "<extra_0>" for s in steps)}],
+                                                  tokenize=True, return_dict=True)["input_ids"]) for steps in STEPS]
+        by_ids = client.score_ids(ids)  # the `reward_ids` entry: the same steps, bit for bit
+        assert [r.steps for r in by_ids] == [r.steps for r in results[:len(STEPS)]]
+        with pytest.raises(RewardInvalidInputError, match=f"no step tag '<extra_0>' \\(token id {tag}\\)") as err:
+            client.score_ids([ids[0], [i for i in ids[1] if i != tag]])
         assert err.value.index == 1
     for result, conversation in zip(results, conversations):
         messages = ([{"role": "user", "content": conversation[0]},
@@ -247,6 +256,32 @@ def test_process_model_served_over_grpc_with_its_steps(prm_server, qwen_prm):
         assert result.attributes == {} and result.to_dict()["steps"] == list(result.steps)
     assert [len(r.steps) for r in results] == [3, 2, 1, 4, 2]
     assert [r.index for r in ranked] == sorted(range(len(STEPS)), key=lambda i: (-results[i].score, i))
+
+
+def test_process_model_through_the_cli(prm_server, tmp_path):
+    """`reward-client score` on a JSONL of (prompt, steps) records writes each record's steps and
+    aggregate; `attribute_names()` is empty (step scores are not named)."""
+    import json as json_module
+    import subprocess
+    import sys
+
+    from reward_client import RewardClient
+
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json_module.dumps({"id": i, "prompt": PROMPT, "response": steps}) + "\n"
+                           for i, steps in enumerate(STEPS)))
+    run = subprocess.run([sys.executable, "-m", "reward_client", "score", str(src), "-o", str(out), "--url",
+                          prm_server.grpc_url, "--no-progress"], capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr
+    records = [json_module.loads(line) for line in out.read_text().splitlines()]
+    with RewardClient(prm_server.grpc_url) as client:
+        expected = client.score((PROMPT, steps) for steps in STEPS)
+        assert client.attribute_names() == ()
+    assert [r["id"] for r in records] == list(range(len(STEPS)))
+    for record, result in zip(records, expected):
+        assert record["reward"]["steps"] == pytest.approx(list(result.steps), rel=1e-6)
+        assert record["reward"]["score"] == pytest.approx(result.score, rel=1e-6)
+        assert "attributes" not in record["reward"]
 
 
 def test_process_model_served_over_http_batched_with_bad_input(prm_server, qwen_prm):

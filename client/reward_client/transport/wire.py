@@ -200,12 +200,13 @@ def is_replica_failure(exc: InferenceServerException) -> bool:
 
 
 def attribute_count(metadata: object) -> int:
-    """Return K, the width of the ``attributes`` output, from a ``ModelMetadataResponse``.
+    """Return K, the width of the ``attributes`` output, from a ``ModelMetadataResponse``; 0 for a
+    process reward model (its attributes are its step scores, as many as steps, unnamed).
 
     Raises:
-        RewardServerError: if the model has no ``attributes`` output of fixed width.
+        RewardServerError: if the model has no ``attributes`` output.
     """
     for output in getattr(metadata, "outputs", []):
-        if output.name == "attributes" and len(output.shape) >= 1 and output.shape[-1] > 0:
-            return int(output.shape[-1])
-    raise RewardServerError("model metadata has no fixed-width 'attributes' output")
+        if output.name == "attributes" and len(output.shape) >= 1:
+            return max(int(output.shape[-1]), 0)
+    raise RewardServerError("model metadata has no 'attributes' output")
