@@ -32,7 +32,7 @@ reward server ready: {checkpoint}
 Score a conversation:
   curl -s http://{http}/v2/models/reward/infer -d '{{"inputs": [{{"name": "messages", "shape": [1, 1], \
 "datatype": "BYTES", "data": ["[{{\\"role\\": \\"user\\", \\"content\\": \\"Hi!\\"}}, \
-{{\\"role\\": \\"assistant\\", \\"content\\": \\"Hello, how can I help?\\"}}]"]}}]}}'
+{{\\"role\\": \\"assistant\\", {response}}}]"]}}]}}'
 Ctrl-C stops the server after in-flight requests finish.
 """
 
@@ -196,8 +196,10 @@ def serve(args: argparse.Namespace) -> int:
             print(log_tail, file=sys.stderr, flush=True)
         _LOGGER.error("cannot serve: %s", reason)
         return 1
+    response = (r'\"steps\": [\"Hello.\", \" How can I help?\"]' if server.process_model
+                else r'\"content\": \"Hello, how can I help?\"')
     print(EXAMPLE.format(checkpoint=server.checkpoint, grpc=server.grpc_url, http=server.http_url,
-                         metrics=server.metrics_url), flush=True)
+                         metrics=server.metrics_url, response=response), flush=True)
     gateway_process = None
     if args.gateway_port is not None:
         gateway_process = subprocess.Popen(_gateway_command(args, server))

@@ -17,6 +17,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from reward_server.heads import DEFAULT_STEP_TAG
+
 _LOGGER = logging.getLogger(__name__)
 
 # Llama-3 style: BOS comes from the template, every turn ends with <|eot_id|>.
@@ -65,7 +67,7 @@ SIZES = {
 }
 
 ARCHITECTURES = ("llama", "qwen2")
-HEADS = ("sequence_classification", "lm_logits")
+HEADS = ("sequence_classification", "lm_logits", "process")
 
 _SYLLABLES = ["ka", "ri", "to", "mel", "sa", "un", "pe", "lo", "vi", "dra", "ne", "sho", "qu",
               "am", "bor", "ti", "ex", "ga", "lu", "fen", "or", "is", "zy", "wa", "che", "mo"]
@@ -124,8 +126,11 @@ def build_checkpoint(out_dir: str | Path, size: str = "tiny", arch: str = "llama
         out_dir: directory to create (or overwrite files in).
         size: a key of `SIZES`.
         arch: "llama" or "qwen2".
-        head: "sequence_classification" (a `score` head with `num_labels` outputs) or
-            "lm_logits" (a causal LM whose reward is read from logits at the final token).
+        head: "sequence_classification" (a `score` head with `num_labels` outputs),
+            "lm_logits" (a causal LM whose reward is read from logits at the final token), or
+            "process" (a process reward model in Qwen2.5-Math-PRM's layout: the backbone under
+            `model.`, a Linear(h, h), ReLU, Linear(h, 2) head under `score.0` / `score.2`, the
+            `<extra_0>` step tag in the tokenizer, `*ForProcessRewardModel` in the config).
         num_labels: outputs of the classification head.
         pad_token: override of the pad token (e.g. "<|eot_id|>" to mimic Llama-3 reward models
             whose pad equals the end-of-turn token).
@@ -146,6 +151,8 @@ def build_checkpoint(out_dir: str | Path, size: str = "tiny", arch: str = "llama
     out.mkdir(parents=True, exist_ok=True)
 
     tokenizer = build_tokenizer(arch, dims.vocab, seed, pad_token)
+    if head == "process":
+        tokenizer.add_special_tokens({"additional_special_tokens": [DEFAULT_STEP_TAG]})
     vocab = max(dims.vocab, len(tokenizer))
     common = dict(vocab_size=vocab, hidden_size=dims.hidden, num_hidden_layers=dims.layers,
                   num_attention_heads=dims.heads, num_key_value_heads=dims.kv_heads,
@@ -156,20 +163,42 @@ def build_checkpoint(out_dir: str | Path, size: str = "tiny", arch: str = "llama
     config_cls = transformers.LlamaConfig if arch == "llama" else transformers.Qwen2Config
     config = config_cls(**common)
     prefix = "Llama" if arch == "llama" else "Qwen2"
-    suffix = "ForSequenceClassification" if head == "sequence_classification" else "ForCausalLM"
+    suffix = {"sequence_classification": "ForSequenceClassification", "lm_logits": "ForCausalLM",
+              "process": "Model"}[head]
     model_cls = getattr(transformers, prefix + suffix)
 
     torch.manual_seed(seed)
     model = model_cls(config).eval()
-    with torch.no_grad():
-        # Default init gives rewards near 0.01; a wider head makes scores easier to read.
-        head_module = model.score if head == "sequence_classification" else model.lm_head
-        head_module.weight.normal_(0.0, 1.0 / dims.hidden ** 0.5)
-    model.save_pretrained(out, safe_serialization=True)
+    if head == "process":
+        _save_process_model(out, model, config, prefix + "ForProcessRewardModel")
+    else:
+        with torch.no_grad():
+            # Default init gives rewards near 0.01; a wider head makes scores easier to read.
+            head_module = model.score if head == "sequence_classification" else model.lm_head
+            head_module.weight.normal_(0.0, 1.0 / dims.hidden ** 0.5)
+        model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     _LOGGER.info("wrote %s %s %s checkpoint (%d params) to %s", size, arch, head,
                  sum(p.numel() for p in model.parameters()), out)
     return out
+
+
+def _save_process_model(out: Path, backbone, config, architecture: str) -> None:
+    """Write `backbone` and a random two-layer step head as Qwen2.5-Math-PRM ships them (its remote
+    code is named in `auto_map` but not shipped: the server reads the head from the weights)."""
+    import torch
+    from safetensors.torch import save_file
+
+    hidden = config.hidden_size
+    weights = {f"model.{name}": tensor.contiguous() for name, tensor in backbone.state_dict().items()}
+    weights.update({"score.0.weight": torch.randn(hidden, hidden) / hidden ** 0.5,
+                    "score.0.bias": torch.randn(hidden) * 0.1,
+                    "score.2.weight": torch.randn(2, hidden) / hidden ** 0.5,
+                    "score.2.bias": torch.randn(2) * 0.1})
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config.architectures = [architecture]
+    config.auto_map = {"AutoModel": f"modeling_prm.{architecture}"}
+    config.save_pretrained(out)
 
 
 def main(argv: list[str] | None = None) -> None:

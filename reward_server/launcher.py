@@ -413,6 +413,7 @@ class TritonServer:
         self.workdir: Path | None = None
         self.log_path: Path | None = None
         self.checkpoint: Path | None = None
+        self.process_model = False  # a process reward model: responses are scored step by step
         self.serving = None  # the opened engine directory, with --engine tensorrt_llm
         self._own_workdir = False
         self._shm_prefix = _shm_prefix()
@@ -504,6 +505,7 @@ class TritonServer:
         binary, bundle = find_tritonserver()
         backends = prepare_backends(bundle, self.workdir / "backends") if bundle else None
         repository = render_repository(o, self.checkpoint, self.workdir / "models", self.serving)
+        self.process_model = bool(model_config(repository / "preprocessing").parameters[settings.STEP_TAG].string_value)
         if self.serving:
             from reward_server.trtllm.serving import check_host
 

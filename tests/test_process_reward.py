@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from reward_server.demo_checkpoint import build_checkpoint
 from reward_server.engine import RewardEngine
@@ -43,29 +43,12 @@ def _sequences(tag):
 
 @pytest.fixture(scope="module")
 def qwen_prm(tmp_path_factory):
-    """Qwen2ForProcessRewardModel as Qwen2.5-Math-PRM ships it: backbone under `model.`, head under
-    `score.0` / `score.2`, the `<extra_0>` tag in the tokenizer, remote code named in the config."""
-    out = build_checkpoint(tmp_path_factory.mktemp("qwen-prm") / "ckpt", "tiny", arch="qwen2", head="lm_logits",
-                           seed=3)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<extra_0>"]})
-    tokenizer.save_pretrained(out)
-    model = transformers.AutoModelForCausalLM.from_pretrained(out)
-    model.resize_token_embeddings(len(tokenizer))  # the tag gets an embedding row
-    model.save_pretrained(out)
-    config = json.loads((out / "config.json").read_text())
-    weights = {k: v for k, v in load_file(out / "model.safetensors").items() if k.startswith("model.")}
-    g = torch.Generator().manual_seed(5)
-    hidden = config["hidden_size"]
-    weights.update({"score.0.weight": torch.randn(hidden, hidden, generator=g) / hidden ** 0.5,
-                    "score.0.bias": torch.randn(hidden, generator=g) * 0.1,
-                    "score.2.weight": torch.randn(2, hidden, generator=g) / hidden ** 0.5,
-                    "score.2.bias": torch.randn(2, generator=g) * 0.1})
-    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
-    config.update(architectures=["Qwen2ForProcessRewardModel"],
-                  auto_map={"AutoModel": "modeling_qwen2_rm.Qwen2ForProcessRewardModel"})
-    (out / "config.json").write_text(json.dumps(config))
-    return out, tokenizer.convert_tokens_to_ids("<extra_0>")
+    """Qwen2ForProcessRewardModel as Qwen2.5-Math-PRM ships it (`demo-checkpoint --head process`):
+    backbone under `model.`, head under `score.0` / `score.2`, the `<extra_0>` tag in the tokenizer,
+    remote code named in the config but never run."""
+    out = build_checkpoint(tmp_path_factory.mktemp("qwen-prm") / "ckpt", "tiny", arch="qwen2", head="process", seed=3)
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["Qwen2ForProcessRewardModel"]
+    return out, transformers.AutoTokenizer.from_pretrained(out).convert_tokens_to_ids("<extra_0>")
 
 
 def _qwen_prm_reference(checkpoint, ids, tag):
