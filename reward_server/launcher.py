@@ -35,8 +35,12 @@ from reward_server.trtllm.mpi import WORKER_FLAGS, find_mpirun, mpirun_command, 
 
 _LOGGER = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-MODEL_REPOSITORY = PROJECT_ROOT / "model_repository"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the source tree, or site-packages for a wheel
+# An installed wheel carries the model repository inside the package; a source tree (and an
+# editable install) has it at the root.
+MODEL_REPOSITORY = next((path for path in (Path(__file__).resolve().parent / "model_repository",
+                                           PROJECT_ROOT / "model_repository") if path.is_dir()),
+                        PROJECT_ROOT / "model_repository")
 ENGINE_MODEL = engines.ENGINES["torch"].step_model
 # APIs a scoring client never needs; restricted because the bundled 2.51 server predates the
 # Python-backend shared-memory fixes (DESIGN.md). Calls need this header with the admin token.
@@ -209,13 +213,15 @@ def server_environment(bundle: Path | None) -> dict[str, str]:
 def python_paths_module() -> str:
     """Source of `reward_server_paths`, which each model.py imports first.
 
-    The Python backend stub runs its interpreter isolated (PYTHONPATH is ignored), so this
-    module, written next to each runtime model, puts this environment's packages and the
-    project on `sys.path`.
+    The Python backend stub runs its interpreter isolated (PYTHONPATH is ignored, .pth files of
+    added paths are not read), so this module, written next to each runtime model, puts this
+    environment's packages (its site directories, and any package directory on this process's
+    path) and the project on `sys.path`.
     """
     import site
 
-    paths = [str(PROJECT_ROOT), *site.getsitepackages()]
+    packages = [p for p in sys.path if p.rstrip("/").endswith(("site-packages", "dist-packages"))]
+    paths = list(dict.fromkeys([str(PROJECT_ROOT), *site.getsitepackages(), *packages]))
     return ("import sys\n\n"
             f"for _path in reversed({paths!r}):\n"
             "    if _path not in sys.path:\n"

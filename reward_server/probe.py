@@ -10,6 +10,10 @@ A request rejected because the server's queue is full counts as alive: the sched
 and a loaded server must not be killed for being busy (readiness and the autoscaler deal with
 load). Exit status 0 means alive, 1 means not; one line on stdout says why.
 
+A process reward model's server rejects a response without step tags: the probe then sends the
+same response as one step. Against a TLS server, `--tls-ca` (and, for mutual TLS, `--tls-cert`
+and `--tls-key`) make the probe speak TLS.
+
 Imports only tritonclient and numpy (no torch), so a probe costs well under a second of CPU.
 """
 
@@ -28,6 +32,8 @@ import numpy as np
 MODEL = "reward"
 # Short enough to cost a few dozen tokens, valid for any chat template (user then assistant).
 PROBE_CONVERSATION = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}]
+# The same for a process reward model (the server joins the steps with its step tag).
+PROBE_STEPS = [{"role": "user", "content": "ping"}, {"role": "assistant", "steps": ["pong"]}]
 # Messages with which Triton rejects work because its queue is full: the server is alive.
 _BUSY_MARKERS = ("exceeds maximum queue size",)
 
@@ -45,13 +51,15 @@ class ProbeResult:
     reason: str
 
 
-def probe(url: str, timeout_s: float = 5.0, model: str = MODEL) -> ProbeResult:
+def probe(url: str, timeout_s: float = 5.0, model: str = MODEL, tls: Optional[dict] = None) -> ProbeResult:
     """Score one tiny conversation through ``model`` at ``url`` and judge the server by it.
 
     Args:
         url: gRPC ``host:port`` of the server.
         timeout_s: deadline of the request (and of connecting) in seconds.
         model: the messages ensemble to score through.
+        tls: tritonclient's TLS arguments (``ssl``, ``root_certificates``, ``private_key``,
+            ``certificate_chain``), or None for plaintext.
 
     Returns:
         A :class:`ProbeResult`; never raises for a server failure.
@@ -60,13 +68,22 @@ def probe(url: str, timeout_s: float = 5.0, model: str = MODEL) -> ProbeResult:
     from tritonclient.utils import InferenceServerException
 
     started = time.monotonic()
-    data = np.array([[json.dumps(PROBE_CONVERSATION).encode()]], dtype=np.object_)
-    messages = grpcclient.InferInput("messages", list(data.shape), "BYTES")
-    messages.set_data_from_numpy(data)
-    client = grpcclient.InferenceServerClient(url)
+    client = grpcclient.InferenceServerClient(url, **(tls or {}))
+
+    def send(conversation: list) -> object:
+        data = np.array([[json.dumps(conversation).encode()]], dtype=np.object_)
+        messages = grpcclient.InferInput("messages", list(data.shape), "BYTES")
+        messages.set_data_from_numpy(data)
+        return client.infer(model, [messages], outputs=[grpcclient.InferRequestedOutput("score")],
+                            client_timeout=max(0.1, timeout_s - (time.monotonic() - started)))
+
     try:
-        response = client.infer(model, [messages], outputs=[grpcclient.InferRequestedOutput("score")],
-                                client_timeout=timeout_s)
+        try:
+            response = send(PROBE_CONVERSATION)
+        except InferenceServerException as exc:
+            if "step tag" not in str(exc.message() or exc):
+                raise
+            response = send(PROBE_STEPS)  # a process reward model
     except InferenceServerException as exc:
         message = " ".join(str(exc.message() or exc).split())
         if any(marker in message.lower() for marker in _BUSY_MARKERS):
@@ -100,8 +117,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--url", default="127.0.0.1:8001", help="gRPC host:port (default 127.0.0.1:8001)")
     parser.add_argument("--timeout", type=float, default=5.0, help="request deadline in seconds (default 5)")
     parser.add_argument("--model", default=MODEL, help="ensemble to score through (default reward)")
+    parser.add_argument("--tls-ca", help="TLS: the CA certificate (PEM) that signed the server's certificate")
+    parser.add_argument("--tls-cert", help="mutual TLS: this probe's client certificate (PEM)")
+    parser.add_argument("--tls-key", help="mutual TLS: the client certificate's key (PEM)")
     args = parser.parse_args(argv)
-    result = probe(args.url, args.timeout, args.model)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    tls = None
+    if args.tls_ca or args.tls_cert:
+        tls = {"ssl": True, "root_certificates": args.tls_ca, "private_key": args.tls_key,
+               "certificate_chain": args.tls_cert}
+    result = probe(args.url, args.timeout, args.model, tls)
     # The probe's output is what kubelet records in the pod's events: one line, on stdout.
     sys.stdout.write(("ok " if result.alive else "FAIL ") + result.reason + "\n")
     return 0 if result.alive else 1

@@ -101,8 +101,8 @@ def test_cpu_image_builds_the_demo_checkpoint_in_a_build_stage_and_copies_no_too
     assert "reward-server demo-checkpoint /models/demo --size small" in runs
     assert [k for k, _ in final if k == "RUN"] == []
     copies = [rest for keyword, rest in final if keyword == "COPY"]
-    assert copies == ["--from=build /opt/venv /opt/venv", "--from=build /opt/reward-server /opt/reward-server",
-                      "--from=build /models/demo /models/demo"]
+    assert copies == ["--from=build /opt/venv /opt/venv", "--from=build /models/demo /models/demo"]
+    assert "pip install --no-deps /opt/reward-server" in runs  # the wheel, not an editable tree
     for _, rest in [*build, *final]:
         assert not re.search(r"\b(apt-get|apk|gcc|build-essential)\b", rest), rest
 
@@ -111,7 +111,7 @@ def test_gpu_image_adds_packages_without_changing_the_base():
     runs = " ".join(rest for keyword, rest in instructions(DOCKER / "gpu.Dockerfile") if keyword == "RUN")
     assert "pip list --format=freeze --exclude-editable > /tmp/base-constraints.txt" in runs
     assert "-c /tmp/base-constraints.txt -r /opt/reward-server/deploy/docker/gpu-requirements.txt" in runs
-    assert "pip install --no-deps -e /opt/reward-server" in runs
+    assert "pip install --no-deps /opt/reward-server" in runs  # the wheel, not an editable tree
     pins = [line for line in (DOCKER / "gpu-requirements.txt").read_text().splitlines()
             if line and not line.startswith("#")]
     assert pins and all(re.match(r"^[\w\[\],.-]+==\d", pin) for pin in pins), pins

@@ -241,6 +241,13 @@ def test_process_model_served_over_grpc_with_its_steps(prm_server, qwen_prm):
     assert [r.index for r in ranked] == sorted(range(len(STEPS)), key=lambda i: (-results[i].score, i))
 
 
+def test_liveness_probe_scores_a_process_model(prm_server):
+    from reward_server.probe import probe
+
+    result = probe(prm_server.grpc_url, timeout_s=20)
+    assert result.alive, result.reason
+
+
 def test_process_model_through_the_cli(prm_server, tmp_path):
     """`reward-client score` on a JSONL of (prompt, steps) records writes each record's steps and
     aggregate; `attribute_names()` is empty (step scores are not named)."""

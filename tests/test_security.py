@@ -178,3 +178,16 @@ def test_the_client_sdk_and_cli_speak_mutual_tls(tls_server, pki, tmp_path):
     assert json.loads(out.read_text())["reward"]["score"] == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ValueError, match="both certificate_chain and private_key"):
         TlsConfig(certificate_chain=str(pki / "client.crt"))
+
+
+def test_liveness_probe_speaks_tls(tls_server, pki, capsys):
+    """`python -m reward_server.probe` scores through a (mutual) TLS server with --tls-*, and fails
+    in plaintext or without the client certificate."""
+    from reward_server.probe import main
+
+    trusted = ["--url", tls_server.grpc_url, "--timeout", "20", "--tls-ca", str(pki / "ca.crt")]
+    assert main(trusted + ["--tls-cert", str(pki / "client.crt"), "--tls-key", str(pki / "client.key")]) == 0
+    assert capsys.readouterr().out.startswith("ok ")
+    for refused in (trusted, trusted[:4]):
+        assert main(refused) == 1
+        assert capsys.readouterr().out.startswith("FAIL ")

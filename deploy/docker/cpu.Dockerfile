@@ -16,15 +16,14 @@ RUN /opt/venv/bin/pip install --extra-index-url "${TORCH_INDEX}" -r /opt/reward-
 COPY pyproject.toml README.md /opt/reward-server/
 COPY reward_server /opt/reward-server/reward_server
 COPY model_repository /opt/reward-server/model_repository
-# Editable: the launcher reads model_repository/ beside the package (the wheel carries only the
-# package), and the Python-backend stubs import the project from this source tree.
-RUN /opt/venv/bin/pip install --no-deps -e /opt/reward-server \
+# The wheel carries the package and its model repository (package data): the source tree stays in
+# this stage.
+RUN /opt/venv/bin/pip install --no-deps /opt/reward-server \
  && /opt/venv/bin/reward-server demo-checkpoint /models/demo --size small
 
 FROM ${PYTHON_IMAGE}
-# No compilers or build tools here: the venv, the project and the checkpoint are copied in.
+# No compilers or build tools here: the venv (with the project installed) and the checkpoint are copied in.
 COPY --from=build /opt/venv /opt/venv
-COPY --from=build /opt/reward-server /opt/reward-server
 COPY --from=build /models/demo /models/demo
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -17,9 +17,9 @@ RUN python3 -m pip list --format=freeze --exclude-editable > /tmp/base-constrain
 COPY pyproject.toml README.md /opt/reward-server/
 COPY reward_server /opt/reward-server/reward_server
 COPY model_repository /opt/reward-server/model_repository
-# Editable and without dependencies: the launcher reads model_repository/ beside the package, and
-# the pinned CPU stack of pyproject.toml must not replace the container's CUDA builds.
-RUN python3 -m pip install --no-deps -e /opt/reward-server
+# The wheel (package and model repository), without dependencies: the pinned CPU stack of
+# pyproject.toml must not replace the container's CUDA builds.
+RUN python3 -m pip install --no-deps /opt/reward-server
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

@@ -1,0 +1,75 @@
+"""`pip install` of the wheel alone gives a working server: the wheel is built here, installed into
+a fresh virtual environment, and `reward-server serve` runs from a directory outside the source
+tree, reading the model repository the wheel carries."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from reward_client import RewardClient
+from reward_server.ports import free_ports
+from tests.conversations import make_conversations
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*command, cwd=None):
+    done = subprocess.run([str(c) for c in command], cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{command}: {done.stdout[-2000:]}{done.stderr[-2000:]}"
+    return done
+
+
+def test_the_wheel_serves_from_a_fresh_venv(tmp_path, demo_checkpoint, server):
+    _run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist", ROOT)
+    [wheel] = (tmp_path / "dist").glob("reward_server-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for model in ("reward", "reward_ids", "reward_text", "preprocessing", "reward_engine", "postprocessing",
+                  "reward_engine_trtllm", "tensorrt_llm"):
+        assert f"reward_server/model_repository/{model}/config.pbtxt" in names, model
+    assert {"reward_server/model_repository/reward_engine/1/model.py", "reward_server/kernels/attention.cpp",
+            "reward_server/gateway/static/index.html"} <= names
+    assert not any(name.startswith(("tests/", "bench/", "client/")) for name in names)
+
+    venv = tmp_path / "venv"
+    _run(sys.executable, "-m", "venv", venv)
+    # The dependencies are this environment's (a full install would download torch): its package
+    # directory on the new venv's path, read after the venv's own, so the wheel's reward_server wins
+    # over this checkout's editable install (whose .pth hook is not read for an added path).
+    site_packages = venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    (site_packages / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    _run(venv / "bin" / "python", "-m", "pip", "install", "-q", "--no-deps", wheel)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    found = _run(venv / "bin" / "python", "-c", "import reward_server.launcher as l; print(l.MODEL_REPOSITORY)",
+                 cwd=outside).stdout.strip()
+    assert found == str(site_packages / "reward_server" / "model_repository")
+
+    grpc, http, metrics = free_ports(3, "127.0.0.1")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    process = subprocess.Popen([venv / "bin" / "reward-server", "serve", "--checkpoint", demo_checkpoint,
+                                "--max-length", "512", "--token-budget", "1024", "--grpc-port", str(grpc),
+                                "--http-port", str(http), "--metrics-port", str(metrics)],
+                               cwd=outside, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        conversations = make_conversations(4, seed=31)
+        with RewardClient(f"127.0.0.1:{grpc}") as client:
+            client.wait_until_ready(timeout_s=180)
+            scores = [r.score for r in client.score(conversations)]
+        with RewardClient(server.grpc_url) as client:  # the source tree's server on the same checkpoint
+            expected = [r.score for r in client.score(conversations)]
+        np.testing.assert_array_equal(scores, expected)
+    finally:
+        process.terminate()
+        try:
+            output, _ = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output, _ = process.communicate()
+    assert process.returncode == 0, output[-3000:]
