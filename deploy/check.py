@@ -12,7 +12,10 @@ No cluster or API server is needed (nor can one run on the development machines)
 3. :func:`check_policy` rejects what would deploy badly: deprecated apiVersions, missing probes,
    a liveness probe that cannot see a dead engine, GPU requests != limits, root or privileged
    containers, writable root filesystems, unpinned images, a /dev/shm left at the runtime's
-   default, and a termination grace shorter than the server needs to stop.
+   default, and a termination grace shorter than the server needs to stop. The gateway's
+   Deployment (label app.kubernetes.io/component: gateway) has its own rules: HTTP liveness on
+   /health/live (never the scoring probe: a gateway must not restart because servers are down),
+   readiness, and a grace longer than its graceful shutdown.
 
 The tests (tests/test_deploy_manifests.py) import this file; CI of a fork can run it as is.
 """
@@ -31,7 +34,7 @@ import yaml
 _LOGGER = logging.getLogger(__name__)
 
 K8S_DIR = Path(__file__).resolve().parent / "k8s"
-KUSTOMIZATIONS = ("overlays/cpu", "overlays/gpu", "overlays/gpu-tp", "engine-build", "storage")
+KUSTOMIZATIONS = ("overlays/cpu", "overlays/gpu", "overlays/gpu-tp", "engine-build", "storage", "gateway")
 # Oldest and newest Kubernetes minor versions the manifests must be valid for.
 KUBERNETES_VERSIONS = ("1.30", "1.37")
 
@@ -40,6 +43,9 @@ KUBERNETES_VERSIONS = ("1.30", "1.37")
 # kills the server. The pod's grace period must outlast both, plus any preStop delay.
 SERVER_EXIT_TIMEOUT_S = 30
 LAUNCHER_KILL_MARGIN_S = 15
+# The gateway's uvicorn finishes requests in flight for this long after SIGTERM (gateway/app.py).
+GATEWAY_GRACEFUL_S = 30
+GATEWAY_LIVENESS_PATH = "/health/live"
 
 # The apiVersion each kind we deploy must use; anything else is deprecated, removed or unknown.
 CURRENT_API_VERSIONS = {
@@ -155,6 +161,14 @@ def validate_schema(objects: Iterable[Dict[str, Any]],
 # -- pod templates -----------------------------------------------------------------------------
 
 
+def role(obj: Dict[str, Any]) -> str:
+    """"server" (a reward-server Deployment), "gateway" (the HTTP gateway's) or "job"."""
+    if obj.get("kind") != "Deployment":
+        return "job"
+    labels = obj.get("spec", {}).get("template", {}).get("metadata", {}).get("labels", {})
+    return "gateway" if labels.get("app.kubernetes.io/component") == "gateway" else "server"
+
+
 def pod_specs(objects: Iterable[Dict[str, Any]]) -> Iterator[Tuple[Dict[str, Any], Dict[str, Any]]]:
     """Yield ``(object, pod spec)`` for every Deployment and Job."""
     for obj in objects:
@@ -180,7 +194,7 @@ def _prestop_sleep_s(container: Dict[str, Any]) -> int:
 
 
 def _check_container(where: str, container: Dict[str, Any], pod: Dict[str, Any],
-                     volumes: Dict[str, Dict[str, Any]], serving: bool) -> List[str]:
+                     volumes: Dict[str, Dict[str, Any]], kind: str) -> List[str]:
     errors = []
     image = str(container.get("image", ""))
     if not _image_pinned(image):
@@ -211,11 +225,22 @@ def _check_container(where: str, container: Dict[str, Any], pod: Dict[str, Any],
         errors.append(f"{where}: read-only root filesystem but no writable /tmp volume")
     shm = mounts.get("/dev/shm")
     shm_volume = volumes.get(shm.get("name"), {}) if shm else {}
-    if not shm or shm_volume.get("emptyDir", {}).get("medium") != "Memory" \
-            or not shm_volume.get("emptyDir", {}).get("sizeLimit"):
+    if kind != "gateway" and (not shm or shm_volume.get("emptyDir", {}).get("medium") != "Memory"
+                              or not shm_volume.get("emptyDir", {}).get("sizeLimit")):
         errors.append(f"{where}: /dev/shm is not a memory emptyDir with a sizeLimit")
-    if serving:
+    if kind == "server":
         errors.extend(_check_probes(where, container))
+    elif kind == "gateway":
+        errors.extend(_check_gateway_probes(where, container))
+    return errors
+
+
+def _check_gateway_probes(where: str, container: Dict[str, Any]) -> List[str]:
+    errors = [f"{where}: no {probe}" for probe in ("readinessProbe", "livenessProbe") if probe not in container]
+    path = container.get("livenessProbe", {}).get("httpGet", {}).get("path")
+    if "livenessProbe" in container and path != GATEWAY_LIVENESS_PATH:
+        errors.append(f"{where}: the gateway's livenessProbe must be GET {GATEWAY_LIVENESS_PATH} (a scoring probe "
+                      "would restart gateways whenever the servers are down)")
     return errors
 
 
@@ -251,7 +276,7 @@ def check_policy(objects: Sequence[Dict[str, Any]]) -> List[str]:
         elif api_version != expected:
             errors.append(f"{name_of(obj)}: apiVersion {api_version} is deprecated or removed; use {expected}")
     for obj, pod in pod_specs(objects):
-        serving = obj["kind"] == "Deployment"
+        kind = role(obj)
         security = pod.get("securityContext", {})
         if security.get("runAsNonRoot") is not True:
             errors.append(f"{name_of(obj)}: pod securityContext.runAsNonRoot is not true")
@@ -261,14 +286,14 @@ def check_policy(objects: Sequence[Dict[str, Any]]) -> List[str]:
         containers = pod.get("containers", [])
         for container in containers:
             where = f"{name_of(obj)} container {container.get('name')}"
-            errors.extend(_check_container(where, container, pod, volumes, serving))
-        if serving:
+            errors.extend(_check_container(where, container, pod, volumes, kind))
+        if kind != "job":
             grace = int(pod.get("terminationGracePeriodSeconds", 30))
-            needed = SERVER_EXIT_TIMEOUT_S + LAUNCHER_KILL_MARGIN_S + max(
-                (_prestop_sleep_s(c) for c in containers), default=0)
+            stop = SERVER_EXIT_TIMEOUT_S + LAUNCHER_KILL_MARGIN_S if kind == "server" else GATEWAY_GRACEFUL_S
+            needed = stop + max((_prestop_sleep_s(c) for c in containers), default=0)
             if grace <= needed:
                 errors.append(f"{name_of(obj)}: terminationGracePeriodSeconds {grace} <= {needed} s "
-                              "(exit timeout + launcher margin + preStop): in-flight requests would be cut")
+                              "(the stop sequence + preStop): in-flight requests would be cut")
             if not pod.get("topologySpreadConstraints"):
                 errors.append(f"{name_of(obj)}: no topologySpreadConstraints")
     return errors

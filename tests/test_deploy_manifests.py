@@ -57,6 +57,7 @@ OVERLAYS = ["overlays/cpu", "overlays/gpu", "overlays/gpu-tp"]
     *[(overlay, SERVING_KINDS) for overlay in OVERLAYS],
     ("engine-build", ["Job"]),
     ("storage", ["PersistentVolumeClaim", "PersistentVolumeClaim"]),
+    ("gateway", ["Deployment", "NetworkPolicy", "PodMonitor", "Service"]),
 ])
 def test_every_kustomization_renders(kustomization, kinds):
     objects = rendered(kustomization)
@@ -251,9 +252,9 @@ def test_services_expose_grpc_as_h2c_and_a_headless_service_for_client_side_rout
 
 def test_network_policy_admits_trainers_to_inference_and_monitoring_to_metrics_only():
     policy = only(rendered("overlays/cpu"), "NetworkPolicy")["spec"]
-    rules = {rule["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]:
+    rules = {(rule["from"][0].get("namespaceSelector") or rule["from"][0]["podSelector"])["matchLabels"].popitem()[1]:
              sorted(p["port"] for p in rule["ports"]) for rule in policy["ingress"]}
-    assert rules == {"rl-training": ["grpc", "http"], "monitoring": ["metrics"]}
+    assert rules == {"rl-training": ["grpc", "http"], "monitoring": ["metrics"], "reward-gateway": ["grpc"]}
     assert policy["policyTypes"] == ["Ingress"]
 
 
@@ -277,3 +278,34 @@ def test_grace_period_outlasts_the_launchers_stop_sequence():
     for overlay in OVERLAYS:
         pod = only(rendered(overlay), "Deployment")["spec"]["template"]["spec"]
         assert pod["terminationGracePeriodSeconds"] >= 60
+
+
+def test_gateway_routes_through_the_servers_headless_service_and_is_let_in():
+    """The gateway's SDK targets every ready server pod (dns:/// + the headless Service, so each prompt
+    group goes to one replica); the servers' policy admits the gateway's pods on gRPC; its grace
+    outlasts its graceful shutdown."""
+    from reward_server.gateway.app import GRACEFUL_SHUTDOWN_S
+
+    gateway = rendered("gateway")
+    deployment = only(gateway, "Deployment")
+    container = check.container_named(deployment, "gateway")
+    assert container["command"] == ["reward-server", "gateway"]
+    headless = [o for o in rendered("overlays/cpu") if o["metadata"]["name"] == "reward-server-headless"][0]
+    url = f"--url=dns:///{headless['metadata']['name']}.{headless['metadata']['namespace']}.svc.cluster.local:8001"
+    assert url in container["args"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    server_policy = only(rendered("overlays/cpu"), "NetworkPolicy")["spec"]
+    assert any(check._selects(rule["from"][0].get("podSelector", {}), labels) for rule in server_policy["ingress"])
+    assert check.GATEWAY_GRACEFUL_S == GRACEFUL_SHUTDOWN_S
+    assert check.role(deployment) == "gateway" and check.role(only(rendered("overlays/cpu"), "Deployment")) == "server"
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c: c.update(livenessProbe={"exec": {"command": ["python3", "-m", "reward_server.probe"]}}),
+     "must be GET /health/live"),
+    (lambda c: c.pop("readinessProbe"), "no readinessProbe"),
+])
+def test_gateway_policy_rejects(mutate, message):
+    objects = rendered("gateway")
+    mutate(check.container_named(only(objects, "Deployment"), "gateway"))
+    assert any(message in error for error in check.check_policy(objects)), check.check_policy(objects)

@@ -287,3 +287,34 @@ def test_trl_reward_function_in_both_dataset_formats(server, grpc_scores):
     with pytest.raises(ValueError, match="2 prompts for 1 completions"):
         reward(["a", "b"], ["c"])
     reward.close()
+
+
+def test_gateway_metrics_per_protocol(gateway, templated):
+    """`GET /metrics`: requests by protocol, endpoint and status, items, latency, merged-batch sizes."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def samples():
+        with urllib.request.urlopen(gateway.url + "/metrics", timeout=30) as reply:
+            text = reply.read().decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    def delta(after, before, name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    texts, _ = templated
+    before = samples()
+    assert post(gateway.url + "/get_reward", {"query": texts[:3]})[0] == 200
+    assert post(gateway.url + "/get_reward", {"query": [""]})[0] == 400
+    assert post(gateway.url + "/pooling", {"input": texts[3]})[0] == 200
+    after = samples()
+    openrlhf = dict(protocol="openrlhf", endpoint="/get_reward")
+    assert delta(after, before, "reward_gateway_requests_total", **openrlhf, status="200") == 1
+    assert delta(after, before, "reward_gateway_requests_total", **openrlhf, status="400") == 1
+    assert delta(after, before, "reward_gateway_requests_total", protocol="vllm", endpoint="/pooling",
+                 status="200") == 1
+    assert delta(after, before, "reward_gateway_items_total", **openrlhf) == 4
+    assert delta(after, before, "reward_gateway_request_seconds_count", **openrlhf) == 2
+    assert delta(after, before, "reward_gateway_batch_items_count", kind="text") == 3
+    assert delta(after, before, "reward_gateway_batch_items_sum", kind="text") == 3 + 1 + 1  # "" is a batch too

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -18,15 +20,18 @@ from starlette.routing import Route
 
 from reward_server.gateway.batching import Coalescer
 from reward_server.gateway.core import GatewayError
+from reward_server.gateway.metrics import GatewayMetrics
 from reward_server.gateway.options import GatewayOptions
 from reward_server.gateway.protocols import Context, native, nim, openrlhf, tei, vllm
 
 _LOGGER = logging.getLogger(__name__)
 PROTOCOLS = (openrlhf, vllm, nim, tei, native)
 PAGE = Path(__file__).parent / "static" / "index.html"
+GRACEFUL_SHUTDOWN_S = 30  # after SIGTERM, requests in flight get this long (deploy/check.py budgets it)
 class _State:
     client: AsyncRewardClient
     context: Context
+    metrics: GatewayMetrics
 
 
 async def read_json(request: Request, limit: int) -> Any:
@@ -61,17 +66,25 @@ def _authorised(request: Request, api_key: str | None) -> bool:
 def _endpoint(protocol: Any, handler: Callable[[Any, Context], Awaitable[Any]], options: GatewayOptions,
               state: _State) -> Callable[[Request], Awaitable[Response]]:
     status_of = getattr(protocol, "status", lambda err: err.status)
+    name = protocol.__name__.rsplit(".", 1)[-1]
 
-    async def endpoint(request: Request) -> Response:
+    async def answer(request: Request) -> Response:
         try:
             if not _authorised(request, options.api_key):
                 return JSONResponse({"detail": "Unauthorized"}, status_code=401)
             body = await read_json(request, options.max_body_bytes)
-            return JSONResponse(await handler(body, state.context))
+            context = dataclasses.replace(state.context, protocol=name, endpoint=request.url.path)
+            return JSONResponse(await handler(body, context))
         except GatewayError as err:
             if err.kind != "invalid_input":
                 _LOGGER.warning("%s: %s", request.url.path, err.message)
             return JSONResponse(protocol.error_body(err), status_code=status_of(err))
+
+    async def endpoint(request: Request) -> Response:
+        started = time.monotonic()
+        response = await answer(request)
+        state.metrics.request(name, request.url.path, response.status_code, time.monotonic() - started)
+        return response
 
     return endpoint
 
@@ -79,6 +92,7 @@ def _endpoint(protocol: Any, handler: Callable[[Any, Context], Awaitable[Any]], 
 def create_app(options: GatewayOptions) -> Starlette:
     """The gateway app; its gRPC client is made when the app starts (inside the event loop)."""
     state = _State()
+    state.metrics = GatewayMetrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -86,8 +100,8 @@ def create_app(options: GatewayOptions) -> Starlette:
                                          max_in_flight=options.max_in_flight, timeout_s=options.timeout_s,
                                          tls=options.tls)
         coalescer = Coalescer(state.client, max_delay_s=options.batch_delay_ms / 1000.0,
-                              max_calls=options.max_in_flight)
-        state.context = Context(coalescer, options.model_name, options.max_items)
+                              max_calls=options.max_in_flight, metrics=state.metrics)
+        state.context = Context(coalescer, options.model_name, options.max_items, metrics=state.metrics)
         app.state.coalescer = coalescer
         try:
             yield
@@ -109,9 +123,13 @@ def create_app(options: GatewayOptions) -> Starlette:
     async def page(request: Request) -> Response:
         return FileResponse(PAGE, media_type="text/html")
 
+    async def metrics(request: Request) -> Response:
+        text, content_type = state.metrics.render()
+        return Response(text, media_type=content_type)
+
     routes = [Route("/", page, methods=["GET"]), Route("/health", ready, methods=["GET"]),
               Route("/health/ready", ready, methods=["GET"]), Route("/health/live", live, methods=["GET"]),
-              Route("/v1/models", models, methods=["GET"])]
+              Route("/v1/models", models, methods=["GET"]), Route("/metrics", metrics, methods=["GET"])]
     for protocol in PROTOCOLS:
         for path, handler in protocol.ROUTES.items():
             routes.append(Route(path, _endpoint(protocol, handler, options, state), methods=["POST"]))
@@ -123,7 +141,7 @@ def run(options: GatewayOptions) -> int:
     import uvicorn
 
     config = uvicorn.Config(create_app(options), host=options.host, port=options.port, log_level="info",
-                            timeout_graceful_shutdown=30, access_log=False)
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, access_log=False)
     server = uvicorn.Server(config)
     _LOGGER.info("gateway for %s on http://%s:%d (page at /, OpenRLHF /get_reward, vLLM /classify and /pooling, "
                  "SGLang /v1/embeddings, NIM /v1/chat/completions, TEI /predict)", options.url, options.host,

@@ -35,10 +35,13 @@ class Coalescer:
         client: the SDK client of the reward server.
         max_delay_s: how long the first item of a batch waits for others.
         max_calls: SDK calls (each up to the client's max_in_flight gRPC requests) running at once.
+        metrics: the gateway's `GatewayMetrics` (merged-batch sizes), or None.
     """
 
-    def __init__(self, client: AsyncRewardClient, max_delay_s: float = 0.002, max_calls: int = 4):
+    def __init__(self, client: AsyncRewardClient, max_delay_s: float = 0.002, max_calls: int = 4,
+                 metrics: Any = None):
         self.client = client
+        self.metrics = metrics
         self.max_delay_s = max_delay_s
         self._pending: dict[str, list[tuple[Any, asyncio.Future]]] = {kind: [] for kind in KINDS}
         self._gathering: dict[str, bool] = {kind: False for kind in KINDS}
@@ -104,6 +107,8 @@ class Coalescer:
                 _settle(future, GatewayError(f"the gateway failed: {exc}", "server_error"))
 
     async def _call(self, kind: str, values: list) -> list[ScoreResult]:
+        if self.metrics is not None:
+            self.metrics.batches.labels(kind).observe(len(values))
         if kind == MESSAGES:
             return await self.client.score(values)
         if kind == TEXT:

@@ -8,7 +8,7 @@ with `error_body`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from reward_client import ScoreResult
 
@@ -18,11 +18,15 @@ from reward_server.gateway.core import GatewayError, Item
 
 @dataclass
 class Context:
-    """What a handler needs: the batcher, and the model name answers carry."""
+    """What a handler needs: the batcher, the model name answers carry, and where the request came
+    in (for the gateway's metrics)."""
 
     coalescer: Coalescer
     model_name: str = "reward"
     max_items: int = 4096
+    metrics: Optional[Any] = None  # GatewayMetrics
+    protocol: str = ""
+    endpoint: str = ""
 
     async def score(self, items: Sequence[Item], where: str) -> list[ScoreResult]:
         """Score a request's items; the first bad one fails the request, named `where[i]`.
@@ -33,6 +37,8 @@ class Context:
         if len(items) > self.max_items:
             raise GatewayError(f"{where} holds {len(items)} inputs, over the limit of {self.max_items} per request",
                                "too_large", where)
+        if self.metrics is not None:
+            self.metrics.items.labels(self.protocol, self.endpoint).inc(len(items))
         outcomes = await self.coalescer.score(items)
         for index, outcome in enumerate(outcomes):
             if isinstance(outcome, GatewayError):
