@@ -95,6 +95,13 @@ def test_cpu_overlay_command_serves_probes_scores_and_stops_on_sigterm(cpu_overl
     for item in container["env"]:
         value = item["value"]
         env[item["name"]] = str(tmp_path / value.strip("/").replace("/", "_")) if value.startswith("/") else value
+    # The attention kernel `make setup` built, as an image that built it would carry it in its cache
+    # (otherwise this start would spend a minute compiling it).
+    from reward_server.kernels import CACHE as KERNELS
+
+    if KERNELS.is_dir():
+        (Path(env["REWARD_SERVER_CACHE"]) / "kernels").parent.mkdir(parents=True, exist_ok=True)
+        (Path(env["REWARD_SERVER_CACHE"]) / "kernels").symlink_to(KERNELS, target_is_directory=True)
     executable = shutil.which(argv[0], path=path)
     assert executable, f"{argv[0]} is not installed in this environment"
     log = open(tmp_path / "serve.log", "wb")

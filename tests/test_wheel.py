@@ -38,13 +38,13 @@ def test_the_wheel_serves_from_a_fresh_venv(tmp_path, demo_checkpoint, server):
     assert not any(name.startswith(("tests/", "bench/", "client/")) for name in names)
 
     venv = tmp_path / "venv"
-    _run(sys.executable, "-m", "venv", venv)
+    _run(sys.executable, "-m", "venv", "--without-pip", venv)  # this pip installs into it (--python)
     # The dependencies are this environment's (a full install would download torch): its package
     # directory on the new venv's path, read after the venv's own, so the wheel's reward_server wins
     # over this checkout's editable install (whose .pth hook is not read for an added path).
     site_packages = venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
     (site_packages / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    _run(venv / "bin" / "python", "-m", "pip", "install", "-q", "--no-deps", wheel)
+    _run(sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "-q", "--no-deps", wheel)
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     found = _run(venv / "bin" / "python", "-c", "import reward_server.launcher as l; print(l.MODEL_REPOSITORY)",
