@@ -30,6 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from reward_server.batching import DEFAULT_MIN_SHARED, DEFAULT_TOKEN_BUDGET, group_shared_prefixes, pack_sequences
+from reward_server.chat import sliding_window
 from reward_server.heads import (ProcessHead, RewardHead, detect_head_type, parse_indices, process_head,
                                  process_layout, resolve_step_tag, split_model, tag_positions)
 
@@ -274,6 +275,7 @@ class RewardEngine:
     min_shared: int = DEFAULT_MIN_SHARED  # 0 turns prefix sharing off
     kernel: Any = None  # the native attention module, or None: torch's SDPA (`attention_kernel`)
     process: ProcessHead | None = None  # set for process reward models (`score_steps`)
+    window: int | None = None  # the model's sliding window (chat.sliding_window): no longer row is scored
     stats: EngineStats = field(default_factory=EngineStats)
 
     @classmethod
@@ -362,7 +364,7 @@ class RewardEngine:
         outputs = 2 if process is not None else head.module.weight.shape[0]
         _LOGGER.info("loaded %s (%s, %d outputs) on %s %s, %s attention, in %.1fs", checkpoint, head_type, outputs,
                      device, dtype, "native" if kernel is not None else "SDPA", time.perf_counter() - start)
-        engine = cls(backbone, head, device, outputs, token_budget, min_shared, kernel, process)
+        engine = cls(backbone, head, device, outputs, token_budget, min_shared, kernel, process, sliding_window(config))
         if compile:
             engine.compile()
         return engine
@@ -403,7 +405,7 @@ class RewardEngine:
         for i, ids in enumerate(sequences):
             if len(ids) == 0:
                 raise ValueError(f"sequence {i} is empty")
-            rows.append(list(ids[: self.head.position(ids) + 1]))
+            rows.append(self._within_window(i, ids[: self.head.position(ids) + 1]))
         hidden = self._hidden(rows, [[len(row) - 1] for row in rows], [len(row) for row in rows])
         with torch.inference_mode():
             out = torch.cat([_per_position(self.head.module, h) for h in hidden]).float().cpu().numpy()
@@ -428,13 +430,24 @@ class RewardEngine:
             tags = tag_positions(ids, self.process.tag_id)
             if not tags:
                 raise ValueError(f"sequence {i} has no step tag (token id {self.process.tag_id})")
-            rows.append(list(ids[: tags[-1] + 1]))
+            rows.append(self._within_window(i, ids[: tags[-1] + 1]))
             reads.append(tags)
         hidden = self._hidden(rows, reads, [tags[0] + 1 for tags in reads])
         with torch.inference_mode():
             out = [_per_position(self.process.module, h).float().cpu().numpy() for h in hidden]
         self.stats.sequences += len(rows)
         return out
+
+    def _within_window(self, i: int, row: Sequence[int]) -> list[int]:
+        """`row` as a list, if the engine scores it exactly.
+
+        Raises:
+            ValueError: longer than the model's sliding window, which the packed engine does not apply.
+        """
+        if self.window is not None and len(row) > self.window:
+            raise ValueError(f"sequence {i} is {len(row)} tokens, over the model's sliding window of {self.window}: "
+                             "the packed engine applies no window, so it scores only sequences within it")
+        return list(row)
 
     def _hidden(self, rows: list[list[int]], reads: list[list[int]], shareable: list[int]) -> list[Any]:
         """Final hidden states of each row at the positions `reads[i]`, one [len(reads[i]), H]

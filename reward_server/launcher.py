@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reward_server import engines, settings
+from reward_server.chat import sliding_window
 from reward_server.drain import DrainState, read_metrics, settle_time_from_metrics
 from reward_server.heads import detect_head_type, num_outputs, parse_indices, process_layout, step_tag_or_default
 from reward_server.ports import free_ports
@@ -293,6 +294,10 @@ def model_parameters(options: ServeOptions, checkpoint: Path,
         return params, k
     config = json.loads((checkpoint / "config.json").read_text())
     head = detect_head_type(config.get("architectures"), options.head_type)
+    window = sliding_window(config)
+    if window is not None and options.max_length is not None and options.max_length > window:
+        raise ValueError(f"--max-length {options.max_length} is over the model's sliding window of {window} tokens, "
+                         "which the packed engine does not apply: longer conversations would be scored wrongly")
     indices = parse_indices(options.reward_indices)
     steps = _step_parameters(options, config) if head == "process" else {}
     k = -1 if steps else _check_outputs(num_outputs(config, head, indices), score, names)  # -1: one per step

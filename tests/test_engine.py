@@ -251,3 +251,30 @@ def test_long_conversations_match_the_reference_alone_and_through_a_shared_promp
     assert engine.stats.shared_tokens == len(prompt)
     alone = np.concatenate([engine.score([ids]) for ids in group])
     assert got[:2].tobytes() == alone.tobytes()
+
+
+def test_a_sliding_window_bounds_what_is_scored(tmp_path):
+    """Mistral applies `sliding_window` in every layer; the packed engine applies none. So within
+    the window it scores exactly, the default length limit is the window, a longer sequence is
+    refused with the reason, and so is a --max-length above it."""
+    import torch
+    import transformers
+
+    from reward_server.launcher import ServeOptions, model_parameters
+
+    out = build_checkpoint(tmp_path / "mistral", "tiny", seed=6)
+    config = json.loads((out / "config.json").read_text())
+    config.update(architectures=["MistralForSequenceClassification"], model_type="mistral", sliding_window=48)
+    (out / "config.json").write_text(json.dumps(config))
+    engine = RewardEngine.from_checkpoint(out)
+    assert engine.window == 48 and ChatEncoder.from_checkpoint(out).policy.max_length == 48
+    rng = np.random.default_rng(6)
+    within = [rng.integers(300, 1500, n).tolist() for n in (48, 30)]
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    with torch.no_grad():
+        expected = np.stack([model(torch.tensor([ids])).logits[0].numpy() for ids in within])
+    np.testing.assert_allclose(engine.score(within), expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="sequence 1 is 49 tokens, over the model's sliding window of 48"):
+        engine.score([within[1], rng.integers(300, 1500, 49).tolist()])
+    with pytest.raises(ValueError, match="--max-length 64 is over the model's sliding window of 48"):
+        model_parameters(ServeOptions(checkpoint=out, max_length=64), out)
