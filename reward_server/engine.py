@@ -130,9 +130,27 @@ class _Pack:
     kernel: Any = None  # the native attention module (reward_server.kernels), or None: torch's SDPA
     masks: dict[tuple[int, int], Any] = field(default_factory=dict)  # (segment, first query) -> mask
     table: Any = None  # the native kernel's segment table, made at the first layer
+    window: int | None = None  # the sliding window the engine's length guard enforces (RewardEngine.window)
 
 
 _ACTIVE = threading.local()
+# Attention features a transformers module may ask for that the packed attention does not compute:
+# a model asking for one is refused (at load, `RewardEngine` runs a token through it), never
+# scored as if it had not asked.
+UNSUPPORTED_ATTENTION = {"softcap": "attention logit softcapping", "s_aux": "attention sinks",
+                         "sinks": "attention sinks"}
+
+
+def _check_features(module, pack: _Pack, kwargs: dict) -> None:
+    """Raise ValueError, naming it, for an attention feature the engine would silently skip."""
+    for name, what in UNSUPPORTED_ATTENTION.items():
+        if kwargs.get(name) is not None:
+            raise ValueError(f"{type(module).__name__} asks for {what} ({name}={kwargs[name]}), which the packed "
+                             "engine does not compute")
+    window = kwargs.get("sliding_window")
+    if window is not None and window != pack.window:
+        raise ValueError(f"{type(module).__name__} layer {module.layer_idx} has a sliding window of {window} tokens "
+                         "that the config does not declare for every layer; the packed engine does not apply it")
 
 
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -144,6 +162,8 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     """
     pack: _Pack = _ACTIVE.pack
     layer = module.layer_idx
+    if kwargs:
+        _check_features(module, pack, kwargs)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     # [T, heads, dim] views: the layout the native kernel reads and the prefix store keeps
     query, key, value = (t[0].transpose(0, 1) for t in (query, key, value))
@@ -365,6 +385,9 @@ class RewardEngine:
         _LOGGER.info("loaded %s (%s, %d outputs) on %s %s, %s attention, in %.1fs", checkpoint, head_type, outputs,
                      device, dtype, "native" if kernel is not None else "SDPA", time.perf_counter() - start)
         engine = cls(backbone, head, device, outputs, token_budget, min_shared, kernel, process, sliding_window(config))
+        with torch.inference_mode():  # one token through every layer: unsupported attention features fail here
+            engine._run([Segment([0])], {})
+        engine.stats = EngineStats()
         if compile:
             engine.compile()
         return engine
@@ -486,7 +509,7 @@ class RewardEngine:
             ids.extend(segment.ids)
             positions.extend(range(segment.offset, segment.offset + len(segment.ids)))
             at += len(segment.ids)
-        _ACTIVE.pack = _Pack(segments, bounds, store, self.kernel)
+        _ACTIVE.pack = _Pack(segments, bounds, store, self.kernel, window=self.window)
         try:
             hidden = self.backbone(input_ids=torch.tensor([ids], device=self.device),
                                    position_ids=torch.tensor([positions], device=self.device),

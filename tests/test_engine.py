@@ -278,3 +278,34 @@ def test_a_sliding_window_bounds_what_is_scored(tmp_path):
         engine.score([within[1], rng.integers(300, 1500, 49).tolist()])
     with pytest.raises(ValueError, match="--max-length 64 is over the model's sliding window of 48"):
         model_parameters(ServeOptions(checkpoint=out, max_length=64), out)
+
+
+def test_attention_features_the_engine_does_not_compute_are_refused_at_load(tmp_path):
+    """Gemma-2 asks its attention function for logit softcapping: the engine refuses the checkpoint
+    at load, naming the feature, rather than scoring without it. The same model without softcapping
+    (and without sliding layers) is served exactly, with its own query scaling."""
+    import torch
+    import transformers
+
+    demo = build_checkpoint(tmp_path / "demo", "tiny", seed=7)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(demo)
+    rng = np.random.default_rng(7)
+    ids = [rng.integers(300, 1500, n).tolist() for n in (20, 33)]
+    for softcap in (50.0, None):
+        config = transformers.Gemma2Config(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
+            layer_types=["full_attention"] * 2, attn_logit_softcapping=softcap, num_labels=1,
+            pad_token_id=tokenizer.pad_token_id, architectures=["Gemma2ForSequenceClassification"])
+        torch.manual_seed(7)
+        model = transformers.Gemma2ForSequenceClassification(config).eval()
+        out = tmp_path / f"gemma2-{softcap}"
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        if softcap is not None:
+            with pytest.raises(ValueError, match=r"asks for attention logit softcapping \(softcap=50.0\)"):
+                RewardEngine.from_checkpoint(out)
+            continue
+        with torch.no_grad():
+            expected = np.stack([model(torch.tensor([row])).logits[0].numpy() for row in ids])
+        np.testing.assert_allclose(RewardEngine.from_checkpoint(out).score(ids), expected, rtol=1e-4, atol=1e-5)
