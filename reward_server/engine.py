@@ -288,7 +288,7 @@ class RewardEngine:
     """
 
     backbone: Any
-    head: RewardHead
+    head: RewardHead | None  # None for a process reward model (`process` reads it)
     device: Any
     num_outputs: int
     token_budget: int = DEFAULT_TOKEN_BUDGET
@@ -371,7 +371,7 @@ class RewardEngine:
         model.to(device).eval()
         if head_type == "process":
             process = process_head(model, checkpoint, tag_id, labels)
-            backbone, head = model.base_model, RewardHead("process", process.module, None)
+            backbone, head = model.base_model, None
         else:
             process = None
             backbone, head = split_model(model, head_type, indices)

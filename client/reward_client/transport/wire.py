@@ -131,15 +131,12 @@ def parse_results(as_numpy: Callable[[str], Optional[np.ndarray]], offset: int,
     truncated = arrays["truncated"].reshape(-1)
     if not len(scores) == len(attributes) == len(num_tokens) == len(truncated) == len(steps):
         raise RewardServerError("outputs disagree on the batch size")
-    if steps.any():  # a process reward model: the attributes are its step scores
-        return [ScoreResult(index=offset + row, score=float(scores[row]),
-                            steps=tuple(float(v) for v in attributes[row, :int(steps[row])]),
-                            num_tokens=int(num_tokens[row]), truncated=bool(truncated[row]))
-                for row in range(len(scores))]
-    names = attribute_names(attributes.shape[1])
+    process = bool(steps.any())  # a process reward model: the attributes are its step scores
+    names = () if process else attribute_names(attributes.shape[1])
     return [
         ScoreResult(index=offset + row, score=float(scores[row]),
                     attributes=dict(zip(names, (float(v) for v in attributes[row]))),
+                    steps=tuple(float(v) for v in attributes[row, :int(steps[row])]),
                     num_tokens=int(num_tokens[row]), truncated=bool(truncated[row]))
         for row in range(len(scores))
     ]
