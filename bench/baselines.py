@@ -124,7 +124,7 @@ def matmul_peak(size: int = 2048, repeats: int = 9, threads: int = 2, dtype: str
     """
     import torch
 
-    from reward_server.fused import PackedLinear, PlainLinear, prepack_available
+    from reward_server.pipeline.torch_engine.fused import PackedLinear, PlainLinear, prepack_available
 
     torch.set_num_threads(threads)
     generator = torch.Generator().manual_seed(0)

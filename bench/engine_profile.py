@@ -4,8 +4,8 @@
         [--layouts 8x512,1x4096] [--variants transformers,fused] [--repeats 5] [--out FILE.json]
 
 For each engine variant (`transformers`: transformers' decoder layers; `fused`: the fused layers
-of reward_server/fused.py, the default; `+compile` after either: torch.compile of the layers;
-`+sdpa`: torch's attention instead of the native kernel of reward_server/kernels) and
+of reward_server/pipeline/torch_engine/fused.py, the default; `+compile` after either: torch.compile of the layers;
+`+sdpa`: torch's attention instead of the native kernel of reward_server/pipeline/torch_engine/kernels) and
 each packed-row layout (N sequences of L random token ids in one row, no shared prefixes), it
 times `RewardEngine.score` (median of the repeats) and profiles one more call, sorting the
 operators into matrix products, attention and the rest. It also measures, alone, the kernels
@@ -93,8 +93,8 @@ def profile_call(engine, ids) -> dict[str, float]:
 def run(args: argparse.Namespace) -> dict:
     import torch
 
-    from reward_server.demo_checkpoint import build_checkpoint
-    from reward_server.engine import RewardEngine
+    from reward_server.supervisor.demo_checkpoint import build_checkpoint
+    from reward_server.pipeline.torch_engine.engine import RewardEngine
 
     torch.set_num_threads(args.threads)
     checkpoint = Path(args.checkpoint) if args.checkpoint else Path("/tmp/reward-bench-checkpoint-small")

@@ -149,7 +149,7 @@ def _workload(spec_fields: dict, shared: bool):
 
 def _encode(checkpoint: Path, conversations: Sequence[list[dict]]) -> list[list[int]]:
     """Token ids exactly as the server computes them (`ChatEncoder`); every conversation must fit."""
-    from reward_server.chat import ChatEncoder
+    from reward_server.pipeline.chat import ChatEncoder
 
     encoded = ChatEncoder.from_checkpoint(checkpoint).encode_batch(conversations)
     errors = [(i, e) for i, e in enumerate(encoded) if isinstance(e, Exception)]
@@ -342,7 +342,7 @@ def _need_checkpoint(ctx: Context) -> Path:
 
 
 def _load_engine(ctx: Context, out: dict) -> Any:
-    from reward_server.engine import RewardEngine
+    from reward_server.pipeline.torch_engine.engine import RewardEngine
 
     if ctx.engine is None:
         start = time.perf_counter()
@@ -508,7 +508,7 @@ def stage_trtllm_build(ctx: Context, out: dict) -> None:
     out.update(build_s=time.perf_counter() - start, exit_code=code, output_tail=tail)
     if code != 0:
         raise CheckFailed(f"build-engine exited with {code} (log: logs/build_engine.log)")
-    from reward_server.trtllm.layout import EngineLayout, read_engine_info
+    from reward_server.pipeline.trtllm.layout import EngineLayout, read_engine_info
 
     layout = EngineLayout(output)
     info = read_engine_info(layout.engine)
@@ -539,7 +539,8 @@ def start_server(ctx: Context, engine_dir: Path, startup_timeout_s: float) -> An
     It is kept in `ctx.server` before it starts, so that cleanup copies its log even when it
     never becomes ready.
     """
-    from reward_server.launcher import ServeOptions, TritonServer
+    from reward_server.supervisor.options import ServeOptions
+    from reward_server.supervisor.server import TritonServer
 
     (ctx.work / "server").mkdir(parents=True, exist_ok=True)
     options = ServeOptions(engine="tensorrt_llm", engine_dir=engine_dir, grpc_port=0, http_port=0, metrics_port=0,
@@ -565,7 +566,7 @@ def check_engine_logits(client: Any, model: Any, ids: Sequence[Sequence[int]], p
         non-reward logit (zero rows of the adapted head).
     """
     from bench.gpu import trtllm_client
-    from reward_server.heads import pool_position
+    from reward_server.pipeline.heads import pool_position
 
     expected = reference.scores(model, ids)
     tol = compare.tolerance(expected, dtype)
@@ -690,7 +691,7 @@ def score_served(client: Any, conversations: Sequence[list[dict]]) -> dict[str, 
 def stage_trtllm_throughput(ctx: Context, out: dict) -> None:
     from bench.gpu import trtllm_client
     from bench.grpc_load import run_load
-    from reward_server.heads import pool_position
+    from reward_server.pipeline.heads import pool_position
 
     _require_trtllm(ctx)
     if ctx.server is None:
@@ -738,7 +739,7 @@ def shareable_blocks(sequences: Sequence[Sequence[int]], request_size: int, bloc
     `request_size` sequences (the fan-out groups within a request), every sequence but the first
     of its group can reuse the whole blocks it shares with an earlier one, less the block holding
     its last token (always computed)."""
-    from reward_server.batching import common_prefix
+    from reward_server.pipeline.batching import common_prefix
 
     total = 0
     for start in range(0, len(sequences), request_size):
@@ -775,7 +776,7 @@ def stage_trtllm_pp(ctx: Context, out: dict) -> None:
     command = ctx.python_command(
         "build-engine", "--checkpoint", str(ctx.trtllm_checkpoint), "--output", str(output), "--pp", "2",
         "--dtype", ctx.run.dtype, "--max-input-len", str(ctx.args.max_input_len), "--force")
-    from reward_server.trtllm.builder import UNVERIFIED_PP_ENV
+    from reward_server.builder.build import UNVERIFIED_PP_ENV
 
     out["command"] = f"{UNVERIFIED_PP_ENV}=1 " + " ".join(command)
     code, tail = run_logged(command, ctx.logs / "build_engine_pp2.log", timeout_s=ctx.report.stage_left() / 2,

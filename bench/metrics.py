@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from reward_server.batching import common_prefix
+from reward_server.pipeline.batching import common_prefix
 
 _LOGGER = logging.getLogger(__name__)
 

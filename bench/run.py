@@ -129,7 +129,7 @@ class Bench:
             self.token_ids[name] = workload.tokenize(self.workloads[name].conversations, encode)
 
     def _build_demo_checkpoint(self) -> Path:
-        from reward_server.demo_checkpoint import build_checkpoint
+        from reward_server.supervisor.demo_checkpoint import build_checkpoint
 
         # the `long` workload's conversations (up to 8k tokens) need the 32k-position variant (same weights)
         size = "small-long" if "long" in self.args.workloads.split(",") else "small"
@@ -173,7 +173,7 @@ class Bench:
 
     def run_engine(self) -> None:
         try:
-            from reward_server.engine import RewardEngine
+            from reward_server.pipeline.torch_engine.engine import RewardEngine
         except ImportError as err:
             self.notes.append(f"engine not available: {err}")
             _LOGGER.warning("engine not available: %s", err)
@@ -203,7 +203,8 @@ class Bench:
 
     def run_server(self) -> None:
         try:
-            from reward_server.launcher import ServeOptions, TritonServer
+            from reward_server.supervisor.options import ServeOptions
+            from reward_server.supervisor.server import TritonServer
         except ImportError as err:
             self.notes.append(f"server not available: {err}")
             _LOGGER.warning("server not available: %s", err)

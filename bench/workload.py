@@ -32,7 +32,7 @@ Conversation = list[Message]
 try:
     # The demo tokenizer was trained on words built from these syllables, so text made of
     # them tokenises at a realistic ~2 tokens per word (arbitrary syllables give ~7).
-    from reward_server.demo_checkpoint import _SYLLABLES as _DEMO_SYLLABLES
+    from reward_server.supervisor.demo_checkpoint import _SYLLABLES as _DEMO_SYLLABLES
 except ImportError:  # pragma: no cover - the project package is always there in this repo
     _DEMO_SYLLABLES = ["ka", "ri", "to", "mel", "sa", "un", "pe", "lo", "vi", "dra"]
 _PUNCTUATION = [".", ".", ".", "?", "!", ":", ";"]
@@ -211,17 +211,17 @@ def generate(spec: WorkloadSpec = WorkloadSpec()) -> Workload:
 def load_encoder(checkpoint: str | Path):
     """Return a callable `messages -> list[int]` tokenising exactly as the server does.
 
-    Uses the project's `reward_server.chat.ChatEncoder` when it exists, else the checkpoint
+    Uses the project's `reward_server.pipeline.chat.ChatEncoder` when it exists, else the checkpoint
     tokenizer's chat template (`apply_chat_template(messages, tokenize=True)`).
     """
     try:
-        from reward_server.chat import ChatEncoder
+        from reward_server.pipeline.chat import ChatEncoder
     except ImportError:
         ChatEncoder = None
     if ChatEncoder is not None:
         encoder = ChatEncoder.from_checkpoint(str(checkpoint))
         return encoder.encode
-    _LOGGER.warning("reward_server.chat.ChatEncoder not available; tokenising with the "
+    _LOGGER.warning("reward_server.pipeline.chat.ChatEncoder not available; tokenising with the "
                     "checkpoint's chat template directly")
     return template_encoder(checkpoint)
 

@@ -13,14 +13,16 @@ import sys
 import threading
 from pathlib import Path
 
-from reward_server import demo_checkpoint
-from reward_server.chat import TRUNCATION_POLICIES
-from reward_server.engines import ENGINES
-from reward_server.heads import DEFAULT_STEP_TAG, HEAD_TYPES
-from reward_server.launcher import ServeOptions, ServerStartError, TlsOptions, TritonServer
-from reward_server.scoring import AGGREGATES, DEFAULT_AGGREGATE
-from reward_server.trtllm.builder import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_NUM_TOKENS, DTYPES
-from reward_server.trtllm.calibration import HELP as CALIB_HELP
+from reward_server.builder.build import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_NUM_TOKENS, DTYPES
+from reward_server.builder.calibration import HELP as CALIB_HELP
+from reward_server.pipeline.chat import TRUNCATION_POLICIES
+from reward_server.pipeline.heads import DEFAULT_STEP_TAG, HEAD_TYPES
+from reward_server.pipeline.scoring import AGGREGATES, DEFAULT_AGGREGATE
+from reward_server.supervisor import demo_checkpoint
+from reward_server.supervisor.engines import ENGINES
+from reward_server.supervisor.options import ServeOptions, TlsOptions
+from reward_server.supervisor.server import TritonServer
+from reward_server.supervisor.tritonserver import ServerStartError
 
 _LOGGER = logging.getLogger("reward_server")
 
@@ -261,7 +263,7 @@ def _build_engine_parser(sub) -> None:
 
 def build_engine(args: argparse.Namespace) -> int:
     """Plan (and unless --dry-run, run) a TensorRT-LLM engine build."""
-    from reward_server.trtllm.builder import BuildOptions, check_toolchain, plan_build, run_build
+    from reward_server.builder.build import BuildOptions, check_toolchain, plan_build, run_build
 
     options = BuildOptions(checkpoint=args.checkpoint, output=args.output, tp=args.tp, pp=args.pp, dtype=args.dtype,
                            max_input_len=args.max_input_len, max_batch_size=args.max_batch_size,

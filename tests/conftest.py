@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from reward_server.demo_checkpoint import build_checkpoint
-from reward_server.launcher import ServeOptions, TritonServer
+from reward_server.supervisor.demo_checkpoint import build_checkpoint
+from reward_server.supervisor.options import ServeOptions
+from reward_server.supervisor.server import TritonServer
 
 QWEN_INDICES = "0,3,5"
 QWEN_NAMES = "helpfulness,correctness,verbosity"
@@ -86,7 +87,7 @@ class GatewayProcess:
         import time
         import urllib.request
 
-        from reward_server.ports import free_port
+        from reward_server.supervisor.ports import free_port
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

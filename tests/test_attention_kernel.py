@@ -1,4 +1,4 @@
-"""The native attention kernel (reward_server/kernels/attention.cpp), called directly.
+"""The native attention kernel (reward_server/pipeline/torch_engine/kernels/attention.cpp), called directly.
 
 Against torch's SDPA in float64 (the exact answer to compare with), and for the property the
 engine builds on: a query's result has the same float bits whatever else is in the row, where its
@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reward_server import kernels
+from reward_server.pipeline.torch_engine import kernels
 
 
 @pytest.fixture(scope="module")

@@ -282,7 +282,7 @@ def test_matmul_peak_in_each_dtype():
 def test_small_long_demo_size_is_small_accepting_32k_tokens():
     from dataclasses import replace
 
-    from reward_server.demo_checkpoint import SIZES
+    from reward_server.supervisor.demo_checkpoint import SIZES
 
     assert SIZES["small-long"].positions >= 16384
     assert replace(SIZES["small-long"], positions=SIZES["small"].positions) == SIZES["small"]

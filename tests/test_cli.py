@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
-from reward_server.ports import free_ports
+from reward_server.supervisor.ports import free_ports
 from tests.conversations import make_conversations
 
 CLI = [sys.executable, "-m", "reward_server.cli"]

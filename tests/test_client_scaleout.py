@@ -29,7 +29,8 @@ from reward_client.conversations import encode, to_messages
 from reward_client.transport import routing
 from reward_client.transport.endpoints import EndpointSet, ReplicaHealth, parse_targets, resolve_all
 from reward_client.transport.replicas import ReplicaPool
-from reward_server.launcher import ServeOptions, TritonServer
+from reward_server.supervisor.options import ServeOptions
+from reward_server.supervisor.server import TritonServer
 from tests.test_client_unit import FakeAioTriton, FakeTriton, expected_scores
 
 # --------------------------------------------------------------------------- endpoints and health

@@ -168,7 +168,8 @@ def test_attribute_names_come_from_the_model_config(qwen_server):
 @pytest.fixture(scope="module")
 def busy_server(demo_checkpoint):
     """A server whose engine queue holds a single request: concurrent load gets rejected."""
-    from reward_server.launcher import ServeOptions, TritonServer
+    from reward_server.supervisor.options import ServeOptions
+    from reward_server.supervisor.server import TritonServer
 
     with TritonServer(ServeOptions(checkpoint=demo_checkpoint, max_length=256,
                                    max_queue_size=1)) as srv:

@@ -271,7 +271,7 @@ def test_autoscaler_scales_on_the_recorded_queue_compute_ratio():
 
 
 def test_grace_period_outlasts_the_launchers_stop_sequence():
-    from reward_server.launcher import ServeOptions
+    from reward_server.supervisor.options import ServeOptions
 
     # deploy/check.py's budget must follow the launcher's own exit timeout.
     assert ServeOptions().exit_timeout_s == check.SERVER_EXIT_TIMEOUT_S

@@ -6,8 +6,8 @@ import subprocess
 import sys
 import time
 
-from reward_server.ports import free_port
 from reward_server.probe import main, probe
+from reward_server.supervisor.ports import free_port
 
 
 def test_probe_scores_through_a_real_server(server):

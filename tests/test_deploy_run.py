@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from reward_client import RewardClient
-from reward_server.ports import free_ports
+from reward_server.supervisor.ports import free_ports
 from tests.test_deploy_manifests import only, rendered, server_container
 
 CONVERSATIONS = [
@@ -97,7 +97,7 @@ def test_cpu_overlay_command_serves_probes_scores_and_stops_on_sigterm(cpu_overl
         env[item["name"]] = str(tmp_path / value.strip("/").replace("/", "_")) if value.startswith("/") else value
     # The attention kernel `make setup` built, as an image that built it would carry it in its cache
     # (otherwise this start would spend a minute compiling it).
-    from reward_server.kernels import CACHE as KERNELS
+    from reward_server.pipeline.torch_engine.kernels import CACHE as KERNELS
 
     if KERNELS.is_dir():
         (Path(env["REWARD_SERVER_CACHE"]) / "kernels").parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""The drain's admission phase (reward_server/drain.py) against a metrics endpoint served over HTTP.
+"""The drain's admission phase (reward_server/pipeline/drain.py) against a metrics endpoint served over HTTP.
 
 The endpoint here is a small HTTP server publishing Triton's pending-request gauge as the test
 sets it; the full stop under load, on a real tritonserver, is in test_reliability.py.
@@ -12,8 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from reward_server.drain import DrainState
-from reward_server.ports import free_port
+from reward_server.pipeline.drain import DrainState
+from reward_server.supervisor.ports import free_port
 
 
 class Metrics:

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from reward_server import stages
-from reward_server.chat import ChatEncoder
-from reward_server.demo_checkpoint import build_checkpoint
-from reward_server.engine import RewardEngine
+from reward_server.pipeline import stages
+from reward_server.pipeline.chat import ChatEncoder
+from reward_server.pipeline.torch_engine.engine import RewardEngine
+from reward_server.supervisor.demo_checkpoint import build_checkpoint
 from tests.conversations import make_conversations
 from tests.reference import reference_ids, reference_rewards
 
@@ -144,8 +144,8 @@ def test_shared_prefixes_are_computed_once_and_scores_stay_exact(demo_checkpoint
 
 
 def test_dtype_resolution(monkeypatch):
-    from reward_server import engine as engine_module
-    from reward_server.engine import resolve_dtype
+    from reward_server.pipeline.torch_engine import engine as engine_module
+    from reward_server.pipeline.torch_engine.engine import resolve_dtype
 
     monkeypatch.setattr(engine_module, "cpu_has_fast_bf16", lambda: False)
     assert resolve_dtype("auto", "cuda", "float32") == "bfloat16"
@@ -187,7 +187,7 @@ def test_bf16_engine_matches_the_bf16_reference(demo_checkpoint, monkeypatch):
     import torch
     import transformers
 
-    from reward_server import engine as engine_module
+    from reward_server.pipeline.torch_engine import engine as engine_module
 
     monkeypatch.setattr(engine_module, "cpu_has_fast_bf16", lambda: True)
     ids = [e.token_ids for e in ChatEncoder.from_checkpoint(demo_checkpoint).encode_batch(CONVERSATIONS)]
@@ -211,9 +211,9 @@ def test_suffixes_after_a_shared_prompt_attend_in_bounded_chunks(demo_checkpoint
     conversations), with the same scores. (The native kernel never builds a mask.)"""
     import torch.nn.functional as F
 
-    from reward_server import engine as engine_module
+    from reward_server.pipeline.torch_engine import attention as attention_module
 
-    monkeypatch.setattr(engine_module, "QUERY_CHUNK", 8)
+    monkeypatch.setattr(attention_module, "QUERY_CHUNK", 8)
     shapes = []
     real_sdpa = F.scaled_dot_product_attention
 
@@ -260,7 +260,8 @@ def test_a_sliding_window_bounds_what_is_scored(tmp_path):
     import torch
     import transformers
 
-    from reward_server.launcher import ServeOptions, model_parameters
+    from reward_server.supervisor.options import ServeOptions
+    from reward_server.supervisor.repository import model_parameters
 
     out = build_checkpoint(tmp_path / "mistral", "tiny", seed=6)
     config = json.loads((out / "config.json").read_text())

@@ -1,4 +1,4 @@
-"""The fused decoder layers (reward_server/fused.py) against transformers' own forward, per family."""
+"""The fused decoder layers (reward_server/pipeline/torch_engine/fused.py) against transformers' own forward, per family."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 import transformers
 
-from reward_server.engine import RewardEngine
-from reward_server.fused import FusedDecoderLayer, fusable, fuse_layers, rms_norm
+from reward_server.pipeline.torch_engine.engine import RewardEngine
+from reward_server.pipeline.torch_engine.fused import FusedDecoderLayer, fusable, fuse_layers, rms_norm
 
 TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0)
@@ -55,7 +55,7 @@ def test_fused_layers_score_as_transformers_does(family_checkpoint):
 
 @pytest.mark.parametrize("prepack", [False, True])
 def test_prepacked_and_plain_products_agree(family_checkpoint, prepack):
-    from reward_server.fused import prepack_available
+    from reward_server.pipeline.torch_engine.fused import prepack_available
 
     _, path, _ = family_checkpoint
     if prepack and not prepack_available(torch.device("cpu"), torch.float32):
@@ -70,9 +70,9 @@ def test_prepacked_and_plain_products_agree(family_checkpoint, prepack):
 
 
 def _attention():
-    from reward_server.engine import _register_attention
+    from reward_server.pipeline.torch_engine.attention import register_attention
 
-    return _register_attention()
+    return register_attention()
 
 
 def test_layers_it_cannot_reproduce_keep_their_own_forward():

@@ -246,7 +246,7 @@ def test_native_score_health_and_models(gateway, grpc_scores):
 
 
 def test_unreachable_server_answers_503(server):
-    from reward_server.ports import free_port
+    from reward_server.supervisor.ports import free_port
 
     with GatewayProcess(f"127.0.0.1:{free_port()}", "--timeout", "5") as gw:
         status, answer = get(gw.url + "/health")

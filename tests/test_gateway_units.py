@@ -9,7 +9,7 @@ import pytest
 from reward_client import RewardInvalidInputError, RewardUnavailableError, ScoreResult
 
 from reward_server.gateway.batching import Coalescer
-from reward_server.gateway.core import IDS, MESSAGES, TEXT, GatewayError, Item, activate
+from reward_server.gateway.core import GatewayError, IDS, Item, MESSAGES, TEXT, activate
 from reward_server.gateway.protocols import tei, vllm
 
 

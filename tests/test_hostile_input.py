@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tritonclient.utils import InferenceServerException
 
-from reward_server.chat import ConversationError, InputLimits, parse_messages
-from reward_server.stages import PreprocessInput, RequestError, preprocess
+from reward_server.pipeline.conversations import ConversationError, InputLimits, parse_messages
+from reward_server.pipeline.stages import PreprocessInput, RequestError, preprocess
 from tests.conversations import make_conversations
 from tests.test_server import score_grpc
 

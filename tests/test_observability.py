@@ -13,7 +13,7 @@ import tritonclient.grpc as grpcclient
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from reward_server.metrics import SCORE_BUCKETS, bucket_counts, rejection_reason
+from reward_server.pipeline.metrics import SCORE_BUCKETS, bucket_counts, rejection_reason
 from tests.conversations import make_conversations
 
 

@@ -1,4 +1,4 @@
-"""Free ports: never the same one twice in a process, never one in use (reward_server/ports.py)."""
+"""Free ports: never the same one twice in a process, never one in use (reward_server/supervisor/ports.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from reward_server import ports
-from reward_server.ports import free_port, free_ports
+from reward_server.supervisor import ports
+from reward_server.supervisor.ports import free_port, free_ports
 
 
 def test_many_calls_never_repeat_a_port_and_each_is_free():

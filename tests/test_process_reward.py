@@ -1,5 +1,5 @@
 """Process reward models in the engine (issue 19, first part): label logits at every step tag,
-for the three layouts of reward_server/heads.py, against a plain transformers forward pass.
+for the three layouts of reward_server/pipeline/heads.py, against a plain transformers forward pass.
 
 The checkpoints are random-weight ones built here: a Qwen2 backbone with the two-layer head of
 Qwen2.5-Math-PRM's remote code written under `score.0` / `score.2` (loaded without running that
@@ -16,9 +16,9 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from reward_server.demo_checkpoint import build_checkpoint
-from reward_server.engine import RewardEngine
-from reward_server.scoring import step_scores
+from reward_server.pipeline.scoring import step_scores
+from reward_server.pipeline.torch_engine.engine import RewardEngine
+from reward_server.supervisor.demo_checkpoint import build_checkpoint
 
 RNG = np.random.default_rng(19)
 TAG = 7  # the step tag's id in the token-classification and causal-LM checkpoints
@@ -136,7 +136,8 @@ def test_process_errors_name_what_is_wrong(qwen_prm, tmp_path):
 
 
 def test_serve_options_of_a_process_model_are_checked_before_loading(qwen_prm, tmp_path):
-    from reward_server.launcher import ServeOptions, model_parameters
+    from reward_server.supervisor.options import ServeOptions
+    from reward_server.supervisor.repository import model_parameters
 
     checkpoint, _ = qwen_prm
     params, k = model_parameters(ServeOptions(checkpoint=checkpoint), checkpoint)
@@ -155,7 +156,7 @@ def test_serve_options_of_a_process_model_are_checked_before_loading(qwen_prm, t
 
 
 def test_steps_are_joined_with_the_tag_or_found_in_the_content():
-    from reward_server.chat import ConversationError, join_steps, parse_messages
+    from reward_server.pipeline.conversations import ConversationError, join_steps, parse_messages
 
     assert join_steps(["a = 2.", " So b = 4."], "<extra_0>") == "a = 2.<extra_0> So b = 4.<extra_0>"
     prompt = {"role": "user", "content": "b = 2a, a = 2. b?"}
@@ -192,7 +193,8 @@ MAX_LENGTH = 200
 @pytest.fixture(scope="module")
 def prm_server(qwen_prm):
     """`serve --checkpoint PRM` with nothing else: head, tag and aggregate (min) found alone."""
-    from reward_server.launcher import ServeOptions, TritonServer
+    from reward_server.supervisor.options import ServeOptions
+    from reward_server.supervisor.server import TritonServer
 
     checkpoint, _ = qwen_prm
     with TritonServer(ServeOptions(checkpoint=checkpoint, max_length=MAX_LENGTH, min_shared_prefix=8)) as server:
@@ -351,7 +353,7 @@ def test_process_model_through_the_gateway(prm_server, qwen_prm):
 
 
 def test_step_rows_and_aggregates():
-    from reward_server.scoring import ScoreSpec, step_rows
+    from reward_server.pipeline.scoring import ScoreSpec, step_rows
 
     logits = [np.array([[0.0, 1.0], [2.0, -1.0], [0.5, 0.5]]), np.array([[-3.0, 3.0]])]
     rows = step_rows(logits)
@@ -372,7 +374,8 @@ def test_step_rows_and_aggregates():
 def test_encoder_keeps_every_step_tag_or_says_why(qwen_prm, tmp_path):
     """Token-level checks on all three inputs: a tag that merges into its neighbours, steps cut by
     truncation, and token ids or text without the tag."""
-    from reward_server.chat import ChatEncoder, ConversationError
+    from reward_server.pipeline.chat import ChatEncoder
+    from reward_server.pipeline.conversations import ConversationError
 
     checkpoint, tag = qwen_prm
     encoder = ChatEncoder.from_checkpoint(checkpoint, step_tag="<extra_0>")
@@ -404,7 +407,8 @@ def test_token_classification_prm_through_the_tensorrt_llm_ensembles(tmp_path):
     cached; step scores equal a transformers forward of the classifier."""
     from bench.gpu_check import kv_cache_counters
     from reward_client import RewardClient
-    from reward_server.launcher import ServeOptions, TritonServer
+    from reward_server.supervisor.options import ServeOptions
+    from reward_server.supervisor.server import TritonServer
     from tests.trtllm_double import engine_dir_for, repository_with_double
 
     out = build_checkpoint(tmp_path / "prm", "tiny", arch="llama", seed=12)

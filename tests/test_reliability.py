@@ -25,10 +25,11 @@ from reward_client import RetryPolicy, RewardClient, RewardUnavailableError
 from reward_client.transport import wire
 from tritonclient.utils import InferenceServerException
 
-from reward_server.drain import DrainState
-from reward_server.health import Watchdog, descendants, python_stubs
-from reward_server.launcher import ServeOptions, TritonServer
-from reward_server.ports import free_ports
+from reward_server.pipeline.drain import DrainState
+from reward_server.supervisor.options import ServeOptions
+from reward_server.supervisor.ports import free_ports
+from reward_server.supervisor.server import TritonServer
+from reward_server.supervisor.watchdog import Watchdog, descendants, python_stubs
 from tests.conversations import make_conversations
 
 CLI = [sys.executable, "-m", "reward_server.cli"]

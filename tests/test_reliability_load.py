@@ -24,8 +24,9 @@ import tritonclient.grpc as grpcclient
 from reward_client import RewardClient
 from tritonclient.utils import InferenceServerException
 
-from reward_server.health import python_stubs
-from reward_server.launcher import ServeOptions, TritonServer
+from reward_server.supervisor.options import ServeOptions
+from reward_server.supervisor.server import TritonServer
+from reward_server.supervisor.watchdog import python_stubs
 from tests.conversations import make_conversations
 from tests.test_observability import scrape, value
 

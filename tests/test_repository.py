@@ -8,9 +8,10 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from reward_server import engines
-from reward_server.launcher import MODEL_REPOSITORY, ServeOptions, render_repository
-from reward_server.trtllm.fanout import REQUESTED_OUTPUTS, FanOut
+from reward_server.pipeline.trtllm.fanout import FanOut, REQUESTED_OUTPUTS
+from reward_server.supervisor import engines
+from reward_server.supervisor.options import MODEL_REPOSITORY, ServeOptions
+from reward_server.supervisor.repository import render_repository
 
 MODELS = {"preprocessing", "reward_engine", "postprocessing", "reward", "reward_ids", "reward_text",
           "reward_engine_trtllm", "tensorrt_llm"}
@@ -97,7 +98,7 @@ def test_fanout_requests_match_the_tensorrt_llm_model_interface():
 
 def test_tensorrt_llm_config_has_every_parameter_the_backend_cannot_do_without():
     """The backend reads these with no default; without one the model fails to load (on every rank)."""
-    from reward_server.trtllm.serving import UNGUARDED_PARAMETERS, missing_parameters
+    from reward_server.supervisor.trtllm_engine import UNGUARDED_PARAMETERS, missing_parameters
 
     config = _parse(MODEL_REPOSITORY / "tensorrt_llm" / "config.pbtxt")
     assert missing_parameters(config.parameters) == []

@@ -7,7 +7,7 @@ weights, which give a row the same bits whatever the number of rows around it; n
 embedding work per row; the reward head is applied one row at a time; the native attention kernel
 sums each query's keys in one fixed order, in key blocks aligned to its sequence's start, whether
 the first keys were recorded in a shared-prompt pass or computed with the rest (its header comment
-in reward_server/kernels/attention.cpp; tests/test_attention_kernel.py checks it directly).
+in reward_server/pipeline/torch_engine/kernels/attention.cpp; tests/test_attention_kernel.py checks it directly).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from reward_server.engine import RewardEngine
+from reward_server.pipeline.torch_engine.engine import RewardEngine
 from tests.test_server import score_ids
 
 RNG = np.random.default_rng(11)
@@ -64,8 +64,8 @@ def test_bf16_scores_are_bit_identical_whatever_the_batch(demo_checkpoint, monke
     bf16 invariance is checked on every machine in tests/test_attention_kernel.py)."""
     import torch
 
-    from reward_server import engine as engine_module
-    from reward_server.fused import prepack_available
+    from reward_server.pipeline.torch_engine import engine as engine_module
+    from reward_server.pipeline.torch_engine.fused import prepack_available
 
     if not prepack_available(torch.device("cpu"), torch.bfloat16):
         pytest.skip("this CPU cannot prepack bf16 products for oneDNN (AVX-512 BW/VL/DQ or AVX-NE-CONVERT): "
@@ -119,7 +119,7 @@ def test_prepacked_products_give_a_row_the_same_bits_among_any_rows(rows):
     """The property the engine relies on, checked on this machine's oneDNN."""
     import torch
 
-    from reward_server.fused import PackedLinear, prepack_available
+    from reward_server.pipeline.torch_engine.fused import PackedLinear, prepack_available
 
     if not prepack_available(torch.device("cpu"), torch.float32):
         pytest.fail("torch here cannot prepack for oneDNN: scores would not be batch-invariant")

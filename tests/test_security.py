@@ -18,7 +18,8 @@ from cryptography.x509.oid import NameOID
 from tritonclient.utils import InferenceServerException
 
 from reward_server.cli import _serve_parser, _tls
-from reward_server.launcher import ServeOptions, TlsOptions, TritonServer
+from reward_server.supervisor.options import ServeOptions, TlsOptions
+from reward_server.supervisor.server import TritonServer
 
 CONVERSATION = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
 

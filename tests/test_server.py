@@ -291,7 +291,8 @@ def test_any_subset_of_outputs_can_be_requested(any_server, demo_checkpoint, exp
 
 def test_compiled_engine_serves_the_same_scores(demo_checkpoint, expected):
     """--compile inside the Python backend stub (own interpreter, C locale by default)."""
-    from reward_server.launcher import ServeOptions, TritonServer
+    from reward_server.supervisor.options import ServeOptions
+    from reward_server.supervisor.server import TritonServer
 
     with TritonServer(ServeOptions(checkpoint=demo_checkpoint, max_length=512, compile=True)) as srv:
         out = score_grpc(srv.grpc_url, CONVERSATIONS)

@@ -12,11 +12,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from reward_server.chat import ChatEncoder
-from reward_server.demo_checkpoint import build_checkpoint
-from reward_server.heads import pool_position
-from reward_server.trtllm import adapt
-from reward_server.trtllm.adapt import INDEX_FILE, METADATA_FILE, RewardHeadSpec, adapt_checkpoint
+from reward_server.builder import adapt
+from reward_server.builder.adapt import INDEX_FILE, adapt_checkpoint
+from reward_server.pipeline.chat import ChatEncoder
+from reward_server.pipeline.heads import pool_position
+from reward_server.pipeline.trtllm.layout import METADATA_FILE, RewardHeadSpec
+from reward_server.supervisor.demo_checkpoint import build_checkpoint
 from tests.conversations import make_conversations
 
 LABELS = ["helpfulness", "correctness", "verbosity"]

@@ -14,8 +14,8 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from reward_server.trtllm.builder import BuildOptions, plan_build, run_build
-from reward_server.trtllm.layout import EngineLayout
+from reward_server.builder.build import BuildOptions, plan_build, run_build
+from reward_server.pipeline.trtllm.layout import EngineLayout
 
 
 def _config(checkpoint: Path) -> dict:
@@ -33,7 +33,7 @@ def test_dry_run_prints_every_step_and_exact_command(demo_checkpoint, tmp_path):
         ["[1] adapt", "[2] convert", "[3] build", "[4] render"]
     commands = [shlex.split(line.strip()[2:]) for line in text.splitlines() if line.strip().startswith("$ ")]
     convert, build = commands
-    assert convert[1:4] == ["-m", "reward_server.trtllm.convert", "--hf"] and convert[4] == str(out / "hf")
+    assert convert[1:4] == ["-m", "reward_server.builder.convert", "--hf"] and convert[4] == str(out / "hf")
     assert convert[convert.index("--tp") + 1] == "2" and convert[convert.index("--dtype") + 1] == "bfloat16"
     assert build[0] == "trtllm-build"
     flag = lambda name: build[build.index(name) + 1]  # noqa: E731
@@ -118,7 +118,7 @@ def test_real_build_without_tensorrt_llm_fails_clearly(demo_checkpoint, tmp_path
 
 
 def test_converter_needs_tensorrt_llm_and_a_supported_architecture():
-    from reward_server.trtllm.convert import converter_class
+    from reward_server.builder.convert import converter_class
 
     with pytest.raises(ValueError, match="no TensorRT-LLM converter for GPT2LMHeadModel"):
         converter_class("GPT2LMHeadModel")

@@ -15,8 +15,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from bench.gpu_check import kv_cache_counters
-from reward_server.launcher import ServeOptions, TritonServer
-from reward_server.trtllm.serving import check_host, open_engine
+from reward_server.supervisor.options import ServeOptions
+from reward_server.supervisor.server import TritonServer
+from reward_server.supervisor.trtllm_engine import check_host, open_engine
 from tests.conversations import make_conversations
 from tests.test_server import score_grpc, score_ids
 from tests.trtllm_double import engine_dir_for
@@ -86,7 +87,8 @@ def test_double_refuses_a_config_the_backend_would_not_load(demo_checkpoint, tmp
     fails to load. The double does the same, so such a config fails here, not on the first GPU."""
     from google.protobuf import text_format
 
-    from reward_server.launcher import ServerStartError, model_config
+    from reward_server.supervisor.repository import model_config
+    from reward_server.supervisor.tritonserver import ServerStartError
     from tests.trtllm_double import repository_with_double
 
     repository = repository_with_double(tmp_path / "repo")
@@ -106,7 +108,7 @@ def test_double_refuses_a_config_the_backend_would_not_load(demo_checkpoint, tmp
 
 
 def test_max_length_defaults_to_the_engine_limit(demo_checkpoint, tmp_path):
-    from reward_server.launcher import model_parameters
+    from reward_server.supervisor.repository import model_parameters
 
     serving = open_engine(engine_dir_for(demo_checkpoint, tmp_path / "e", max_input_len=300))
     params, k = model_parameters(ServeOptions(engine="tensorrt_llm"), serving.tokenizer_checkpoint, serving)
@@ -151,7 +153,7 @@ def test_engine_without_generation_logits_is_refused(demo_checkpoint, tmp_path):
 
 def _descendants(pid: int) -> list[str]:
     """Command lines of every process below `pid`."""
-    from reward_server.trtllm.mpi import child_pids
+    from reward_server.supervisor.mpi import child_pids
 
     found, frontier = [], [pid]
     while frontier:
@@ -182,7 +184,7 @@ def test_tensor_parallel_ranks_run_under_mpirun_and_stop_cleanly(demo_checkpoint
 
     from tritonclient.utils import InferenceServerException
 
-    from reward_server.trtllm.mpi import ranks
+    from reward_server.supervisor.mpi import ranks
     from tests.trtllm_double import repository_with_double
 
     if not shutil.which("mpirun"):
@@ -230,7 +232,7 @@ def test_gpu_check_step_chain_runs_against_the_double(trtllm_server, demo_checkp
     the `tensorrt_llm` model) against the contract double: logits at every cut equal transformers."""
     from bench.gpu import reference
     from bench.gpu_check import _token_ids, check_step_chain
-    from reward_server.chat import ChatEncoder
+    from reward_server.pipeline.chat import ChatEncoder
 
     [encoded] = ChatEncoder.from_checkpoint(demo_checkpoint).encode_batch(make_conversations(1, seed=9))
     model = reference.load(demo_checkpoint, "cpu", "float32")

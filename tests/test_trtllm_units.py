@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from reward_server.launcher import ServeOptions, TritonServer
-from reward_server.stages import EngineError, EngineUnavailable
-from reward_server.trtllm.fanout import (EngineReplyError, EngineUnavailableError, FanOut, KvCacheStats,
-                                         score_requests)
-from reward_server.trtllm.layout import read_engine_info
-from reward_server.trtllm.mpi import WORKER_FLAGS, mpirun_command, ranks
+from reward_server.pipeline.stages import EngineError, EngineUnavailable
+from reward_server.pipeline.trtllm.fanout import (EngineReplyError, EngineUnavailableError, FanOut, KvCacheStats,
+                                                  score_requests)
+from reward_server.pipeline.trtllm.layout import read_engine_info
+from reward_server.supervisor.mpi import WORKER_FLAGS, mpirun_command, ranks
+from reward_server.supervisor.options import ServeOptions
+from reward_server.supervisor.server import TritonServer
 
 PAD = 7
 

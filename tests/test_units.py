@@ -7,9 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from reward_server.chat import ConversationError, LengthPolicy, parse_messages
-from reward_server.heads import detect_head_type, num_outputs, parse_indices, pool_position
-from reward_server.scoring import ScoreSpec, parse_floats
+from reward_server.pipeline.chat import LengthPolicy
+from reward_server.pipeline.conversations import ConversationError, parse_messages
+from reward_server.pipeline.heads import detect_head_type, num_outputs, parse_indices, pool_position
+from reward_server.pipeline.scoring import ScoreSpec, parse_floats
 
 GOOD = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
 
@@ -91,7 +92,7 @@ def test_score_spec_weights_and_normalisation():
 
 
 def test_group_shared_prefixes_finds_groups_partial_overlaps_and_singles():
-    from reward_server.batching import SharedGroup, group_shared_prefixes
+    from reward_server.pipeline.batching import SharedGroup, group_shared_prefixes
 
     prompt = list(range(100))
     seqs = [prompt + [1000 + i] * 5 for i in range(4)]      # 0-3: one prompt, four responses
@@ -104,7 +105,7 @@ def test_group_shared_prefixes_finds_groups_partial_overlaps_and_singles():
 
 
 def test_shared_prefix_leaves_each_member_a_token_of_its_own():
-    from reward_server.batching import group_shared_prefixes
+    from reward_server.pipeline.batching import group_shared_prefixes
 
     groups, singles = group_shared_prefixes([[1] * 50, [1] * 50 + [2], [1] * 50 + [3]], min_shared=10)
     assert [g.prefix_length for g in groups] == [49] and singles == []
@@ -112,7 +113,7 @@ def test_shared_prefix_leaves_each_member_a_token_of_its_own():
 
 
 def test_pack_sequences_fills_rows_without_exceeding_budget():
-    from reward_server.batching import pack_sequences
+    from reward_server.pipeline.batching import pack_sequences
 
     lengths = [60, 50, 40, 30, 20, 10, 150]
     rows = pack_sequences(lengths, token_budget=100)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from reward_client import RewardClient
-from reward_server.ports import free_ports
+from reward_server.supervisor.ports import free_ports
 from tests.conversations import make_conversations
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +33,7 @@ def test_the_wheel_serves_from_a_fresh_venv(tmp_path, demo_checkpoint, server):
     for model in ("reward", "reward_ids", "reward_text", "preprocessing", "reward_engine", "postprocessing",
                   "reward_engine_trtllm", "tensorrt_llm"):
         assert f"reward_server/model_repository/{model}/config.pbtxt" in names, model
-    assert {"reward_server/model_repository/reward_engine/1/model.py", "reward_server/kernels/attention.cpp",
+    assert {"reward_server/model_repository/reward_engine/1/model.py", "reward_server/pipeline/torch_engine/kernels/attention.cpp",
             "reward_server/gateway/static/index.html"} <= names
     assert not any(name.startswith(("tests/", "bench/", "client/")) for name in names)
 
@@ -47,7 +47,7 @@ def test_the_wheel_serves_from_a_fresh_venv(tmp_path, demo_checkpoint, server):
     _run(sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "-q", "--no-deps", wheel)
     outside = tmp_path / "elsewhere"
     outside.mkdir()
-    found = _run(venv / "bin" / "python", "-c", "import reward_server.launcher as l; print(l.MODEL_REPOSITORY)",
+    found = _run(venv / "bin" / "python", "-c", "import reward_server.supervisor.options as o; print(o.MODEL_REPOSITORY)",
                  cwd=outside).stdout.strip()
     assert found == str(site_packages / "reward_server" / "model_repository")
 

@@ -1,6 +1,6 @@
 """A random-weight Llama reward checkpoint of any shape, built directly on the target device.
 
-`reward_server.demo_checkpoint.build_checkpoint` initialises in fp32 on the CPU, which for an
+`reward_server.supervisor.demo_checkpoint.build_checkpoint` initialises in fp32 on the CPU, which for an
 8B shape means 32 GB of host memory and minutes of single-threaded init. Here the model is
 created in the target dtype on the target device (bf16 on a GPU: about 16 GB and a second of
 init), its weights are drawn explicitly with a seeded generator (so the result does not depend
@@ -72,7 +72,7 @@ def build_random_checkpoint(out_dir: str | Path, shape: LlamaShape, device: str 
     import torch
     import transformers
 
-    from reward_server.demo_checkpoint import build_tokenizer
+    from reward_server.supervisor.demo_checkpoint import build_tokenizer
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 from reward_client import AsyncRewardClient, RewardClientError, RewardInvalidInputError, ScoreResult
 
-from reward_server.gateway.core import IDS, KINDS, MESSAGES, TEXT, GatewayError, Item, from_client_error
+from reward_server.gateway.core import GatewayError, IDS, Item, KINDS, MESSAGES, TEXT, from_client_error
 
 _LOGGER = logging.getLogger(__name__)
 

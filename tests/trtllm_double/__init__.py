@@ -13,9 +13,10 @@ from pathlib import Path
 
 from google.protobuf import text_format
 
-from reward_server.launcher import MODEL_REPOSITORY, model_config
-from reward_server.trtllm.adapt import adapt_checkpoint
-from reward_server.trtllm.layout import EngineLayout
+from reward_server.builder.adapt import adapt_checkpoint
+from reward_server.pipeline.trtllm.layout import EngineLayout
+from reward_server.supervisor.options import MODEL_REPOSITORY
+from reward_server.supervisor.repository import model_config
 
 DOUBLE = Path(__file__).parent / "model.py"
 

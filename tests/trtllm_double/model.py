@@ -5,7 +5,7 @@ it (model_repository/tensorrt_llm/config.pbtxt), computed with transformers on t
 directory's Hugging Face CausalLM checkpoint (hf/ with reward_head.json). It keeps the real
 backend's rules that the engine step and the launcher depend on:
 - it refuses to load a config without a parameter the backend reads with no guard
-  (reward_server.trtllm.serving.UNGUARDED_PARAMETERS), with the backend's message;
+  (reward_server.supervisor.trtllm_engine.UNGUARDED_PARAMETERS), with the backend's message;
 - batch size 1 per request when not decoupled (the real message is reproduced);
 - output_ids and sequence_length must be among the requested outputs;
 - for batch size 1 the whole input_ids row is read and input_lengths is not used to cut it;
@@ -36,9 +36,9 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from reward_server.trtllm.builder import TOKENS_PER_BLOCK
-from reward_server.trtllm.mpi import ranks
-from reward_server.trtllm.serving import missing_parameters
+from reward_server.builder.build import TOKENS_PER_BLOCK
+from reward_server.supervisor.mpi import ranks
+from reward_server.supervisor.trtllm_engine import missing_parameters
 
 
 def _error(message):

@@ -1,13 +1,13 @@
-"""Triton adapter: raw reward outputs -> the public outputs, via reward_server.stages.postprocess."""
+"""Triton adapter: raw reward outputs -> the public outputs, via reward_server.pipeline.stages.postprocess."""
 
 try:  # written by `reward-server serve`: the stub runs Python isolated, ignoring PYTHONPATH
     import reward_server_paths  # noqa: F401
 except ImportError:  # a tritonserver whose own Python has the packages installed
     pass
 
-from reward_server import settings, stages
-from reward_server.metrics import RewardMetrics
-from reward_server.triton_io import count_finished, guarded, input_array
+from reward_server.pipeline import settings, stages
+from reward_server.pipeline.metrics import RewardMetrics
+from reward_server.pipeline.triton_io import count_finished, guarded, input_array
 
 
 class TritonPythonModel:

@@ -1,12 +1,12 @@
-"""Triton adapter: token ids -> raw reward outputs, via reward_server.stages.score_requests."""
+"""Triton adapter: token ids -> raw reward outputs, via reward_server.pipeline.stages.score_requests."""
 
 try:  # written by `reward-server serve`: the stub runs Python isolated, ignoring PYTHONPATH
     import reward_server_paths  # noqa: F401
 except ImportError:  # a tritonserver whose own Python has the packages installed
     pass
 
-from reward_server import settings, stages
-from reward_server.triton_io import EngineMetrics, guarded, input_array
+from reward_server.pipeline import settings, stages
+from reward_server.pipeline.triton_io import EngineMetrics, guarded, input_array
 
 
 class TritonPythonModel:

@@ -1,4 +1,4 @@
-"""Triton adapter: the ensembles' engine step on TensorRT-LLM, via reward_server.trtllm.fanout.
+"""Triton adapter: the ensembles' engine step on TensorRT-LLM, via reward_server.pipeline.trtllm.fanout.
 
 Each sequence of the batch becomes one request to the `tensorrt_llm` model (BLS); the rewards
 are read from its generation logits.
@@ -9,9 +9,9 @@ try:  # written by `reward-server serve`: the stub runs Python isolated, ignorin
 except ImportError:  # a tritonserver whose own Python has the packages installed
     pass
 
-from reward_server import settings
-from reward_server.trtllm import fanout
-from reward_server.triton_io import EngineMetrics, bls_caller, guarded_async, input_array
+from reward_server.pipeline import settings
+from reward_server.pipeline.triton_io import EngineMetrics, bls_caller, guarded_async, input_array
+from reward_server.pipeline.trtllm import fanout
 
 
 class TritonPythonModel:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from reward_server.gateway.core import MESSAGES, GatewayError, Item, check_messages
+from reward_server.gateway.core import GatewayError, Item, MESSAGES, check_messages
 from reward_server.gateway.protocols import Context, body_object
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from reward_server.gateway.core import MESSAGES, GatewayError, Item, check_messages
+from reward_server.gateway.core import GatewayError, Item, MESSAGES, check_messages
 from reward_server.gateway.protocols import Context, body_object
 from reward_server.gateway.protocols.vllm import error_body
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from reward_server.gateway.core import TEXT, GatewayError, Item
+from reward_server.gateway.core import GatewayError, Item, TEXT
 from reward_server.gateway.protocols import Context, body_object
 
 

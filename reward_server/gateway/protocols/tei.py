@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from reward_server.gateway.core import MESSAGES, TEXT, GatewayError, Item, activate, head_outputs
+from reward_server.gateway.core import GatewayError, Item, MESSAGES, TEXT, activate, head_outputs
 from reward_server.gateway.protocols import Context, body_object
 
 _STATUS = {"invalid_input": 422, "too_large": 413, "unavailable": 503, "timeout": 504, "server_error": 500}

@@ -9,17 +9,65 @@
                            tritonserver; `reward-server serve` renders its own runtime copy)
       build.json           the build plan that was run, for the record
 
-One reader of the engine's config.json lives here too, so the launcher and the builder agree on
-tensor parallelism and the size limits.
+The builder writes this directory and the server reads it, so its contract lives here, below both:
+what the logits mean (`RewardHeadSpec`, reward_head.json) and one reader of the engine's config.json
+(tensor parallelism and the size limits).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from reward_server.trtllm.adapt import RewardHeadSpec
+METADATA_FILE = "reward_head.json"
+
+
+@dataclass
+class RewardHeadSpec:
+    """What the engine's logits mean: written next to the adapted checkpoint as reward_head.json."""
+
+    source_checkpoint: str
+    hf_checkpoint: str
+    source_architecture: str
+    architecture: str
+    head_type: str
+    reward_indices: list[int]
+    attribute_names: list[str]
+    pooling: str
+    pad_token_id: int | None
+    vocab_size: int
+    bias: list[float] | None = None   # added to the logits read (a classifier head's bias)
+    step_tag_id: int | None = None    # process reward models: logits are read at every such token
+
+    def write(self, directory: str | Path) -> Path:
+        """Write `directory/reward_head.json` (replacing it in one step) and return its path."""
+        path = Path(directory) / METADATA_FILE
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+        os.replace(partial, path)
+        return path
+
+    @classmethod
+    def read(cls, directory: str | Path) -> RewardHeadSpec:
+        """Read `directory/reward_head.json`.
+
+        Raises:
+            ValueError: the file is missing (the adaptation never finished) or is not a valid spec.
+        """
+        path = Path(directory) / METADATA_FILE
+        try:
+            spec = cls(**json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise ValueError(f"{path} is missing: run adapt_checkpoint on {directory} (again)") from None
+        except (ValueError, TypeError) as err:  # bad JSON, not an object, missing or unknown fields
+            raise ValueError(f"{path} is not a valid reward head description: {err}") from err
+        if len(spec.reward_indices) != len(spec.attribute_names):
+            raise ValueError(f"{path}: {len(spec.reward_indices)} reward indices but "
+                             f"{len(spec.attribute_names)} attribute names")
+        return spec
+
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Model-level settings: the `parameters` of each Triton model's config.pbtxt, in one place.
 
 The checked-in configs carry defaults; `reward-server serve` overrides them by editing the
-parsed protobuf (see `launcher.render_repository`). Inside Triton, each model.py turns its
+parsed protobuf (see `reward_server.supervisor.repository`). Inside Triton, each model.py turns its
 parameters into a ready object with one call here.
 """
 
@@ -70,7 +70,7 @@ def _flag(params: dict[str, str], key: str) -> bool:
 
 def encoder_from_parameters(params: dict[str, str]):
     """The preprocessing model's `ChatEncoder`."""
-    from reward_server.chat import ChatEncoder
+    from reward_server.pipeline.chat import ChatEncoder
 
     return ChatEncoder.from_checkpoint(_checkpoint(params), max_length=_int_or_none(params, MAX_LENGTH),
                                        truncation=params.get(TRUNCATION) or "reject",
@@ -80,7 +80,8 @@ def encoder_from_parameters(params: dict[str, str]):
 
 def limits_from_parameters(params: dict[str, str]):
     """The preprocessing model's `InputLimits` (byte limits checked before parsing)."""
-    from reward_server.chat import DEFAULT_MAX_CONVERSATION_BYTES, DEFAULT_MAX_REQUEST_BYTES, InputLimits
+    from reward_server.pipeline.conversations import (DEFAULT_MAX_CONVERSATION_BYTES, DEFAULT_MAX_REQUEST_BYTES,
+                                                      InputLimits)
 
     return InputLimits(_int_or_none(params, MAX_CONVERSATION_BYTES) or DEFAULT_MAX_CONVERSATION_BYTES,
                        _int_or_none(params, MAX_REQUEST_BYTES) or DEFAULT_MAX_REQUEST_BYTES)
@@ -88,7 +89,7 @@ def limits_from_parameters(params: dict[str, str]):
 
 def drain_from_parameters(params: dict[str, str]):
     """The `DrainState` shared with the launcher, or None when `drain_dir` is empty."""
-    from reward_server.drain import DrainState
+    from reward_server.pipeline.drain import DrainState
 
     directory = params.get(DRAIN_DIR, "").strip()
     return DrainState(directory) if directory else None
@@ -96,8 +97,8 @@ def drain_from_parameters(params: dict[str, str]):
 
 def engine_from_parameters(params: dict[str, str]):
     """The engine model's `RewardEngine`."""
-    from reward_server.batching import DEFAULT_MIN_SHARED, DEFAULT_TOKEN_BUDGET
-    from reward_server.engine import RewardEngine
+    from reward_server.pipeline.batching import DEFAULT_MIN_SHARED, DEFAULT_TOKEN_BUDGET
+    from reward_server.pipeline.torch_engine.engine import RewardEngine
 
     min_shared = _int_or_none(params, MIN_SHARED_PREFIX)
 
@@ -116,7 +117,7 @@ def engine_from_parameters(params: dict[str, str]):
 
 def score_spec_from_parameters(params: dict[str, str]):
     """The postprocessing model's `ScoreSpec`."""
-    from reward_server.scoring import ScoreSpec, parse_floats
+    from reward_server.pipeline.scoring import ScoreSpec, parse_floats
 
     return ScoreSpec(weights=parse_floats(params.get(ATTRIBUTE_WEIGHTS)),
                      mean=float(params.get(SCORE_MEAN) or 0.0), std=float(params.get(SCORE_STD) or 1.0),
@@ -125,8 +126,8 @@ def score_spec_from_parameters(params: dict[str, str]):
 
 def fanout_from_parameters(params: dict[str, str]):
     """The TensorRT-LLM engine step's `FanOut`, from the engine directory's reward_head.json."""
-    from reward_server.trtllm.fanout import DEFAULT_PROMPT_FIRST, FanOut
-    from reward_server.trtllm.layout import EngineLayout
+    from reward_server.pipeline.trtllm.fanout import DEFAULT_PROMPT_FIRST, FanOut
+    from reward_server.pipeline.trtllm.layout import EngineLayout
 
     engine_dir = params.get(ENGINE_DIR, "")
     if not engine_dir:

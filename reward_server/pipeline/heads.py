@@ -14,7 +14,7 @@ Two layouts are served:
   writes it), and a plain `*ForCausalLM` (Math-Shepherd) whose LM-head rows of two label tokens are
   the logits. Every layout gives its two logits in the order (negative, positive), as
   Qwen2.5-Math-PRM's head does; the step score is the positive label's softmax probability
-  (`reward_server.scoring.step_scores`).
+  (`reward_server.pipeline.scoring.step_scores`).
 """
 
 from __future__ import annotations

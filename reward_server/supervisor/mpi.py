@@ -21,7 +21,7 @@ from __future__ import annotations
 import shutil
 from typing import Callable
 
-from reward_server.engines import TENSORRT_LLM_MODEL
+from reward_server.supervisor.engines import TENSORRT_LLM_MODEL
 
 # Flags of ranks > 0 in place of rank 0's endpoints and model control.
 WORKER_FLAGS = ("--model-control-mode=explicit", f"--load-model={TENSORRT_LLM_MODEL}",

@@ -10,7 +10,7 @@ A transformers decoder layer of a known family (`FAMILIES`) is replaced, at load
   MKL's sgemm takes a slow path on some CPUs (DESIGN.md: 172 against 440 GFLOP/s on an AVX-512
   AMD EPYC; 72 against 68 on an AVX2 one), and oneDNN gives each row the same bits whatever the
   number of rows computed with it (batch invariance; MKL does not).
-Attention is the engine's `packed_attention`, unchanged. Layers of other families, or with
+Attention is `attention.packed_attention`, unchanged. Layers of other families, or with
 features this module does not implement (see `fusable`), keep transformers' forward; the reason
 is logged.
 """

@@ -1,6 +1,6 @@
 """Step 2 of build-engine: TensorRT-LLM's own converter, called through its Python API.
 
-`python -m reward_server.trtllm.convert --hf DIR --output DIR --tp N --pp M --dtype D` writes
+`python -m reward_server.builder.convert --hf DIR --output DIR --tp N --pp M --dtype D` writes
 the TensorRT-LLM checkpoint (config.json + rank{N}.safetensors) with the model class's
 `from_hugging_face` and `save_checkpoint` (or, for fp8, its `quantize`), one rank at a time so
 that only one rank's weights are in memory. No weight layout of ours: TensorRT-LLM splits the
@@ -15,9 +15,9 @@ import logging
 import time
 from pathlib import Path
 
-from reward_server.trtllm.builder import CONVERTERS, DTYPES
+from reward_server.builder.build import CONVERTERS, DTYPES
 
-_LOGGER = logging.getLogger("reward_server.trtllm.convert")
+_LOGGER = logging.getLogger("reward_server.builder.convert")
 
 
 def converter_class(architecture: str):
@@ -63,7 +63,7 @@ def convert(hf: Path, output: Path, tp: int, pp: int, dtype: str, calib_dataset:
 
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry (called by build-engine's convert step)."""
-    parser = argparse.ArgumentParser(prog="python -m reward_server.trtllm.convert", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m reward_server.builder.convert", description=__doc__.split("\n")[0])
     parser.add_argument("--hf", type=Path, required=True)
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--tp", type=int, default=1)

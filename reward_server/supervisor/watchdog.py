@@ -33,6 +33,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from reward_server.supervisor.tritonserver import ServerStartError
+
 _LOGGER = logging.getLogger(__name__)
 
 STUB_BINARY = "triton_python_backend_stub"
@@ -198,8 +200,6 @@ class Watchdog:
 
     def _recover(self, what: str) -> bool:
         """Restart the server until it is ready (True), the watchdog stops or gives up (False)."""
-        from reward_server.launcher import ServerStartError
-
         code = self.server.process.poll()
         status = f"exited with code {code}" if code is not None and what == "tritonserver" else "died"
         _LOGGER.error("watchdog: %s %s; restarting tritonserver", what, status)

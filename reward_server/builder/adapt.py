@@ -5,11 +5,11 @@ TensorRT-LLM converts `*ForCausalLM` checkpoints only. A `*ForSequenceClassifica
 0..K-1 are the score rows and every other row zero: logits[0:K] at the pooled position are then
 the K rewards (plus the head's bias, if it has one, which the engine step adds: a causal LM's
 lm_head has none). transformers pools at the last token whose id is not the pad id
-(`reward_server.heads.pool_position`), so the engine path cuts each input right after that token.
+(`reward_server.pipeline.heads.pool_position`), so the engine path cuts each input right after that token.
 
 Process reward models: a `*ForTokenClassification` (two labels) is rewritten the same way; a
 causal LM (Math-Shepherd) is used as it is, its logits read at the (negative, positive) label
-tokens. Their logits are read at every step tag (reward_server.trtllm.fanout). Qwen2.5-Math-PRM's
+tokens. Their logits are read at every step tag (reward_server.pipeline.trtllm.fanout). Qwen2.5-Math-PRM's
 two-layer head (Linear, ReLU, Linear) cannot be an lm_head: it is refused here (the torch engine
 serves it).
 
@@ -27,17 +27,16 @@ import os
 import re
 import shutil
 import struct
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from safetensors import safe_open
 
-from reward_server.heads import detect_head_type, num_outputs, parse_indices, process_layout, resolve_step_tag
+from reward_server.pipeline.heads import detect_head_type, num_outputs, parse_indices, process_layout, resolve_step_tag
+from reward_server.pipeline.trtllm.layout import METADATA_FILE, RewardHeadSpec
 
 _LOGGER = logging.getLogger(__name__)
 
-METADATA_FILE = "reward_head.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 SCORE, SCORE_BIAS, LM_HEAD = "score.weight", "score.bias", "lm_head.weight"
@@ -48,51 +47,6 @@ _DEFAULT_LABEL = re.compile(r"LABEL_\d+")
 # Element sizes of safetensors dtypes: a file's header (with byte offsets) precedes its data.
 _DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
                 "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
-
-
-@dataclass
-class RewardHeadSpec:
-    """What the engine's logits mean: written next to the adapted checkpoint as reward_head.json."""
-
-    source_checkpoint: str
-    hf_checkpoint: str
-    source_architecture: str
-    architecture: str
-    head_type: str
-    reward_indices: list[int]
-    attribute_names: list[str]
-    pooling: str
-    pad_token_id: int | None
-    vocab_size: int
-    bias: list[float] | None = None   # added to the logits read (a classifier head's bias)
-    step_tag_id: int | None = None    # process reward models: logits are read at every such token
-
-    def write(self, directory: str | Path) -> Path:
-        """Write `directory/reward_head.json` (replacing it in one step) and return its path."""
-        path = Path(directory) / METADATA_FILE
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
-        os.replace(partial, path)
-        return path
-
-    @classmethod
-    def read(cls, directory: str | Path) -> RewardHeadSpec:
-        """Read `directory/reward_head.json`.
-
-        Raises:
-            ValueError: the file is missing (the adaptation never finished) or is not a valid spec.
-        """
-        path = Path(directory) / METADATA_FILE
-        try:
-            spec = cls(**json.loads(path.read_text()))
-        except FileNotFoundError:
-            raise ValueError(f"{path} is missing: run adapt_checkpoint on {directory} (again)") from None
-        except (ValueError, TypeError) as err:  # bad JSON, not an object, missing or unknown fields
-            raise ValueError(f"{path} is not a valid reward head description: {err}") from err
-        if len(spec.reward_indices) != len(spec.attribute_names):
-            raise ValueError(f"{path}: {len(spec.reward_indices)} reward indices but "
-                             f"{len(spec.attribute_names)} attribute names")
-        return spec
 
 
 def engine_head(architectures: list[str] | None, head_type: str) -> str:

@@ -36,11 +36,11 @@ from typing import Awaitable, Callable, Sequence
 
 import numpy as np
 
-from reward_server.batching import group_shared_prefixes
-from reward_server.heads import pool_position, tag_positions
-from reward_server.scoring import step_rows
-from reward_server.stages import EngineError, EngineUnavailable, RequestError, engine_sequences
-from reward_server.trtllm.adapt import RewardHeadSpec
+from reward_server.pipeline.batching import group_shared_prefixes
+from reward_server.pipeline.heads import pool_position, tag_positions
+from reward_server.pipeline.scoring import step_rows
+from reward_server.pipeline.stages import EngineError, EngineUnavailable, RequestError, engine_sequences
+from reward_server.pipeline.trtllm.layout import RewardHeadSpec
 
 # The backend refuses a request whose requested outputs lack output_ids or sequence_length
 # ("... tensor must be present in list of output tensors"), so both are asked for too.
@@ -162,7 +162,7 @@ class FanOut:
 async def score_requests(fanout: FanOut, infer: Infer, requests: Sequence[tuple[np.ndarray, np.ndarray]],
                          kv_stats: KvCacheStats | None = None) -> list[dict | RequestError]:
     """Score every sequence of every request concurrently: one engine request per sequence, or per
-    step of a process model's sequence (the steps in order; `reward_server.scoring.step_rows`).
+    step of a process model's sequence (the steps in order; `reward_server.pipeline.scoring.step_rows`).
 
     Each request is (input_ids [B, W], input_lengths [B, 1]). A failed engine call fails only
     the request it belongs to, naming the conversation: `EngineUnavailable` (retryable) when the

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import random
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from reward_server.heads import DEFAULT_STEP_TAG
+from reward_server.pipeline.heads import DEFAULT_STEP_TAG
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -228,3 +231,25 @@ def run(args: argparse.Namespace) -> Path:
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
     main()
+
+
+def demo_checkpoint_dir(size: str) -> Path:
+    """Where the demo checkpoint of `size` lives (built on first use)."""
+    cache = Path(os.environ.get("REWARD_SERVER_CACHE", Path.home() / ".cache" / "reward-server"))
+    return cache / f"demo-{size}"
+
+
+def ensure_demo_checkpoint(size: str) -> Path:
+    """Build the demo checkpoint once; a finished build is renamed into place atomically."""
+    target = demo_checkpoint_dir(size)
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".demo-{size}-", dir=target.parent))
+    _LOGGER.info("building the %s demo checkpoint in %s", size, target)
+    build_checkpoint(staging, size=size)
+    try:
+        staging.rename(target)
+    except OSError:  # another process won the race
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

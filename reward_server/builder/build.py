@@ -24,9 +24,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from reward_server.heads import process_layout, step_tag_or_default
-from reward_server.trtllm.calibration import HELP, check_calibration_dataset
-from reward_server.trtllm.layout import EngineLayout
+from reward_server.builder.calibration import HELP, check_calibration_dataset
+from reward_server.pipeline.heads import process_layout, step_tag_or_default
+from reward_server.pipeline.trtllm.layout import EngineLayout
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class BuildOptions:
     max_num_tokens: int = DEFAULT_MAX_NUM_TOKENS
     head_type: str = "auto"
     reward_indices: str | None = None
-    step_tag: str | None = None       # process reward models (see reward_server.trtllm.adapt)
+    step_tag: str | None = None       # process reward models (see reward_server.builder.adapt)
     step_labels: str | None = None
     calib_dataset: Path | None = None
     force: bool = False
@@ -129,7 +129,7 @@ def check_inputs(options: BuildOptions, config: dict) -> tuple[str, str, str, in
             can read, pp above 1 (unverified).
     """
     architecture = (config.get("architectures") or ["<none>"])[0]
-    from reward_server.trtllm.adapt import engine_head  # safetensors, loaded when a build is checked
+    from reward_server.builder.adapt import engine_head  # safetensors, loaded when a build is checked
 
     head = engine_head(config.get("architectures"), options.head_type)
     if head == "process":  # the tag is looked up in the vocabulary when the checkpoint is adapted
@@ -191,7 +191,7 @@ def plan_build(options: BuildOptions) -> BuildPlan:
     adapt = ("rewrite the classifier as a causal LM whose lm_head rows 0..K-1 are the score rows "
              f"(streamed shard by shard) into {layout.hf}" if head == "sequence_classification" else
              f"causal-LM reward model: used as it is; reward_head.json written to {layout.hf}")
-    convert = [sys.executable, "-m", "reward_server.trtllm.convert", "--hf", str(hf),
+    convert = [sys.executable, "-m", "reward_server.builder.convert", "--hf", str(hf),
                "--output", str(layout.trtllm_checkpoint), "--tp", str(options.tp), "--pp", str(options.pp),
                "--dtype", options.dtype]
     if options.dtype == "fp8":
@@ -233,7 +233,7 @@ def run_build(plan: BuildPlan, runner: Callable[[list[str]], None] | None = None
     Raises:
         subprocess.CalledProcessError: a command failed (its output was streamed above).
     """
-    from reward_server.trtllm.adapt import adapt_checkpoint
+    from reward_server.builder.adapt import adapt_checkpoint
 
     runner = runner or (lambda command: subprocess.run(command, check=True))
     o, layout = plan.options, plan.layout
@@ -259,8 +259,9 @@ def run_build(plan: BuildPlan, runner: Callable[[list[str]], None] | None = None
 
 def render_engine_repository(layout: EngineLayout) -> Path:
     """Write the model repository that serves this engine (for a stock tritonserver)."""
-    from reward_server.launcher import ServeOptions, render_repository
-    from reward_server.trtllm.serving import open_engine
+    from reward_server.supervisor.options import ServeOptions
+    from reward_server.supervisor.repository import render_repository
+    from reward_server.supervisor.trtllm_engine import open_engine
 
     serving = open_engine(layout.root)
     if layout.model_repository.exists():

@@ -2,7 +2,7 @@
 
 Sequences are packed, without padding, into rows of at most `token_budget` tokens; each row
 is one forward pass whose linear layers see the whole row at once, while attention runs per
-sequence (`packed_attention`), causal within it. The reward head is applied only at each
+sequence (`attention.packed_attention`), causal within it. The reward head is applied only at each
 sequence's pooled position (never full-vocabulary logits at every position), and sequences
 are cut just after that position: in a causal model later tokens cannot change it.
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,18 +28,16 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from reward_server.batching import DEFAULT_MIN_SHARED, DEFAULT_TOKEN_BUDGET, group_shared_prefixes, pack_sequences
-from reward_server.chat import sliding_window
-from reward_server.heads import (ProcessHead, RewardHead, detect_head_type, parse_indices, process_head,
-                                 process_layout, resolve_step_tag, split_model, tag_positions)
+from reward_server.pipeline.batching import (DEFAULT_MIN_SHARED, DEFAULT_TOKEN_BUDGET, group_shared_prefixes,
+                                             pack_sequences)
+from reward_server.pipeline.chat import sliding_window
+from reward_server.pipeline.heads import (ProcessHead, RewardHead, detect_head_type, parse_indices, process_head,
+                                          process_layout, resolve_step_tag, split_model, tag_positions)
+from reward_server.pipeline.torch_engine.attention import (ATTENTION, Segment, attention_kernel, packed_row,
+                                                           register_attention)
 
 _LOGGER = logging.getLogger(__name__)
-ATTENTION = "reward_packed"
-# Queries per attention call of a suffix continuing a shared prefix: bounds its explicit mask
-# (queries x keys booleans) for long conversations; shorter suffixes take one call, as before.
-QUERY_CHUNK = 1024
 DTYPES = ("auto", "float32", "bfloat16")
-ATTENTIONS = ("auto", "native", "sdpa")
 # Where compiled kernels are kept between starts (unless TORCHINDUCTOR_CACHE_DIR says otherwise).
 COMPILE_CACHE = Path(os.environ.get("REWARD_SERVER_CACHE", Path.home() / ".cache" / "reward-server")) / "torch-compile"
 
@@ -73,170 +70,6 @@ def resolve_dtype(dtype: str, device_type: str, checkpoint_dtype: str | None) ->
     if dtype == "bfloat16" and device_type == "cpu" and not cpu_has_fast_bf16():
         raise ValueError("bfloat16 on this CPU would be emulated (no AVX-512 BF16 or AMX): use float32 or auto")
     return dtype
-
-
-def attention_kernel(choice: str, device_type: str, dtype: str, head_dim: int) -> Any:
-    """The native attention module for `choice` ("auto", "native" or "sdpa"), or None for torch's SDPA.
-
-    "auto" takes the native kernel wherever it runs (CPU, fp32 or bf16, even head size) and falls
-    back to SDPA with a warning when it cannot be built; "native" refuses to fall back.
-
-    Raises:
-        ValueError: an unknown choice, or "native" where the kernel cannot run (the reason says why).
-    """
-    if choice not in ATTENTIONS:
-        raise ValueError(f"attention must be one of {ATTENTIONS}, got {choice!r}")
-    if choice == "sdpa":
-        return None
-    from reward_server import kernels
-
-    if device_type != "cpu":
-        reason = f"the native attention kernel runs on CPU only, not {device_type}"
-    elif dtype not in ("float32", "bfloat16"):
-        reason = f"the native attention kernel computes float32 or bfloat16, not {dtype}"
-    elif head_dim % 2:
-        reason = f"the native attention kernel needs an even head size, not {head_dim}"
-    else:
-        try:
-            return kernels.attention()
-        except kernels.KernelUnavailable as exc:
-            reason = str(exc)
-    if choice == "native":
-        raise ValueError(f"attention 'native': {reason}")
-    if device_type == "cpu":  # on CUDA SDPA is the expected path, not a degraded one
-        _LOGGER.warning("attention: torch SDPA (%s); a conversation continuing a shared prompt may then differ "
-                        "in the last bits from the same conversation scored alone", reason)
-    return None
-
-
-@dataclass
-class Segment:
-    """One sequence inside a packed row: its ids and, if any, the shared prefix it continues."""
-
-    ids: list[int]
-    prefix: int | None = None   # key of a recorded prefix this segment attends to first
-    offset: int = 0             # its first position (the prefix length)
-    record: int | None = None   # key under which to record this segment's keys and values
-    reads: list[int] | None = None  # its tokens whose hidden states are wanted (None: the last)
-
-
-@dataclass
-class _Pack:
-    """What `packed_attention` needs to know about the row being computed."""
-
-    segments: list[Segment]
-    bounds: list[tuple[int, int]]
-    store: dict[int, dict[int, tuple[Any, Any]]]  # prefix key -> layer -> (keys, values) [length, heads, dim]
-    kernel: Any = None  # the native attention module (reward_server.kernels), or None: torch's SDPA
-    masks: dict[tuple[int, int], Any] = field(default_factory=dict)  # (segment, first query) -> mask
-    table: Any = None  # the native kernel's segment table, made at the first layer
-    window: int | None = None  # the sliding window the engine's length guard enforces (RewardEngine.window)
-
-
-_ACTIVE = threading.local()
-# Attention features a transformers module may ask for that the packed attention does not compute:
-# a model asking for one is refused (at load, `RewardEngine` runs a token through it), never
-# scored as if it had not asked.
-UNSUPPORTED_ATTENTION = {"softcap": "attention logit softcapping", "s_aux": "attention sinks",
-                         "sinks": "attention sinks"}
-
-
-def _check_features(module, pack: _Pack, kwargs: dict) -> None:
-    """Raise ValueError, naming it, for an attention feature the engine would silently skip."""
-    for name, what in UNSUPPORTED_ATTENTION.items():
-        if kwargs.get(name) is not None:
-            raise ValueError(f"{type(module).__name__} asks for {what} ({name}={kwargs[name]}), which the packed "
-                             "engine does not compute")
-    window = kwargs.get("sliding_window")
-    if window is not None and window != pack.window:
-        raise ValueError(f"{type(module).__name__} layer {module.layer_idx} has a sliding window of {window} tokens "
-                         "that the config does not declare for every layer; the packed engine does not apply it")
-
-
-def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention over a packed row [1, heads, T, dim]: causal within each segment only.
-
-    Registered with transformers as the "reward_packed" attention implementation. A segment
-    continuing a shared prefix attends to all of the prefix's recorded keys and values first.
-    Returns [1, T, heads, dim].
-    """
-    pack: _Pack = _ACTIVE.pack
-    layer = module.layer_idx
-    if kwargs:
-        _check_features(module, pack, kwargs)
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    # [T, heads, dim] views: the layout the native kernel reads and the prefix store keeps
-    query, key, value = (t[0].transpose(0, 1) for t in (query, key, value))
-    for (start, end), segment in zip(pack.bounds, pack.segments):
-        if segment.record is not None:
-            pack.store.setdefault(segment.record, {})[layer] = (key[start:end], value[start:end])
-    if pack.kernel is not None:
-        return _native_attention(pack, layer, query, key, value, scaling), None
-    return _sdpa_attention(pack, layer, query, key, value, scaling), None
-
-
-def _native_attention(pack: _Pack, layer: int, query, key, value, scaling):
-    """The row in one call of the native kernel (reward_server/kernels/attention.cpp)."""
-    import torch
-
-    if pack.table is None:
-        rows, prefixes = [], []  # prefixes: store keys, in the order of the kernel's prefix lists
-        for (start, end), segment in zip(pack.bounds, pack.segments):
-            index = -1
-            if segment.prefix is not None:
-                if segment.prefix not in prefixes:
-                    prefixes.append(segment.prefix)
-                index = prefixes.index(segment.prefix)
-            rows.append((start, end - start, segment.offset, index))
-        pack.table = (torch.tensor(rows, dtype=torch.int64), prefixes)
-    table, prefixes = pack.table
-    out = torch.empty(1, *query.shape, dtype=query.dtype, device=query.device)
-    with torch.profiler.record_function("reward_server::attention"):  # named in profiles (bench.engine_profile)
-        pack.kernel.packed_attention(query, key, value, out[0], table,
-                                     [pack.store[p][layer][0] for p in prefixes],
-                                     [pack.store[p][layer][1] for p in prefixes], float(scaling))
-    return out
-
-
-def _sdpa_attention(pack: _Pack, layer: int, query, key, value, scaling):
-    """Per segment with torch's scaled_dot_product_attention (CUDA, or where the kernel is absent)."""
-    import torch
-    import torch.nn.functional as F
-
-    out = torch.empty(1, *query.shape, dtype=query.dtype, device=query.device)
-    heads = lambda t: t.transpose(0, 1)[None]  # noqa: E731  [T, heads, dim] -> [1, heads, T, dim]
-    for n, ((start, end), segment) in enumerate(zip(pack.bounds, pack.segments)):
-        q, k, v = heads(query[start:end]), heads(key[start:end]), heads(value[start:end])
-        if segment.prefix is None:
-            out[0, start:end] = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling,
-                                                               enable_gqa=True)[0].transpose(0, 1)
-            continue
-        prefix_k, prefix_v = (heads(t) for t in pack.store[segment.prefix][layer])
-        length = prefix_k.shape[2]
-        # In chunks of queries, so that the mask (queries x keys) stays bounded for long suffixes;
-        # each chunk sees the whole prefix and its own tokens up to its last query.
-        for first in range(0, end - start, QUERY_CHUNK):
-            last = min(end - start, first + QUERY_CHUNK)
-            if (n, first) not in pack.masks:  # token i sees the whole prefix and its own first i + 1 tokens
-                pack.masks[n, first] = (torch.arange(length + last, device=q.device)[None, :]
-                                        <= torch.arange(first, last, device=q.device)[:, None] + length)
-            out[0, start + first:start + last] = F.scaled_dot_product_attention(
-                q[:, :, first:last], torch.cat([prefix_k, k[:, :, :last]], dim=2),
-                torch.cat([prefix_v, v[:, :, :last]], dim=2), attn_mask=pack.masks[n, first], scale=scaling,
-                enable_gqa=True)[0].transpose(0, 1)
-    return out
-
-
-def _register_attention():
-    """Register `packed_attention` with transformers; returns the registered (uncompiled) function."""
-    import torch
-    from transformers import AttentionInterface
-
-    # Kept out of compiled graphs: its per-segment loop is data-dependent Python, and a
-    # variable-length attention kernel for the whole row measured no faster on CPU (docs/tuning.md).
-    attention = torch.compiler.disable(packed_attention)
-    AttentionInterface.register(ATTENTION, attention)
-    return attention
 
 
 def _utf8_text_files() -> None:
@@ -317,8 +150,8 @@ class RewardEngine:
             dtype: "auto" (see `resolve_dtype`), "float32" or "bfloat16".
             compile: compile each decoder layer (dynamic shapes, attention excluded) at load.
             fused: replace the decoder layers of the Llama family by fused ones
-                (`reward_server.fused`: same arithmetic, fewer and larger products, prepacked weights).
-            attention: "auto", "native" (reward_server/kernels: batch-invariant, causal block
+                (`torch_engine.fused`: same arithmetic, fewer and larger products, prepacked weights).
+            attention: "auto", "native" (reward_server/pipeline/torch_engine/kernels: batch-invariant, causal block
                 skipping, CPU) or "sdpa" (torch's); see `attention_kernel`.
             step_tag: process heads: the step tag, a token of the vocabulary or its id (default:
                 "<extra_0>" for a `*ForProcessRewardModel` whose tokenizer has it).
@@ -366,7 +199,7 @@ class RewardEngine:
             elif layout == "token_classification":
                 auto = transformers.AutoModelForTokenClassification
         start = time.perf_counter()
-        attention = _register_attention()
+        attention = register_attention()
         model = auto.from_pretrained(str(checkpoint), dtype=dtype, attn_implementation=ATTENTION)
         model.to(device).eval()
         if head_type == "process":
@@ -376,7 +209,7 @@ class RewardEngine:
             process = None
             backbone, head = split_model(model, head_type, indices)
         if fused:
-            from reward_server.fused import fuse_layers
+            from reward_server.pipeline.torch_engine.fused import fuse_layers
 
             # inductor cannot lower a product on an eagerly prepacked weight: compiled layers keep
             # plain weights (inductor's own freezing would prepack them, at a much longer compile)
@@ -437,7 +270,7 @@ class RewardEngine:
 
     def score_steps(self, sequences: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """A process reward model's label logits at every step tag: float32 [S_i, 2] per sequence,
-        ordered (negative, positive) (`reward_server.scoring.step_scores` turns them into step
+        ordered (negative, positive) (`reward_server.pipeline.scoring.step_scores` turns them into step
         scores). Each sequence is cut after its
         last tag; a shared prompt is computed once up to, never past, a member's first tag.
 
@@ -509,13 +342,10 @@ class RewardEngine:
             ids.extend(segment.ids)
             positions.extend(range(segment.offset, segment.offset + len(segment.ids)))
             at += len(segment.ids)
-        _ACTIVE.pack = _Pack(segments, bounds, store, self.kernel, window=self.window)
-        try:
+        with packed_row(segments, bounds, store, self.kernel, window=self.window):
             hidden = self.backbone(input_ids=torch.tensor([ids], device=self.device),
                                    position_ids=torch.tensor([positions], device=self.device),
                                    use_cache=False).last_hidden_state
-        finally:
-            _ACTIVE.pack = None
         self.stats.tokens += at
         self.stats.padded_tokens += at
         self.stats.microbatches += 1

@@ -11,7 +11,7 @@ import logging
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from reward_server.stages import EngineError, EngineUnavailable, RequestError
+from reward_server.pipeline.stages import EngineError, EngineUnavailable, RequestError
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def respond(result: dict | RequestError):
 
 
 def refuse_if_draining(drain, requests) -> list | None:
-    """Count `requests` as accepted, then, if the server is draining (reward_server.drain), the
+    """Count `requests` as accepted, then, if the server is draining (reward_server.pipeline.drain), the
     UNAVAILABLE responses refusing them; else None. Counting first closes the race with the
     launcher, which sets the flag and then reads the counters."""
     if drain is None:
@@ -44,7 +44,7 @@ def refuse_if_draining(drain, requests) -> list | None:
     if not drain.draining():
         return None
     drain.finished(len(requests))
-    from reward_server.drain import STOPPING_MESSAGE
+    from reward_server.pipeline.drain import STOPPING_MESSAGE
 
     return [respond(EngineUnavailable(STOPPING_MESSAGE)) for _ in requests]
 
@@ -110,7 +110,7 @@ def bls_caller(model_name: str, outputs: list[str]):
         EngineUnavailableError: the called model is unavailable (the server is shutting down).
         RuntimeError: the called model answered with another error.
     """
-    from reward_server.trtllm.fanout import EngineUnavailableError
+    from reward_server.pipeline.trtllm.fanout import EngineUnavailableError
 
     async def infer(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         request = pb_utils.InferenceRequest(model_name=model_name, requested_output_names=outputs,

@@ -88,7 +88,7 @@ class RewardMetrics:
 
     def after_preprocessing(self, requests: Sequence, results: Sequence) -> None:
         """`guarded`'s observer in preprocessing: count and log every rejected request (with its id)."""
-        from reward_server.triton_io import log_info, request_id
+        from reward_server.pipeline.triton_io import log_info, request_id
 
         self.observe_rejections(results)
         for request, result in zip(requests, results):
@@ -98,7 +98,7 @@ class RewardMetrics:
     def after_postprocessing(self, requests: Sequence, results: Sequence) -> None:
         """`guarded`'s observer in postprocessing: count what was scored; log each request whose client
         set an id (anonymous requests are not logged one by one: a busy server answers thousands)."""
-        from reward_server.triton_io import log_info, request_id
+        from reward_server.pipeline.triton_io import log_info, request_id
 
         self.observe_scores(results)
         for request, result in zip(requests, results):

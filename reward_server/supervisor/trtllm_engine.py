@@ -13,11 +13,10 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from reward_server import settings
-from reward_server.engines import TENSORRT_LLM_MODEL
-from reward_server.trtllm.adapt import RewardHeadSpec
-from reward_server.trtllm.layout import EngineInfo, EngineLayout, read_engine_info
-from reward_server.trtllm.mpi import find_mpirun
+from reward_server.pipeline import settings
+from reward_server.pipeline.trtllm.layout import EngineInfo, EngineLayout, RewardHeadSpec, read_engine_info
+from reward_server.supervisor.engines import TENSORRT_LLM_MODEL
+from reward_server.supervisor.mpi import find_mpirun
 
 BACKEND = "tensorrtllm"
 # Parameters the backend reads with no default (model_instance_state.cc: gpt_model_type, and the

@@ -5,7 +5,7 @@ invariant, causal block skipping, shared-prefix keys read in place). It is built
 torch.utils.cpp_extension and `-march=native`, so the build is keyed by the source, the torch
 version and this CPU's instruction-set flags: a copy of the cache moved to another CPU model is
 rebuilt there instead of crashing on an instruction it lacks. `make setup` builds it ahead
-(`python -m reward_server.kernels`); otherwise the first engine load does (about a minute).
+(`python -m reward_server.pipeline.torch_engine.kernels`); otherwise the first engine load does (about a minute).
 """
 
 from __future__ import annotations
@@ -88,7 +88,8 @@ def attention(build: bool = True) -> Any:
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
         elif not build:
-            raise KernelUnavailable(f"attention kernel not built ({library} missing; run `python -m reward_server.kernels`)")
+            raise KernelUnavailable(f"attention kernel not built ({library} missing; run "
+                                    "`python -m reward_server.pipeline.torch_engine.kernels`)")
         else:
             from torch.utils import cpp_extension
 
@@ -108,7 +109,7 @@ def attention(build: bool = True) -> Any:
 
 
 def main() -> int:
-    """`python -m reward_server.kernels`: build (or find) the kernels for this machine."""
+    """`python -m reward_server.pipeline.torch_engine.kernels`: build (or find) the kernels for this machine."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         module = attention()

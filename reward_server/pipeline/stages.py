@@ -14,8 +14,9 @@ from typing import Sequence
 
 import numpy as np
 
-from reward_server.chat import ChatEncoder, ConversationError, Encoded, InputLimits, parse_messages
-from reward_server.scoring import step_rows
+from reward_server.pipeline.chat import ChatEncoder, Encoded
+from reward_server.pipeline.conversations import ConversationError, InputLimits, parse_messages
+from reward_server.pipeline.scoring import step_rows
 
 
 class RequestError(str):
@@ -151,7 +152,7 @@ def score_requests(engine, requests: Sequence[tuple[np.ndarray, np.ndarray]]) ->
     """Run the engine once over all sequences of all requests and split rewards back.
 
     Each request is (input_ids [B, W], input_lengths [B, 1]). A process reward model's rewards
-    are `reward_server.scoring.step_rows`.
+    are `reward_server.pipeline.scoring.step_rows`.
     """
     sequences, counts = engine_sequences(requests)
     offsets = np.cumsum([0] + counts)

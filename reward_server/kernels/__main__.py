@@ -1,5 +1,0 @@
-import sys
-
-from reward_server.kernels import main
-
-sys.exit(main())
