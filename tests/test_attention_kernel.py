@@ -19,20 +19,28 @@ def kernel():
     return kernels.attention()  # built by `make setup`; a failure to build fails here, loudly
 
 
-def _reference(q, k, v, scale, offset=0, prefix=None):
-    """SDPA in float64 for one sequence: q [L, H, D]; keys = prefix keys then its own."""
+def _reference(q, k, v, scale, offset=0, prefix=None, window=0, softcap=0.0):
+    """Attention in float64 for one sequence, as transformers' eager attention computes it: q [L, H, D];
+    keys = prefix keys then its own; query i (at offset + i) sees keys j <= offset + i, and with a
+    window only j > offset + i - window; scores softcapped (C tanh(s / C)) when softcap is given."""
     if prefix is not None:
         k, v = torch.cat([prefix[0], k]), torch.cat([prefix[1], v])
-    mask = torch.arange(k.shape[0])[None, :] <= torch.arange(q.shape[0])[:, None] + offset
+    keys, queries = torch.arange(k.shape[0])[None, :], torch.arange(q.shape[0])[:, None] + offset
+    mask = (keys <= queries) & ((keys > queries - window) if window else True)
     heads = lambda t: t.transpose(0, 1).double()  # noqa: E731
-    return F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=mask, scale=scale,
-                                          enable_gqa=True).transpose(0, 1)
+    q, k, v = heads(q), heads(k), heads(v)
+    k, v = (t.repeat_interleave(q.shape[0] // t.shape[0], dim=0) for t in (k, v))
+    scores = q @ k.transpose(1, 2) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    return (torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ v).transpose(0, 1)
 
 
-def _call(kernel, q, k, v, segments, prefixes=(), scale=None):
+def _call(kernel, q, k, v, segments, prefixes=(), scale=None, window=0, softcap=0.0):
     out = torch.empty_like(q)
     kernel.packed_attention(q, k, v, out, torch.tensor(segments, dtype=torch.int64),
-                            [p[0] for p in prefixes], [p[1] for p in prefixes], scale or q.shape[-1] ** -0.5)
+                            [p[0] for p in prefixes], [p[1] for p in prefixes], scale or q.shape[-1] ** -0.5,
+                            window, softcap)
     return out
 
 
@@ -98,6 +106,51 @@ def test_a_query_gets_the_same_bits_whatever_the_row(kernel, dtype):
         assert torch.equal(out, alone[split:]), split
 
 
+@pytest.mark.parametrize("window,softcap", [(1, 0.0), (7, 0.0), (32, 0.0), (100, 0.0), (0, 2.0), (45, 2.0)])
+def test_sliding_windows_and_softcapping_match_the_reference(kernel, window, softcap):
+    """Gemma-2's and Mistral's attention: each query sees its last `window` positions, a shared prefix's
+    keys included (a window reaching back into it, or past it); scores softcapped. The scores are
+    scaled up so that softcapping (at 2.0) really bends them."""
+    heads, kv_heads, dim = 4, 2, 16
+    lengths = [1, 5, 31, 33, 70, 257]
+    q, k, v = _row(lengths, heads, kv_heads, dim, seed=window)
+    q = q * 3
+    g = torch.Generator().manual_seed(2)
+    prefixes = [tuple(torch.randn(n, kv_heads, dim, generator=g) for _ in range(2)) for n in (77, 20)]
+    segments, at = [], 0
+    for i, length in enumerate(lengths):
+        p = i % 3 - 1
+        segments.append([at, length, prefixes[p][0].shape[0] if p >= 0 else 0, p])
+        at += length
+    out = _call(kernel, q, k, v, segments, prefixes, window=window, softcap=softcap)
+    for start, length, offset, p in segments:
+        s = slice(start, start + length)
+        expected = _reference(q[s], k[s], v[s], dim ** -0.5, offset, prefixes[p] if p >= 0 else None, window, softcap)
+        torch.testing.assert_close(out[s].double(), expected, rtol=0, atol=5e-6)
+    if window:  # the window changes the answer (so the comparison above could fail)
+        unbounded = _call(kernel, q, k, v, segments, prefixes, softcap=softcap)
+        assert (unbounded[-100:] - out[-100:]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("window", [16, 40])
+def test_a_query_gets_the_same_bits_whatever_the_row_under_a_window(kernel, window):
+    """Blocks before a tile's window are skipped, blocks partly in it masked per lane: neither may
+    make a query's bits depend on its tile mates, its place in the row, or a shared prefix."""
+    heads, kv_heads, dim, length = 4, 2, 32, 300
+    q, k, v = _row([length], heads, kv_heads, dim, seed=9)
+    alone = _call(kernel, q, k, v, [[0, length, 0, -1]], window=window, softcap=30.0)
+    nq, nk, nv = _row([13, 50], heads, kv_heads, dim, seed=10)
+    row = [torch.cat([n[:13], x, n[13:]]) for n, x in ((nq, q), (nk, k), (nv, v))]
+    out = _call(kernel, *row, [[0, 13, 0, -1], [13, length, 0, -1], [13 + length, 50, 0, -1]], window=window,
+                softcap=30.0)
+    assert torch.equal(out[13:13 + length], alone)
+    for split in (1, 33, 150):
+        suffix = [x[split:].clone() for x in (q, k, v)]
+        out = _call(kernel, *suffix, [[0, length - split, split, 0]], [(k[:split], v[:split])], window=window,
+                    softcap=30.0)
+        assert torch.equal(out, alone[split:]), split
+
+
 def test_strided_views_are_read_in_place(kernel):
     """The engine passes q, k and v as views of one fused projection [T, heads + 2 kv, dim]."""
     heads, kv_heads, dim = 4, 2, 32
@@ -117,6 +170,8 @@ def test_bad_arguments_are_refused_with_the_reason(kernel):
         _call(kernel, q[:, :3], k, v, [[0, 10, 0, -1]])
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         _call(kernel, q.double(), k.double(), v.double(), [[0, 10, 0, -1]])
+    with pytest.raises(RuntimeError, match="window and softcap must be >= 0"):
+        _call(kernel, q, k, v, [[0, 10, 0, -1]], window=-1)
 
 
 def test_the_build_is_keyed_by_this_cpu(monkeypatch):

@@ -102,18 +102,44 @@ def test_serve_reports_a_bad_checkpoint(tmp_path):
     assert "is not a Hugging Face checkpoint (no config.json)" in result.stderr
 
 
+def test_serve_says_why_a_checkpoint_cannot_load_in_one_line_before_starting(demo_checkpoint, tmp_path):
+    """What can be told without loading (no weights, a missing shard, no tokenizer, a model type
+    transformers lacks) is said at once, in one line, with no tritonserver log."""
+    import shutil
+
+    cases = {"no weights in": lambda c: (c / "model.safetensors").unlink(),
+             "lists model-00002-of-00002.safetensors, which is missing": lambda c: (
+                 (c / "model.safetensors").rename(c / "model-00001-of-00002.safetensors"),
+                 (c / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+                     "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))),
+             "no tokenizer in": lambda c: [(c / n).unlink() for n in ("tokenizer.json", "tokenizer_config.json")],
+             "model_type 'acme' of AcmeForSequenceClassification is not one transformers": lambda c: (
+                 c / "config.json").write_text(json.dumps(json.loads((c / "config.json").read_text())
+                                                          | {"model_type": "acme",
+                                                             "architectures": ["AcmeForSequenceClassification"]}))}
+    for i, (reason, damage) in enumerate(cases.items()):
+        checkpoint = tmp_path / f"ckpt{i}"
+        shutil.copytree(demo_checkpoint, checkpoint)
+        damage(checkpoint)
+        result = subprocess.run([*CLI, "serve", "--checkpoint", str(checkpoint), "--grpc-port", "0",
+                                 "--http-port", "0", "--metrics-port", "0"], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "cannot serve:" in lines[0] and reason in lines[0], result.stderr
+
+
 def test_serve_ends_with_the_reason_a_model_failed_to_load(demo_checkpoint, tmp_path):
-    """A checkpoint the engine refuses inside Triton: the log tail first, the reason as the last line."""
+    """A checkpoint that fails only when loaded inside Triton (its weights file cut short): the log
+    tail first, the reason as the last line."""
     import shutil
 
     checkpoint = tmp_path / "ckpt"
     shutil.copytree(demo_checkpoint, checkpoint)
-    config = json.loads((checkpoint / "config.json").read_text())
-    config["layer_types"] = ["sliding_attention"] * config["num_hidden_layers"]
-    (checkpoint / "config.json").write_text(json.dumps(config))
+    weights = checkpoint / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4096])
     result = subprocess.run([*CLI, "serve", "--checkpoint", str(checkpoint), "--grpc-port", "0", "--http-port", "0",
                              "--metrics-port", "0"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
     last = [line for line in result.stderr.splitlines() if line.strip()][-1]
     assert "cannot serve: tritonserver exited with code 1; model 'reward_engine' failed to load:" in last, last
-    assert "sliding-window attention layers are not supported by the packed engine" in last, last
+    assert "safetensors" in last.lower() or "deserializ" in last.lower(), last

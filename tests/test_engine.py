@@ -253,60 +253,60 @@ def test_long_conversations_match_the_reference_alone_and_through_a_shared_promp
     assert got[:2].tobytes() == alone.tobytes()
 
 
-def test_a_sliding_window_bounds_what_is_scored(tmp_path):
-    """Mistral applies `sliding_window` in every layer; the packed engine applies none. So within
-    the window it scores exactly, the default length limit is the window, a longer sequence is
-    refused with the reason, and so is a --max-length above it."""
+@pytest.mark.parametrize("arch,head", [("mistral", "sequence_classification"), ("gemma2", "sequence_classification"),
+                                       ("gemma2", "lm_logits"), ("gemma3", "sequence_classification")])
+def test_sliding_windows_and_softcapping_are_computed_past_the_window(tmp_path, arch, head):
+    """Mistral's window over every layer; Gemma-2's sliding and global layers, attention logit and
+    final-logit softcapping and its query scaling; Gemma-3's window pattern: conversations several
+    windows long (the demo's window: 32 tokens), alone, packed and continuing a shared prompt, within
+    1e-4 of transformers' eager forward, with both attention paths. The members of a group get the
+    bits they get alone (native kernel)."""
     import torch
     import transformers
 
-    from reward_server.supervisor.options import ServeOptions
-    from reward_server.supervisor.repository import model_parameters
+    from tests.reference import reference_rewards_from_ids
 
-    out = build_checkpoint(tmp_path / "mistral", "tiny", seed=6)
+    out = build_checkpoint(tmp_path / arch, "tiny", arch=arch, head=head, seed=6)
     config = json.loads((out / "config.json").read_text())
-    config.update(architectures=["MistralForSequenceClassification"], model_type="mistral", sliding_window=48)
-    (out / "config.json").write_text(json.dumps(config))
-    engine = RewardEngine.from_checkpoint(out)
-    assert engine.window == 48 and ChatEncoder.from_checkpoint(out).policy.max_length == 48
+    assert config["sliding_window"] == 32
     rng = np.random.default_rng(6)
-    within = [rng.integers(300, 1500, n).tolist() for n in (48, 30)]
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
-    with torch.no_grad():
-        expected = np.stack([model(torch.tensor([ids])).logits[0].numpy() for ids in within])
-    np.testing.assert_allclose(engine.score(within), expected, rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match="sequence 1 is 49 tokens, over the model's sliding window of 48"):
-        engine.score([within[1], rng.integers(300, 1500, 49).tolist()])
-    with pytest.raises(ValueError, match="--max-length 64 is over the model's sliding window of 48"):
-        model_parameters(ServeOptions(checkpoint=out, max_length=64), out)
+    prompt = rng.integers(300, 1500, 70).tolist()
+    rows = [rng.integers(300, 1500, n).tolist() for n in (20, 33, 130)] + [prompt + rng.integers(300, 1500, n).tolist()
+                                                                          for n in (5, 40, 90)]
+    indices = "0,7" if head == "lm_logits" else None
+    if head == "lm_logits":
+        model = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+        with torch.no_grad():
+            expected = np.stack([model(torch.tensor([r])).logits[0, -1, [0, 7]].numpy() for r in rows])
+        assert np.abs(expected).max() < 30  # read after final-logit softcapping (cap 30), as the model returns them
+    else:
+        expected = np.stack([reference_rewards_from_ids(out, r) for r in rows])
+    for attention, budget in (("native", 100_000), ("native", 1), ("sdpa", 100_000)):
+        engine = RewardEngine.from_checkpoint(out, attention=attention, token_budget=budget, min_shared=16,
+                                              reward_indices=indices)
+        got = engine.score(rows)
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5, err_msg=f"{attention}, budget {budget}")
+        assert engine.stats.shared_tokens == 2 * len(prompt)
+        if attention == "native":
+            alone = np.concatenate([engine.score([r]) for r in rows[3:]])
+            assert got[3:].tobytes() == alone.tobytes()
 
 
-def test_attention_features_the_engine_does_not_compute_are_refused_at_load(tmp_path):
-    """Gemma-2 asks its attention function for logit softcapping: the engine refuses the checkpoint
-    at load, naming the feature, rather than scoring without it. The same model without softcapping
-    (and without sliding layers) is served exactly, with its own query scaling."""
+def test_attention_options_the_engine_does_not_compute_are_refused_at_load(tmp_path):
+    """gpt-oss passes its attention sinks to the attention function: the engine refuses the checkpoint
+    at load, naming them, rather than scoring without them."""
     import torch
     import transformers
 
     demo = build_checkpoint(tmp_path / "demo", "tiny", seed=7)
     tokenizer = transformers.AutoTokenizer.from_pretrained(demo)
-    rng = np.random.default_rng(7)
-    ids = [rng.integers(300, 1500, n).tolist() for n in (20, 33)]
-    for softcap in (50.0, None):
-        config = transformers.Gemma2Config(
-            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
-            layer_types=["full_attention"] * 2, attn_logit_softcapping=softcap, num_labels=1,
-            pad_token_id=tokenizer.pad_token_id, architectures=["Gemma2ForSequenceClassification"])
-        torch.manual_seed(7)
-        model = transformers.Gemma2ForSequenceClassification(config).eval()
-        out = tmp_path / f"gemma2-{softcap}"
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        if softcap is not None:
-            with pytest.raises(ValueError, match=r"asks for attention logit softcapping \(softcap=50.0\)"):
-                RewardEngine.from_checkpoint(out)
-            continue
-        with torch.no_grad():
-            expected = np.stack([model(torch.tensor([row])).logits[0].numpy() for row in ids])
-        np.testing.assert_allclose(RewardEngine.from_checkpoint(out).score(ids), expected, rtol=1e-4, atol=1e-5)
+    config = transformers.GptOssConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_local_experts=2, num_experts_per_tok=1, sliding_window=32,
+        num_labels=1, pad_token_id=tokenizer.pad_token_id, architectures=["GptOssForSequenceClassification"])
+    torch.manual_seed(7)
+    out = tmp_path / "gpt-oss"
+    transformers.GptOssForSequenceClassification(config).eval().save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    with pytest.raises(ValueError, match=r"GptOssAttention asks for attention sinks \(s_aux=a tensor of shape \[4\]\)"):
+        RewardEngine.from_checkpoint(out, attention="sdpa")

@@ -102,9 +102,8 @@ class ChatEncoder:
 
         Args:
             checkpoint: checkpoint directory.
-            max_length: token limit; defaults to the model's max_position_embeddings (or its
-                sliding window when every layer has one: `sliding_window`), at most 32,768 (4,096
-                when the config does not say).
+            max_length: token limit; defaults to the model's max_position_embeddings, at most
+                32,768 (4,096 when the config does not say).
             truncation: "reject" or "truncate_left".
             chat_template: Jinja template overriding the checkpoint's.
             step_tag: a process reward model's step tag, a token or its id (`heads.resolve_step_tag`):
@@ -249,25 +248,10 @@ class ChatEncoder:
         return encoded
 
 
-def sliding_window(config: dict) -> int | None:
-    """The attention window every layer of a model applies (Mistral's `sliding_window`; Qwen2/3's
-    only with `use_sliding_window`), from its config.json contents, or None.
-
-    The packed engine applies no window, so it scores exactly only conversations within it.
-    """
-    text = config.get("text_config", config)
-    window = text.get("sliding_window")
-    if window is None or text.get("use_sliding_window") is False:
-        return None
-    return int(window)
-
-
 def _max_positions(checkpoint: str | Path) -> int | None:
-    """The longest conversation the model scores as trained: its positions, at most its window."""
+    """The longest conversation the model scores as trained: its positions."""
     config_path = Path(checkpoint) / "config.json"
     if not config_path.exists():
         return None
     config = json.loads(config_path.read_text())
-    positions = config.get("text_config", config).get("max_position_embeddings")
-    window = sliding_window(config)
-    return window if window is not None and (positions is None or window < positions) else positions
+    return config.get("text_config", config).get("max_position_embeddings")

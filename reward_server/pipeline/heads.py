@@ -124,7 +124,9 @@ def classifier(model: Any) -> Any:
 
 
 def picked_rows(model: Any, indices: Sequence[int], what: str) -> Any:
-    """A Linear holding just the LM head's rows `indices` (full-vocabulary logits are never computed).
+    """A Linear holding just the LM head's rows `indices` (full-vocabulary logits are never computed),
+    followed by the model's final-logit softcapping where its forward applies one (Gemma-2), so the
+    logits read are the ones the model's own forward returns.
 
     Raises:
         ValueError: an index outside the vocabulary, named as `what`.
@@ -142,7 +144,29 @@ def picked_rows(model: Any, indices: Sequence[int], what: str) -> Any:
         picked.weight.copy_(lm_head.weight[rows])
         if lm_head.bias is not None:
             picked.bias.copy_(lm_head.bias[rows])
-    return picked.to(device=lm_head.weight.device, dtype=lm_head.weight.dtype)
+    picked = picked.to(device=lm_head.weight.device, dtype=lm_head.weight.dtype)
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    return _softcapped(picked, cap) if cap else picked
+
+
+def _softcapped(linear: Any, cap: float) -> Any:
+    """`linear`, its outputs x turned into cap * tanh(x / cap) as Gemma's causal LMs do; `weight` is
+    the linear's (its rows count the outputs)."""
+    import torch
+
+    class FinalSoftcap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear, self.cap = linear, float(cap)
+
+        @property
+        def weight(self):
+            return self.linear.weight
+
+        def forward(self, hidden):
+            return torch.tanh(self.linear(hidden) / self.cap) * self.cap
+
+    return FinalSoftcap()
 
 
 def tag_positions(token_ids: Sequence[int], tag_id: int) -> list[int]:

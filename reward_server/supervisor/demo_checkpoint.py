@@ -57,10 +57,11 @@ class ModelSize:
     intermediate: int
     vocab: int
     positions: int = 4096  # max_position_embeddings: the longest conversation it accepts
+    window: int = 4096     # sliding window of the families that have one
 
 
 SIZES = {
-    "tiny": ModelSize(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=2048),
+    "tiny": ModelSize(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=2048, window=32),
     # ~25M non-embedding parameters: the benchmark model of DESIGN.md.
     "small": ModelSize(hidden=512, layers=8, heads=8, kv_heads=8, intermediate=1408, vocab=32000),
     # the same weights (no learned positions: rotary) accepting 32k-token conversations, as
@@ -69,7 +70,22 @@ SIZES = {
                             positions=32768),
 }
 
-ARCHITECTURES = ("llama", "qwen2")
+# Each family's config class and class-name prefix, and what sets it apart from Llama in a small
+# random model: Mistral's window over every layer; Gemma-2's alternating sliding and global layers,
+# attention logit softcapping, its own query scaling and final-logit softcapping; Gemma-3's window
+# pattern and per-head q/k norms. Windows are short in `tiny` (32 tokens) so tests cross them.
+FAMILIES = {
+    "llama": ("LlamaConfig", "Llama", {}),
+    "qwen2": ("Qwen2Config", "Qwen2", {}),
+    "qwen3": ("Qwen3Config", "Qwen3", {"head_dim": "head_dim"}),
+    "mistral": ("MistralConfig", "Mistral", {"head_dim": "head_dim", "sliding_window": "window"}),
+    "gemma2": ("Gemma2Config", "Gemma2", {"head_dim": "head_dim", "sliding_window": "window", "attn_logit_softcapping": 50.0,
+                                          "final_logit_softcapping": 30.0, "query_pre_attn_scalar": "head_dim*1.5",
+                                          "layer_types": "alternate"}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3Text", {"head_dim": "head_dim", "sliding_window": "window", "query_pre_attn_scalar": "head_dim*1.5",
+                                                  "layer_types": "alternate"}),
+}
+ARCHITECTURES = tuple(FAMILIES)
 HEADS = ("sequence_classification", "lm_logits", "process")
 
 _SYLLABLES = ["ka", "ri", "to", "mel", "sa", "un", "pe", "lo", "vi", "dra", "ne", "sho", "qu",
@@ -97,7 +113,8 @@ def build_tokenizer(arch: str, vocab_size: int, seed: int, pad_token: str | None
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = LLAMA3_SPECIALS if arch == "llama" else CHATML_SPECIALS
+    llama_style = arch in ("llama", "mistral")
+    specials = LLAMA3_SPECIALS if llama_style else CHATML_SPECIALS
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -106,7 +123,7 @@ def build_tokenizer(arch: str, vocab_size: int, seed: int, pad_token: str | None
                                   show_progress=False)
     tok.train_from_iterator(_corpus(seed, 20000 if vocab_size > 4096 else 4000), trainer)
 
-    if arch == "llama":
+    if llama_style:
         bos = "<|begin_of_text|>"
         tok.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
@@ -128,7 +145,9 @@ def build_checkpoint(out_dir: str | Path, size: str = "tiny", arch: str = "llama
     Args:
         out_dir: directory to create (or overwrite files in).
         size: a key of `SIZES`.
-        arch: "llama" or "qwen2".
+        arch: a key of `FAMILIES` (llama, qwen2, qwen3, mistral, gemma2, gemma3). The chat
+            template is the demo's (Llama-3's for llama and mistral, ChatML for the others), not
+            the family's own.
         head: "sequence_classification" (a `score` head with `num_labels` outputs),
             "lm_logits" (a causal LM whose reward is read from logits at the final token), or
             "process" (a process reward model in Qwen2.5-Math-PRM's layout: the backbone under
@@ -163,12 +182,12 @@ def build_checkpoint(out_dir: str | Path, size: str = "tiny", arch: str = "llama
                   pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                   eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
                   num_labels=num_labels)
-    config_cls = transformers.LlamaConfig if arch == "llama" else transformers.Qwen2Config
-    config = config_cls(**common)
-    prefix = "Llama" if arch == "llama" else "Qwen2"
+    config_name, prefix, special = FAMILIES[arch]
+    config = getattr(transformers, config_name)(**common, **_family_settings(special, dims))
     suffix = {"sequence_classification": "ForSequenceClassification", "lm_logits": "ForCausalLM",
               "process": "Model"}[head]
-    model_cls = getattr(transformers, prefix + suffix)
+    # Gemma-3's text-only causal LM is Gemma3ForCausalLM (Gemma3TextForCausalLM does not exist)
+    model_cls = getattr(transformers, prefix + suffix, None) or getattr(transformers, prefix.replace("Text", "") + suffix)
 
     torch.manual_seed(seed)
     model = model_cls(config).eval()
@@ -184,6 +203,14 @@ def build_checkpoint(out_dir: str | Path, size: str = "tiny", arch: str = "llama
     _LOGGER.info("wrote %s %s %s checkpoint (%d params) to %s", size, arch, head,
                  sum(p.numel() for p in model.parameters()), out)
     return out
+
+
+def _family_settings(special: dict, dims: ModelSize) -> dict:
+    """A family's config settings (`FAMILIES`) for the model dimensions `dims`."""
+    head_dim = dims.hidden // dims.heads
+    values = {"head_dim": head_dim, "window": dims.window, "head_dim*1.5": int(head_dim * 1.5),
+              "alternate": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(dims.layers)]}
+    return {key: values[value] if isinstance(value, str) else value for key, value in special.items()}
 
 
 def _save_process_model(out: Path, backbone, config, architecture: str) -> None:

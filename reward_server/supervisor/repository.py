@@ -7,15 +7,14 @@ written to a runtime directory, never by text templating.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 
 from reward_server.pipeline import settings
-from reward_server.pipeline.chat import sliding_window
 from reward_server.pipeline.heads import detect_head_type, num_outputs, parse_indices, process_layout, step_tag_or_default
 from reward_server.pipeline.scoring import ScoreSpec, parse_floats
+from reward_server.pipeline.torch_engine.engine import check_checkpoint
 from reward_server.supervisor import engines
 from reward_server.supervisor.options import ServeOptions
 from reward_server.supervisor.tritonserver import python_paths_module
@@ -61,12 +60,9 @@ def model_parameters(options: ServeOptions, checkpoint: Path,
                                          settings.SCORE_MEAN: str(options.score_mean),
                                          settings.SCORE_STD: str(options.score_std), **steps})
         return params, k
-    config = json.loads((checkpoint / "config.json").read_text())
+    # what can be told without loading: one line now, not a model that fails in tritonserver later
+    config = check_checkpoint(checkpoint, options.head_type, options.step_labels)
     head = detect_head_type(config.get("architectures"), options.head_type)
-    window = sliding_window(config)
-    if window is not None and options.max_length is not None and options.max_length > window:
-        raise ValueError(f"--max-length {options.max_length} is over the model's sliding window of {window} tokens, "
-                         "which the packed engine does not apply: longer conversations would be scored wrongly")
     indices = parse_indices(options.reward_indices)
     steps = _step_parameters(options, config) if head == "process" else {}
     k = -1 if steps else _check_outputs(num_outputs(config, head, indices), score, names)  # -1: one per step

@@ -74,55 +74,63 @@ class _Pack:
     segments: list[Segment]
     bounds: list[tuple[int, int]]
     store: dict[int, dict[int, tuple[Any, Any]]]  # prefix key -> layer -> (keys, values) [length, heads, dim]
-    kernel: Any = None  # the native attention module (reward_server.pipeline.torch_engine.kernels), or None: torch's SDPA
-    masks: dict[tuple[int, int], Any] = field(default_factory=dict)  # (segment, first query) -> mask
+    kernel: Any = None  # the native attention module (torch_engine.kernels), or None: torch's SDPA
+    masks: dict[tuple, Any] = field(default_factory=dict)  # (segment, first query, window) -> mask
     table: Any = None  # the native kernel's segment table, made at the first layer
-    window: int | None = None  # the sliding window the engine's length guard enforces (RewardEngine.window)
 
 
 _ACTIVE = threading.local()
 
 
 @contextlib.contextmanager
-def packed_row(segments: list[Segment], bounds: list[tuple[int, int]], store: dict, kernel: Any,
-               window: int | None = None):
+def packed_row(segments: list[Segment], bounds: list[tuple[int, int]], store: dict, kernel: Any):
     """While a forward pass over one packed row runs: what `packed_attention` needs to know about
-    it (the segments and where they lie, the prefix store, the kernel, the enforced window)."""
-    _ACTIVE.pack = _Pack(segments, bounds, store, kernel, window=window)
+    it (the segments and where they lie, the prefix store, the kernel)."""
+    _ACTIVE.pack = _Pack(segments, bounds, store, kernel)
     try:
         yield
     finally:
         _ACTIVE.pack = None
-# Attention features a transformers module may ask for that the packed attention does not compute:
-# a model asking for one is refused (at load, `RewardEngine` runs a token through it), never
-# scored as if it had not asked.
-UNSUPPORTED_ATTENTION = {"softcap": "attention logit softcapping", "s_aux": "attention sinks",
-                         "sinks": "attention sinks"}
 
 
-def _check_features(module, pack: _Pack, kwargs: dict) -> None:
-    """Raise ValueError, naming it, for an attention feature the engine would silently skip."""
-    for name, what in UNSUPPORTED_ATTENTION.items():
-        if kwargs.get(name) is not None:
-            raise ValueError(f"{type(module).__name__} asks for {what} ({name}={kwargs[name]}), which the packed "
-                             "engine does not compute")
-    window = kwargs.get("sliding_window")
-    if window is not None and window != pack.window:
-        raise ValueError(f"{type(module).__name__} layer {module.layer_idx} has a sliding window of {window} tokens "
-                         "that the config does not declare for every layer; the packed engine does not apply it")
+# Keywords transformers' attention modules pass that the packed attention computes (`sliding_window`,
+# `softcap`: per layer, as the eager attention applies them) or that carry nothing it needs (the
+# packed row's positions and bounds are its own). Any other keyword with a value refuses the model
+# (at load, `RewardEngine` runs a token through every layer), never scored as if it had not asked.
+HANDLED_KEYWORDS = frozenset({"sliding_window", "softcap", "position_ids", "cache_position", "output_attentions",
+                              "use_cache", "is_causal"})
+KNOWN_UNSUPPORTED = {"s_aux": "attention sinks", "sinks": "attention sinks"}
+
+
+def _check_keywords(module, kwargs: dict) -> None:
+    """Raise ValueError, naming it, for an attention keyword the engine would silently skip."""
+    for name, value in kwargs.items():
+        if name in HANDLED_KEYWORDS or value is None or value is False:
+            continue
+        what = KNOWN_UNSUPPORTED.get(name, "an attention option")
+        raise ValueError(f"{type(module).__name__} asks for {what} ({name}={_brief(value)}), which the packed "
+                         "engine does not compute")
+
+
+def _brief(value: Any) -> str:
+    shape = getattr(value, "shape", None)
+    return f"a tensor of shape {list(shape)}" if shape is not None else repr(value)[:40]
 
 
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention over a packed row [1, heads, T, dim]: causal within each segment only.
+    """Attention over a packed row [1, heads, T, dim]: causal within each segment only, within the
+    layer's sliding window if it has one, its scores softcapped if it asks.
 
     Registered with transformers as the "reward_packed" attention implementation. A segment
-    continuing a shared prefix attends to all of the prefix's recorded keys and values first.
+    continuing a shared prefix attends to the prefix's recorded keys and values first (positions
+    continue from the prefix, so a window reaches into it as it would alone).
     Returns [1, T, heads, dim].
     """
     pack: _Pack = _ACTIVE.pack
     layer = module.layer_idx
     if kwargs:
-        _check_features(module, pack, kwargs)
+        _check_keywords(module, kwargs)
+    window, softcap = kwargs.get("sliding_window") or None, kwargs.get("softcap") or None
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     # [T, heads, dim] views: the layout the native kernel reads and the prefix store keeps
     query, key, value = (t[0].transpose(0, 1) for t in (query, key, value))
@@ -130,11 +138,11 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
         if segment.record is not None:
             pack.store.setdefault(segment.record, {})[layer] = (key[start:end], value[start:end])
     if pack.kernel is not None:
-        return _native_attention(pack, layer, query, key, value, scaling), None
-    return _sdpa_attention(pack, layer, query, key, value, scaling), None
+        return _native_attention(pack, layer, query, key, value, scaling, window, softcap), None
+    return _sdpa_attention(pack, layer, query, key, value, scaling, window, softcap), None
 
 
-def _native_attention(pack: _Pack, layer: int, query, key, value, scaling):
+def _native_attention(pack: _Pack, layer: int, query, key, value, scaling, window, softcap):
     """The row in one call of the native kernel (reward_server/pipeline/torch_engine/kernels/attention.cpp)."""
     import torch
 
@@ -153,12 +161,14 @@ def _native_attention(pack: _Pack, layer: int, query, key, value, scaling):
     with torch.profiler.record_function("reward_server::attention"):  # named in profiles (bench.engine_profile)
         pack.kernel.packed_attention(query, key, value, out[0], table,
                                      [pack.store[p][layer][0] for p in prefixes],
-                                     [pack.store[p][layer][1] for p in prefixes], float(scaling))
+                                     [pack.store[p][layer][1] for p in prefixes], float(scaling),
+                                     int(window or 0), float(softcap or 0.0))
     return out
 
 
-def _sdpa_attention(pack: _Pack, layer: int, query, key, value, scaling):
-    """Per segment with torch's scaled_dot_product_attention (CUDA, or where the kernel is absent)."""
+def _sdpa_attention(pack: _Pack, layer: int, query, key, value, scaling, window, softcap):
+    """Per segment with torch's scaled_dot_product_attention (CUDA, or where the kernel is absent);
+    with softcapping, which SDPA cannot apply, the eager product-softmax-product of transformers."""
     import torch
     import torch.nn.functional as F
 
@@ -166,24 +176,47 @@ def _sdpa_attention(pack: _Pack, layer: int, query, key, value, scaling):
     heads = lambda t: t.transpose(0, 1)[None]  # noqa: E731  [T, heads, dim] -> [1, heads, T, dim]
     for n, ((start, end), segment) in enumerate(zip(pack.bounds, pack.segments)):
         q, k, v = heads(query[start:end]), heads(key[start:end]), heads(value[start:end])
-        if segment.prefix is None:
+        if segment.prefix is None and window is None and softcap is None:
             out[0, start:end] = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling,
                                                                enable_gqa=True)[0].transpose(0, 1)
             continue
-        prefix_k, prefix_v = (heads(t) for t in pack.store[segment.prefix][layer])
+        if segment.prefix is None:
+            prefix_k = prefix_v = k[:, :, :0]
+        else:
+            prefix_k, prefix_v = (heads(t) for t in pack.store[segment.prefix][layer])
         length = prefix_k.shape[2]
         # In chunks of queries, so that the mask (queries x keys) stays bounded for long suffixes;
         # each chunk sees the whole prefix and its own tokens up to its last query.
         for first in range(0, end - start, QUERY_CHUNK):
             last = min(end - start, first + QUERY_CHUNK)
-            if (n, first) not in pack.masks:  # token i sees the whole prefix and its own first i + 1 tokens
-                pack.masks[n, first] = (torch.arange(length + last, device=q.device)[None, :]
-                                        <= torch.arange(first, last, device=q.device)[:, None] + length)
-            out[0, start + first:start + last] = F.scaled_dot_product_attention(
-                q[:, :, first:last], torch.cat([prefix_k, k[:, :, :last]], dim=2),
-                torch.cat([prefix_v, v[:, :, :last]], dim=2), attn_mask=pack.masks[n, first], scale=scaling,
-                enable_gqa=True)[0].transpose(0, 1)
+            if (n, first, window) not in pack.masks:  # query i (at length + i) sees keys j <= length + i ...
+                keys = torch.arange(length + last, device=q.device)[None, :]
+                queries = torch.arange(first, last, device=q.device)[:, None] + length
+                mask = keys <= queries
+                if window is not None:  # ... and j > length + i - window
+                    mask &= keys > queries - window
+                pack.masks[n, first, window] = mask
+            mask = pack.masks[n, first, window]
+            keys, values = torch.cat([prefix_k, k[:, :, :last]], dim=2), torch.cat([prefix_v, v[:, :, :last]], dim=2)
+            if softcap is None:
+                chunk = F.scaled_dot_product_attention(q[:, :, first:last], keys, values, attn_mask=mask,
+                                                       scale=scaling, enable_gqa=True)
+            else:
+                chunk = _softcapped(q[:, :, first:last], keys, values, mask, scaling, softcap)
+            out[0, start + first:start + last] = chunk[0].transpose(0, 1)
     return out
+
+
+def _softcapped(query, key, value, mask, scaling, softcap):
+    """Eager attention with softcapped scores ([1, heads, Q, dim] queries; keys and values may have
+    fewer heads): softmax(C * tanh(q k^T * scaling / C), masked) v, the softmax in float32."""
+    import torch
+
+    group = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+    scores = torch.tanh(torch.matmul(query, key.transpose(2, 3)) * scaling / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype), value)
 
 
 def register_attention():

@@ -30,7 +30,6 @@ import numpy as np
 
 from reward_server.pipeline.batching import (DEFAULT_MIN_SHARED, DEFAULT_TOKEN_BUDGET, group_shared_prefixes,
                                              pack_sequences)
-from reward_server.pipeline.chat import sliding_window
 from reward_server.pipeline.heads import (ProcessHead, RewardHead, detect_head_type, parse_indices, process_head,
                                           process_layout, resolve_step_tag, split_model, tag_positions)
 from reward_server.pipeline.torch_engine.attention import (ATTENTION, Segment, attention_kernel, packed_row,
@@ -40,6 +39,62 @@ _LOGGER = logging.getLogger(__name__)
 DTYPES = ("auto", "float32", "bfloat16")
 # Where compiled kernels are kept between starts (unless TORCHINDUCTOR_CACHE_DIR says otherwise).
 COMPILE_CACHE = Path(os.environ.get("REWARD_SERVER_CACHE", Path.home() / ".cache" / "reward-server")) / "torch-compile"
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+# The transformers auto-model table each head layout loads through (name lists, no import of a model)
+_AUTO_TABLES = {"sequence_classification": ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "a sequence classifier"),
+                "lm_logits": ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "a causal LM"),
+                "causal_lm": ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "a causal LM"),
+                "token_classification": ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "a token classifier"),
+                "remote": ("MODEL_MAPPING_NAMES", "a base model")}
+
+
+def check_checkpoint(checkpoint: str | Path, head_type: str = "auto", step_labels: str | None = None) -> dict:
+    """What can be told about loading `checkpoint` without loading it: its config.json, a model class
+    transformers implements for it, its weight files (every shard an index lists) and its tokenizer.
+    Returns the parsed config.json. The supervisor calls it before starting tritonserver, so that
+    these reasons come in one line at once rather than from a model that failed to load.
+
+    Raises:
+        FileNotFoundError: no config.json, no weights, a missing shard, no tokenizer.
+        ValueError: an unreadable config.json, a head that cannot be determined, or a model type
+            transformers does not implement for that head (remote code is never run).
+    """
+    import transformers
+    from transformers.models.auto import configuration_auto, modeling_auto
+
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / "config.json").is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a Hugging Face checkpoint (no config.json)")
+    try:
+        config = json.loads((checkpoint / "config.json").read_text())
+    except ValueError as err:
+        raise ValueError(f"{checkpoint / 'config.json'} is not valid JSON: {err}") from None
+    architecture = (config.get("architectures") or [""])[0]
+    head = detect_head_type(config.get("architectures"), head_type)
+    layout = process_layout(architecture, step_labels) if head == "process" else head
+    model_type = config.get("model_type")
+    table, what = _AUTO_TABLES[layout]
+    if model_type not in configuration_auto.CONFIG_MAPPING_NAMES:
+        raise ValueError(f"model_type {model_type!r} of {architecture or 'this checkpoint'} is not one transformers "
+                         f"{transformers.__version__} implements (remote code is never run)")
+    if model_type not in getattr(modeling_auto, table):
+        raise ValueError(f"transformers {transformers.__version__} has no {what} for model_type {model_type!r} "
+                         f"({architecture}), which the {layout} head needs")
+    weights = [name for name in WEIGHT_FILES if (checkpoint / name).is_file()]
+    if not weights:
+        raise FileNotFoundError(f"no weights in {checkpoint} ({', '.join(WEIGHT_FILES)})")
+    if weights[0].endswith(".index.json"):
+        shards = sorted(set(json.loads((checkpoint / weights[0]).read_text()).get("weight_map", {}).values()))
+        missing = [shard for shard in shards if not (checkpoint / shard).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{checkpoint / weights[0]} lists {missing[0]}, which is missing"
+                                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if not any((checkpoint / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"no tokenizer in {checkpoint} ({', '.join(TOKENIZER_FILES)})")
+    return config
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -128,7 +183,6 @@ class RewardEngine:
     min_shared: int = DEFAULT_MIN_SHARED  # 0 turns prefix sharing off
     kernel: Any = None  # the native attention module, or None: torch's SDPA (`attention_kernel`)
     process: ProcessHead | None = None  # set for process reward models (`score_steps`)
-    window: int | None = None  # the model's sliding window (chat.sliding_window): no longer row is scored
     stats: EngineStats = field(default_factory=EngineStats)
 
     @classmethod
@@ -168,11 +222,8 @@ class RewardEngine:
         import torch
         import transformers
 
-        config = json.loads((Path(checkpoint) / "config.json").read_text())
+        config = check_checkpoint(checkpoint, head_type, step_labels)
         text = config.get("text_config", config)
-        layer_types = text.get("layer_types") or []
-        if any("sliding" in t for t in layer_types):  # checked before the weights are loaded
-            raise ValueError("sliding-window attention layers are not supported by the packed engine")
         head_type = detect_head_type(config.get("architectures"), head_type)
         indices = parse_indices(reward_indices)
         if device == "auto":
@@ -217,7 +268,7 @@ class RewardEngine:
         outputs = 2 if process is not None else head.module.weight.shape[0]
         _LOGGER.info("loaded %s (%s, %d outputs) on %s %s, %s attention, in %.1fs", checkpoint, head_type, outputs,
                      device, dtype, "native" if kernel is not None else "SDPA", time.perf_counter() - start)
-        engine = cls(backbone, head, device, outputs, token_budget, min_shared, kernel, process, sliding_window(config))
+        engine = cls(backbone, head, device, outputs, token_budget, min_shared, kernel, process)
         with torch.inference_mode():  # one token through every layer: unsupported attention features fail here
             engine._run([Segment([0])], {})
         engine.stats = EngineStats()
@@ -261,7 +312,7 @@ class RewardEngine:
         for i, ids in enumerate(sequences):
             if len(ids) == 0:
                 raise ValueError(f"sequence {i} is empty")
-            rows.append(self._within_window(i, ids[: self.head.position(ids) + 1]))
+            rows.append(list(ids[: self.head.position(ids) + 1]))
         hidden = self._hidden(rows, [[len(row) - 1] for row in rows], [len(row) for row in rows])
         with torch.inference_mode():
             out = torch.cat([_per_position(self.head.module, h) for h in hidden]).float().cpu().numpy()
@@ -286,24 +337,13 @@ class RewardEngine:
             tags = tag_positions(ids, self.process.tag_id)
             if not tags:
                 raise ValueError(f"sequence {i} has no step tag (token id {self.process.tag_id})")
-            rows.append(self._within_window(i, ids[: tags[-1] + 1]))
+            rows.append(list(ids[: tags[-1] + 1]))
             reads.append(tags)
         hidden = self._hidden(rows, reads, [tags[0] + 1 for tags in reads])
         with torch.inference_mode():
             out = [_per_position(self.process.module, h).float().cpu().numpy() for h in hidden]
         self.stats.sequences += len(rows)
         return out
-
-    def _within_window(self, i: int, row: Sequence[int]) -> list[int]:
-        """`row` as a list, if the engine scores it exactly.
-
-        Raises:
-            ValueError: longer than the model's sliding window, which the packed engine does not apply.
-        """
-        if self.window is not None and len(row) > self.window:
-            raise ValueError(f"sequence {i} is {len(row)} tokens, over the model's sliding window of {self.window}: "
-                             "the packed engine applies no window, so it scores only sequences within it")
-        return list(row)
 
     def _hidden(self, rows: list[list[int]], reads: list[list[int]], shareable: list[int]) -> list[Any]:
         """Final hidden states of each row at the positions `reads[i]`, one [len(reads[i]), H]
@@ -342,7 +382,7 @@ class RewardEngine:
             ids.extend(segment.ids)
             positions.extend(range(segment.offset, segment.offset + len(segment.ids)))
             at += len(segment.ids)
-        with packed_row(segments, bounds, store, self.kernel, window=self.window):
+        with packed_row(segments, bounds, store, self.kernel):
             hidden = self.backbone(input_ids=torch.tensor([ids], device=self.device),
                                    position_ids=torch.tensor([positions], device=self.device),
                                    use_cache=False).last_hidden_state

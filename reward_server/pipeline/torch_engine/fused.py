@@ -11,8 +11,9 @@ A transformers decoder layer of a known family (`FAMILIES`) is replaced, at load
   AMD EPYC; 72 against 68 on an AVX2 one), and oneDNN gives each row the same bits whatever the
   number of rows computed with it (batch invariance; MKL does not).
 Attention is `attention.packed_attention`, unchanged. Layers of other families, or with
-features this module does not implement (see `fusable`), keep transformers' forward; the reason
-is logged.
+features this module does not implement (see `fusable`), keep transformers' forward (the reason
+is logged), with their linear layers' products on prepacked weights too (`PrepackedLinear`), so
+that batch invariance holds for them as well.
 """
 
 from __future__ import annotations
@@ -41,14 +42,21 @@ def fusable(layer: Any) -> str | None:
     act = getattr(mlp, "act_fn", None)
     if type(act).__name__ not in ("SiLU", "SiLUActivation"):
         return f"{name}: activation {type(act).__name__} (fused layers implement SiLU)"
-    if getattr(attn, "sliding_window", None):
-        return f"{name}: sliding-window attention"
     if any(getattr(m, "bias", None) is not None for m in (attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
         return f"{name}: biases outside q/k/v"
     biases = [getattr(m, "bias", None) is not None for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
     if any(biases) and not all(biases):
         return f"{name}: bias on some of q/k/v only"
     return None
+
+
+def layer_window(layer: Any) -> int | None:
+    """The sliding window the layer's own attention passes on (None: none): Qwen2/3 keep it per layer
+    type on the attention module, Mistral reads it from the config for every layer, Llama has none."""
+    attn = layer.self_attn
+    if hasattr(attn, "sliding_window"):
+        return attn.sliding_window
+    return getattr(attn.config, "sliding_window", None) if type(layer).__name__ == "MistralDecoderLayer" else None
 
 
 def rms_norm(x, weight, eps: float):
@@ -81,6 +89,30 @@ class PlainLinear:
 
     def __call__(self, x):
         return F.linear(x, self.weight, self.bias)
+
+
+class PrepackedLinear(torch.nn.Module):
+    """A transformers layer's `nn.Linear`, its product on a oneDNN-prepacked weight (`PackedLinear`)."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        bias = None if linear.bias is None else linear.bias.detach()
+        self.product = PackedLinear(linear.weight.detach(), bias)
+
+    def forward(self, x):
+        return self.product(x)
+
+
+def prepack_linears(module) -> int:
+    """Replace every `nn.Linear` inside `module` by a `PrepackedLinear`; returns how many."""
+    replaced = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                setattr(parent, name, PrepackedLinear(child))
+                replaced += 1
+    return replaced
 
 
 @functools.lru_cache(maxsize=None)
@@ -128,6 +160,7 @@ class FusedDecoderLayer(torch.nn.Module):
         self.norm_in = (layer.input_layernorm.weight.detach(), layer.input_layernorm.variance_epsilon)
         self.norm_post = (layer.post_attention_layernorm.weight.detach(),
                           layer.post_attention_layernorm.variance_epsilon)
+        self.sliding_window = layer_window(layer)
         q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
         self.qk_norms = None if q_norm is None else ((q_norm.weight.detach(), q_norm.variance_epsilon),
                                                      (k_norm.weight.detach(), k_norm.variance_epsilon))
@@ -150,7 +183,7 @@ class FusedDecoderLayer(torch.nn.Module):
         qk = torch.mul(qk, cos).add_(torch.cat([-qk[..., half:], qk[..., :half]], dim=-1).mul_(sin))
         q, k = qk[:, :, : self.heads], qk[:, :, self.heads:]
         out, _ = self.attention(self, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None,
-                                scaling=self.scaling)
+                                scaling=self.scaling, sliding_window=self.sliding_window)
         x = x + self.o(out.reshape(batch, length, -1))
         gate_up = self.gate_up(rms_norm(x, *self.norm_post))
         return x.add_(self.down(F.silu(gate_up[..., : self.intermediate]).mul_(gate_up[..., self.intermediate:])))
@@ -164,13 +197,13 @@ class FusedLayers:
 
     def __repr__(self) -> str:
         text = f"{self.fused}/{self.total} decoder layers fused"
-        text += ", weights prepacked for oneDNN" if self.prepacked else ""
+        text += ", weights prepacked for oneDNN (every layer's)" if self.prepacked else ""
         return text + (f" (others: {self.reason})" if self.reason else "") + f" in {self.seconds:.1f}s"
 
 
 def fuse_layers(backbone, attention, device, dtype, prepack: bool = True) -> FusedLayers:
     """Replace every fusable decoder layer of `backbone.layers` by a `FusedDecoderLayer` calling
-    `attention` (the engine's packed attention).
+    `attention` (the engine's packed attention); prepack the linear layers of the others.
 
     `prepack`: prepack wherever oneDNN can (`prepack_available`). Not chosen by timing: a
     choice that could flip between starts would change scores' bits, and oneDNN's product gives a
@@ -189,4 +222,8 @@ def fuse_layers(backbone, attention, device, dtype, prepack: bool = True) -> Fus
             continue
         layers[i] = FusedDecoderLayer(layer, attention, prepack)
         fused += 1
-    return FusedLayers(fused, len(layers), prepack and fused > 0, reason, time.perf_counter() - started)
+    if prepack:  # the layers left as they are: their products on prepacked weights too
+        for layer in layers:
+            if not isinstance(layer, FusedDecoderLayer):
+                prepack_linears(layer)
+    return FusedLayers(fused, len(layers), prepack, reason, time.perf_counter() - started)

@@ -6,8 +6,13 @@
 // index order, each block folded into the running softmax in key order. Nothing a query computes
 // depends on the queries around it (tile mates, row neighbours, the row's length), so a
 // conversation gets the same bits scored alone, in any batch, or continuing a shared prompt.
-// Blocks entirely after a tile's last query are never computed (causal skipping); a block that is
-// masked for some lanes of a tile is an exact no-op for them (probability 0, rescale 1).
+// Blocks entirely after a tile's last query are never computed (causal skipping), nor, under a
+// sliding window, blocks entirely before its first query's window; a block that is masked for some
+// lanes of a tile is an exact no-op for them (probability 0, rescale 1).
+//
+// Two per-layer options, as transformers' eager attention applies them: a sliding window W (a query
+// at position p sees keys at positions p - W + 1 .. p; 0: none) and logit softcapping C (a score s
+// becomes C * tanh(s / C) before the softmax; 0: none).
 //
 // Layout of the inner loops: a tile of TILE queries sits across vector lanes ([dim][TILE],
 // transposed), so the softmax statistics of a key block are element-wise maxima and sums over
@@ -88,6 +93,10 @@ inline vf vexp(vf x) {
   vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
   return p * (vf)bits;
 }
+
+// tanh on every lane as 1 - 2 / (exp(2x) + 1): within ~1e-7 of tanh in absolute terms, which is
+// what a softcapped score (C * tanh(s / C)) needs; exp's clamping makes the tails exactly +-1.
+inline vf vtanh(vf x) { return splat(1.0f) - splat(2.0f) / (vexp(x + x) + splat(1.0f)); }
 
 template <typename T>
 inline float to_float(T x) { return static_cast<float>(x); }
@@ -174,12 +183,13 @@ struct Segment {
 // The running softmax of one tile: TILE queries of one head, across lanes.
 struct Tile {
   int64_t head, first, count, position0;  // position0: the first query's position in its sequence
-  int64_t blocks;                          // key blocks it needs: up to its last query's
+  int64_t first_block, blocks;             // key blocks it needs: from its first query's window to its last query
   std::vector<float> Qt, Ot;               // [dim][TILE]: queries (scaled) and the unnormalised output
   vf m[VECS], l[VECS], position[VECS];
 
-  Tile(int64_t head, int64_t first, int64_t count, int64_t position0, int64_t dim)
+  Tile(int64_t head, int64_t first, int64_t count, int64_t position0, int64_t dim, int64_t window)
       : head(head), first(first), count(count), position0(position0),
+        first_block(window > 0 ? std::max<int64_t>(0, position0 - window + 1) / KEY_BLOCK : 0),
         blocks((position0 + count - 1) / KEY_BLOCK + 1), Qt(dim * TILE, 0.0f), Ot(dim * TILE, 0.0f) {
     for (int v = 0; v < VECS; ++v) {
       m[v] = splat(-std::numeric_limits<float>::infinity());
@@ -192,19 +202,27 @@ struct Tile {
   // Fold key block b (K, V: [KEY_BLOCK][dim]) into the softmax; St is scratch [KEY_BLOCK][TILE].
   // round: the probabilities meet the values rounded to bf16, as torch's kernel does in bf16
   // (the sum is of the unrounded ones, as there), so bf16 scores stay within an ulp of transformers'.
-  void step(int64_t b, const float* K, const float* V, float* St, int dim, bool round) {
+  void step(int64_t b, const float* K, const float* V, float* St, int dim, bool round, int64_t window,
+            float softcap) {
     const vf minus_inf = splat(-std::numeric_limits<float>::infinity());
     const int64_t j0 = b * KEY_BLOCK;
     const bool diagonal = j0 + KEY_BLOCK - 1 > position0;  // some key after some lane's query
+    // some key at or before p - W for some lane p (the tile's padded lanes included: they are discarded)
+    const bool behind = window > 0 && j0 + window <= position0 + TILE - 1;
+    const bool masked = diagonal || behind;
     vf top[VECS];
     for (int v = 0; v < VECS; ++v) top[v] = m[v];
-    scores(K, Qt.data(), St, dim, diagonal ? nullptr : top);
-    if (diagonal) {  // keys after a lane's query: -inf, and out of its maximum
+    scores(K, Qt.data(), St, dim, masked || softcap > 0 ? nullptr : top);
+    if (masked || softcap > 0) {  // capped; masked keys -inf, and out of the lane's maximum
+      const vf cap = splat(softcap), inverse_cap = splat(softcap > 0 ? 1.0f / softcap : 0.0f);
+      const vf span = splat(float(window));
       for (int i = 0; i < KEY_BLOCK; ++i) {
         const vf key_position = splat(float(j0 + i));
         for (int v = 0; v < VECS; ++v) {
           vf s = load(St + i * TILE + v * LANES);
-          s = key_position > position[v] ? minus_inf : s;
+          if (softcap > 0) s = cap * vtanh(s * inverse_cap);
+          if (diagonal) s = key_position > position[v] ? minus_inf : s;
+          if (behind) s = key_position + span <= position[v] ? minus_inf : s;
           store(St + i * TILE + v * LANES, s);
           top[v] = vmax(top[v], s);
         }
@@ -223,7 +241,7 @@ struct Tile {
       for (int v = 0; v < VECS; ++v) {
         vf s = load(St + i * TILE + v * LANES);
         vf p = vexp(s - top[v]);
-        if (diagonal) p = s == minus_inf ? splat(0.0f) : p;
+        if (masked) p = s == minus_inf ? splat(0.0f) : p;
         sum[v] += p;
         store(St + i * TILE + v * LANES, round ? round_bf16(p) : p);
       }
@@ -245,7 +263,7 @@ struct Tile {
 template <typename T>
 void run(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, at::Tensor& out,
          const std::vector<Segment>& segments, const std::vector<at::Tensor>& prefix_keys,
-         const std::vector<at::Tensor>& prefix_values, double scale) {
+         const std::vector<at::Tensor>& prefix_values, double scale, int64_t window, double softcap) {
   const int64_t heads = query.size(1), kv_heads = key.size(1), dim = query.size(2);
   const int64_t group = heads / kv_heads;
   const View<T> q = view_of<T>(query), k = view_of<T>(key), v = view_of<T>(value);
@@ -276,7 +294,7 @@ void run(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value
       std::vector<Tile> tiles;
       for (int64_t h = item.kv_head * group; h < (item.kv_head + 1) * group; ++h)
         for (int64_t t0 = item.first; t0 < item.last; t0 += TILE) {
-          tiles.emplace_back(h, t0, std::min<int64_t>(TILE, item.last - t0), seg.offset + t0, dim);
+          tiles.emplace_back(h, t0, std::min<int64_t>(TILE, item.last - t0), seg.offset + t0, dim, window);
           Tile& tile = tiles.back();
           for (int64_t lane = 0; lane < tile.count; ++lane) {
             const T* qr = q.at(seg.start + t0 + lane, h);
@@ -284,10 +302,12 @@ void run(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value
           }
         }
       // keys at positions [0, visible): the prefix's, then the segment's own; a block's keys past
-      // them are zeros (not garbage: a masked key's value is still multiplied by 0)
+      // them are zeros (not garbage: a masked key's value is still multiplied by 0). Under a window,
+      // blocks before the item's first query's window are neither read nor computed.
       const int64_t visible = seg.offset + item.last;
       const int64_t blocks = (visible - 1) / KEY_BLOCK + 1;
-      for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t first_block = tiles.front().first_block;  // the item's first query is its first tile's
+      for (int64_t b = first_block; b < blocks; ++b) {
         for (int64_t i = 0; i < KEY_BLOCK; ++i) {
           const int64_t j = b * KEY_BLOCK + i;
           if (j >= visible) {
@@ -303,7 +323,9 @@ void run(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value
           }
         }
         for (Tile& tile : tiles)
-          if (b < tile.blocks) tile.step(b, K.data(), V.data(), St.data(), int(dim), std::is_same<T, at::BFloat16>::value);
+          if (b >= tile.first_block && b < tile.blocks)
+            tile.step(b, K.data(), V.data(), St.data(), int(dim), std::is_same<T, at::BFloat16>::value, window,
+                      float(softcap));
       }
       for (const Tile& tile : tiles)
         for (int64_t lane = 0; lane < tile.count; ++lane) {
@@ -318,9 +340,11 @@ void run(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value
 // query [T, heads, dim], key/value [T, kv_heads, dim] (one packed row; dim contiguous); out
 // [T, heads, dim]. segments: int64 [S, 4] rows (start, length, offset, prefix index or -1);
 // prefix_keys/values[i]: [offset, kv_heads, dim], the recorded keys a segment continues.
+// window: the layer's sliding window in tokens (0: none); softcap: its logit softcapping (0: none).
 void packed_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, at::Tensor& out,
                       const at::Tensor& segments, const std::vector<at::Tensor>& prefix_keys,
-                      const std::vector<at::Tensor>& prefix_values, double scale) {
+                      const std::vector<at::Tensor>& prefix_values, double scale, int64_t window, double softcap) {
+  TORCH_CHECK(window >= 0 && softcap >= 0, "window and softcap must be >= 0 (0: none)");
   TORCH_CHECK(query.dim() == 3 && key.dim() == 3 && value.dim() == 3 && out.dim() == 3, "expected [T, heads, dim] tensors");
   TORCH_CHECK(query.device().is_cpu(), "CPU tensors only");
   TORCH_CHECK(query.size(2) % 2 == 0, "head dim must be even");
@@ -344,9 +368,9 @@ void packed_attention(const at::Tensor& query, const at::Tensor& key, const at::
     TORCH_CHECK(prefix_keys[i].stride(2) == 1 && prefix_values[i].stride(2) == 1 &&
                 prefix_keys[i].scalar_type() == query.scalar_type(), "prefix ", i, ": bad layout or dtype");
   if (query.scalar_type() == at::kFloat)
-    run<float>(query, key, value, out, list, prefix_keys, prefix_values, scale);
+    run<float>(query, key, value, out, list, prefix_keys, prefix_values, scale, window, softcap);
   else if (query.scalar_type() == at::kBFloat16)
-    run<at::BFloat16>(query, key, value, out, list, prefix_keys, prefix_values, scale);
+    run<at::BFloat16>(query, key, value, out, list, prefix_keys, prefix_values, scale, window, softcap);
   else
     TORCH_CHECK(false, "float32 or bfloat16 only");
 }
@@ -354,7 +378,9 @@ void packed_attention(const at::Tensor& query, const at::Tensor& key, const at::
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("packed_attention", &packed_attention, "Batch-invariant causal attention over a packed row (CPU)");
+  m.def("packed_attention", &packed_attention, "Batch-invariant causal attention over a packed row (CPU)",
+        py::arg("query"), py::arg("key"), py::arg("value"), py::arg("out"), py::arg("segments"), py::arg("prefix_keys"),
+        py::arg("prefix_values"), py::arg("scale"), py::arg("window") = 0, py::arg("softcap") = 0.0);
   m.attr("lanes") = LANES;
   m.attr("key_block") = KEY_BLOCK;
 }
