@@ -281,7 +281,9 @@ def build_engine(args: argparse.Namespace) -> int:
         _LOGGER.error("%s", err)
         return 1
     except subprocess.CalledProcessError as err:
-        _LOGGER.error("step failed (exit code %s): %s", err.returncode, shlex.join(err.cmd))
+        reason = getattr(err, "reason", None)
+        _LOGGER.error("step failed (exit code %s)%s; command: %s", err.returncode, f": {reason}" if reason else "",
+                      shlex.join(err.cmd))
         return 1
     print(f"engine ready: reward-server serve --engine tensorrt_llm --engine-dir {engine_dir}", flush=True)
     return 0

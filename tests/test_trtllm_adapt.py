@@ -291,3 +291,25 @@ def test_process_heads_on_the_engine_path(tmp_path):
     (source / "config.json").write_text(json.dumps({**config, "architectures": ["Qwen2ForProcessRewardModel"]}))
     with pytest.raises(ValueError, match="two-layer head .* torch engine"):
         adapt_checkpoint(source, tmp_path / "out4")
+
+
+def test_final_logit_softcapping_is_turned_off_in_the_adapted_causal_lm(tmp_path):
+    """Gemma-2's causal LM caps its logits (tanh(x / 30) * 30); the adapted score rows must come out as
+    the classifier computed them, so the adapted config has no final-logit softcapping (the scores
+    here are made large enough that capping them would change them)."""
+    source = build_checkpoint(tmp_path / "gemma2", "tiny", arch="gemma2", num_labels=2, seed=3)
+    assert json.loads((source / "config.json").read_text())["final_logit_softcapping"] == 30.0
+    with safe_open(str(source / "model.safetensors"), framework="pt") as reader:
+        tensors = {name: reader.get_tensor(name) for name in reader.keys()}
+    tensors["score.weight"] = tensors["score.weight"] * 400  # rewards far beyond the cap's linear range
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(source / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "adapted"
+    spec = adapt_checkpoint(source, out)
+    assert json.loads((out / "config.json").read_text())["final_logit_softcapping"] is None
+    ids = _token_ids(source, n=4)
+    _assert_same_rewards(source, out, spec, ids)
+    classifier = AutoModelForSequenceClassification.from_pretrained(source, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert classifier(torch.tensor([ids[0]])).logits.abs().max() > 30  # capping would have squashed these

@@ -183,3 +183,29 @@ def test_pipeline_parallelism_only_for_the_gpu_check(demo_checkpoint, tmp_path, 
     monkeypatch.setenv("REWARD_SERVER_UNVERIFIED_PP", "1")
     plan = plan_build(BuildOptions(checkpoint=demo_checkpoint, output=tmp_path / "e", pp=2))
     assert "tp 1 x pp 2 = 2 GPU(s)" in plan.render()
+
+
+def test_gemma_reward_models_are_refused_with_the_reason(tmp_path):
+    """TensorRT-LLM's Gemma converter cannot carry an adapted score head: said before anything runs."""
+    from reward_server.supervisor.demo_checkpoint import build_checkpoint
+
+    checkpoint = build_checkpoint(tmp_path / "gemma2", "tiny", arch="gemma2", seed=1)
+    with pytest.raises(ValueError, match="Gemma2ForSequenceClassification: TensorRT-LLM 1.2's Gemma converter always "
+                                         "ties the LM head to the embedding table"):
+        plan_build(BuildOptions(checkpoint=checkpoint, output=tmp_path / "engine"))
+
+
+def test_a_failed_step_says_why_in_one_line(capsys):
+    """A build command's output is streamed, and its failure carries the line that says why."""
+    from reward_server.builder.build import StepFailed, error_line, run_step
+
+    command = [sys.executable, "-c", "print('loading weights'); import sys; "
+               "print('warning: an error count of 0 is fine'); raise ValueError('no converter for FooForCausalLM')"]
+    with pytest.raises(StepFailed) as failed:
+        run_step(command)
+    assert failed.value.reason == "ValueError: no converter for FooForCausalLM"
+    assert failed.value.returncode == 1 and failed.value.cmd == command
+    assert "loading weights" in capsys.readouterr().out
+    assert error_line(["[TRT] [E] 1: engine build error: out of memory", "done"]) == \
+        "[TRT] [E] 1: engine build error: out of memory"
+    assert error_line(["just this"]) == "just this" and error_line([]) is None

@@ -174,6 +174,11 @@ def _adapt_classifier(source: Path, output: Path, config: dict, spec: RewardHead
     causal_config = {key: value for key, value in config.items() if key not in _LABEL_KEYS}
     # A tied lm_head would be the embedding matrix, not the score rows (seq-cls Qwen2 configs say true).
     causal_config.update(architectures=[spec.architecture], tie_word_embeddings=False)
+    # The score rows are the logits as they are: a causal LM's final-logit softcapping (Gemma-2's
+    # tanh(x / 30) * 30) would squash the rewards, and the classifier never applied it.
+    for config_of in (causal_config, causal_config.get("text_config") or {}):
+        if config_of.get("final_logit_softcapping") is not None:
+            config_of["final_logit_softcapping"] = None
     causal_config.update(_legacy_keys(causal_config))
     (output / "config.json").write_text(json.dumps(causal_config, indent=2, sort_keys=True) + "\n")
     if sharded:

@@ -12,9 +12,11 @@ against the layers, lengths against the model's positions.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -22,7 +24,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from reward_server.builder.calibration import HELP, check_calibration_dataset
 from reward_server.pipeline.heads import process_layout, step_tag_or_default
@@ -35,6 +37,14 @@ DTYPES = ("bfloat16", "float16", "fp8")
 # (tensorrt_llm.models class names); a classifier is first adapted to the causal LM of its family.
 CONVERTERS = {"LlamaForCausalLM": "LLaMAForCausalLM", "MistralForCausalLM": "LLaMAForCausalLM",
               "Qwen2ForCausalLM": "QWenForCausalLM"}
+# Families TensorRT-LLM converts whose reward models this path still cannot build, and why.
+UNBUILDABLE = {
+    family: "TensorRT-LLM 1.2's Gemma converter always ties the LM head to the embedding table (GemmaConfig's "
+            "share_embedding_table is fixed to true, and its Hugging Face reader has no lm_head entry), so the "
+            "score rows an adapted reward model carries in its LM head cannot reach the engine; serve it with the "
+            "torch engine (reward-server serve --checkpoint DIR), which computes Gemma exactly"
+    for family in ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3TextForCausalLM")
+}
 DEFAULT_MAX_INPUT_LEN = 4096
 DEFAULT_MAX_BATCH_SIZE = 64
 DEFAULT_MAX_NUM_TOKENS = 8192
@@ -137,6 +147,8 @@ def check_inputs(options: BuildOptions, config: dict) -> tuple[str, str, str, in
         process_layout(architecture, options.step_labels)
     family = architecture.removesuffix("ForSequenceClassification").removesuffix("ForTokenClassification")
     causal = family.removesuffix("ForCausalLM") + "ForCausalLM"
+    if causal in UNBUILDABLE:
+        raise ValueError(f"{architecture}: {UNBUILDABLE[causal]}")
     if causal not in CONVERTERS:
         raise ValueError(f"{architecture} is not supported by the TensorRT-LLM path; supported: "
                          f"{', '.join(sorted(CONVERTERS))} and their *ForSequenceClassification and "
@@ -225,17 +237,56 @@ def check_toolchain() -> None:
                                 "TensorRT-LLM container (see docs/gpu.md); --dry-run shows the plan without them")
 
 
+class StepFailed(subprocess.CalledProcessError):
+    """A build command failed; `reason` is the line of its output that says why (or None)."""
+
+    def __init__(self, returncode: int, cmd: list[str], reason: str | None):
+        super().__init__(returncode, cmd)
+        self.reason = reason
+
+
+_EXCEPTION_LINE = re.compile(r"^\s*(?:[\w.]+\.)?\w*(?:Error|Exception)\b.*:")
+
+
+def error_line(lines: Sequence[str]) -> str | None:
+    """The line of a failed command's output that says why: its last Python exception line
+    ("ValueError: ..."), else its last line mentioning an error, else its last line."""
+    lines = [line.strip() for line in lines if line.strip()]
+    for pick in (lambda line: _EXCEPTION_LINE.match(line), lambda line: "error" in line.lower(), lambda line: True):
+        found = next((line for line in reversed(lines) if pick(line)), None)
+        if found is not None:
+            return found
+    return None
+
+
+def run_step(command: list[str]) -> None:
+    """Run one build command with its output streamed to this process's stdout.
+
+    Raises:
+        StepFailed: it exited non-zero; the reason is read from the end of its output.
+    """
+    tail: collections.deque[str] = collections.deque(maxlen=200)
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          errors="replace") as process:
+        for line in process.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            tail.append(line)
+    if process.returncode:
+        raise StepFailed(process.returncode, command, error_line(tail))
+
+
 def run_build(plan: BuildPlan, runner: Callable[[list[str]], None] | None = None) -> Path:
     """Run every step of `plan`, logging progress; return the engine directory.
 
-    `runner` runs a command (default: subprocess, output streamed, failure raised).
+    `runner` runs a command (default: `run_step`, output streamed, failure raised with its reason).
 
     Raises:
         subprocess.CalledProcessError: a command failed (its output was streamed above).
     """
     from reward_server.builder.adapt import adapt_checkpoint
 
-    runner = runner or (lambda command: subprocess.run(command, check=True))
+    runner = runner or run_step
     o, layout = plan.options, plan.layout
     layout.root.mkdir(parents=True, exist_ok=True)
     record = {"plan": plan.render(), "options": {k: str(v) for k, v in asdict(o).items()}, "steps": []}
