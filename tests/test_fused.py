@@ -17,6 +17,12 @@ FAMILIES = {
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForSequenceClassification, {}),  # q/k/v biases
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForSequenceClassification, {"head_dim": 32}),  # q/k norms
     "mistral": (transformers.MistralConfig, transformers.MistralForSequenceClassification, {"sliding_window": None}),
+    # windows shorter than most sequences here: the fused layers must pass each layer's on
+    "mistral-window": (transformers.MistralConfig, transformers.MistralForSequenceClassification,
+                       {"sliding_window": 24}),
+    "qwen2-window": (transformers.Qwen2Config, transformers.Qwen2ForSequenceClassification,
+                     {"use_sliding_window": True, "sliding_window": 24,
+                      "layer_types": ["sliding_attention", "full_attention"]}),
 }
 
 

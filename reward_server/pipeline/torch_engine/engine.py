@@ -51,9 +51,11 @@ _AUTO_TABLES = {"sequence_classification": ("MODEL_FOR_SEQUENCE_CLASSIFICATION_M
                 "remote": ("MODEL_MAPPING_NAMES", "a base model")}
 
 
-def check_checkpoint(checkpoint: str | Path, head_type: str = "auto", step_labels: str | None = None) -> dict:
+def check_checkpoint(checkpoint: str | Path, head_type: str = "auto", step_labels: str | None = None,
+                     tokenizer: bool = True) -> dict:
     """What can be told about loading `checkpoint` without loading it: its config.json, a model class
-    transformers implements for it, its weight files (every shard an index lists) and its tokenizer.
+    transformers implements for it, its weight files (every shard an index lists) and, when
+    `tokenizer` (a server tokenises; the engine alone takes token ids), its tokenizer.
     Returns the parsed config.json. The supervisor calls it before starting tritonserver, so that
     these reasons come in one line at once rather than from a model that failed to load.
 
@@ -92,7 +94,7 @@ def check_checkpoint(checkpoint: str | Path, head_type: str = "auto", step_label
         if missing:
             raise FileNotFoundError(f"{checkpoint / weights[0]} lists {missing[0]}, which is missing"
                                     + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    if not any((checkpoint / name).is_file() for name in TOKENIZER_FILES):
+    if tokenizer and not any((checkpoint / name).is_file() for name in TOKENIZER_FILES):
         raise FileNotFoundError(f"no tokenizer in {checkpoint} ({', '.join(TOKENIZER_FILES)})")
     return config
 
@@ -222,7 +224,7 @@ class RewardEngine:
         import torch
         import transformers
 
-        config = check_checkpoint(checkpoint, head_type, step_labels)
+        config = check_checkpoint(checkpoint, head_type, step_labels, tokenizer=False)
         text = config.get("text_config", config)
         head_type = detect_head_type(config.get("architectures"), head_type)
         indices = parse_indices(reward_indices)
