@@ -204,14 +204,18 @@ def process_layout(architecture: str, labels: Sequence[int] | str | None) -> str
     Raises:
         ValueError: a causal LM without its label token ids.
     """
-    if architecture.endswith("ForProcessRewardModel"):
-        return "remote"
-    if architecture.endswith("ForTokenClassification"):
-        return "token_classification"
-    if not labels:
+    layout = process_layout_of(architecture)
+    if layout == "causal_lm" and not labels:
         raise ValueError(f"a process head on {architecture or 'this model'} needs the two label token ids "
                          "(--step-labels POSITIVE,NEGATIVE)")
-    return "causal_lm"
+    return layout
+
+
+def process_layout_of(architecture: str) -> str:
+    """`process_layout` by the architecture's name alone (labels unchecked)."""
+    if architecture.endswith("ForProcessRewardModel"):
+        return "remote"
+    return "token_classification" if architecture.endswith("ForTokenClassification") else "causal_lm"
 
 
 def resolve_step_tag(tokenizer: Any, architecture: str, step_tag: str | int | None) -> int:

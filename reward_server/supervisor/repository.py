@@ -61,7 +61,7 @@ def model_parameters(options: ServeOptions, checkpoint: Path,
                                          settings.SCORE_STD: str(options.score_std), **steps})
         return params, k
     # what can be told without loading: one line now, not a model that fails in tritonserver later
-    config = check_checkpoint(checkpoint, options.head_type, options.step_labels)
+    config = check_checkpoint(checkpoint, options.head_type)
     head = detect_head_type(config.get("architectures"), options.head_type)
     indices = parse_indices(options.reward_indices)
     steps = _step_parameters(options, config) if head == "process" else {}

@@ -31,7 +31,8 @@ import numpy as np
 from reward_server.pipeline.batching import (DEFAULT_MIN_SHARED, DEFAULT_TOKEN_BUDGET, group_shared_prefixes,
                                              pack_sequences)
 from reward_server.pipeline.heads import (ProcessHead, RewardHead, detect_head_type, parse_indices, process_head,
-                                          process_layout, resolve_step_tag, split_model, tag_positions)
+                                          process_layout, process_layout_of, resolve_step_tag, split_model,
+                                          tag_positions)
 from reward_server.pipeline.torch_engine.attention import (ATTENTION, Segment, attention_kernel, packed_row,
                                                            register_attention)
 
@@ -51,8 +52,7 @@ _AUTO_TABLES = {"sequence_classification": ("MODEL_FOR_SEQUENCE_CLASSIFICATION_M
                 "remote": ("MODEL_MAPPING_NAMES", "a base model")}
 
 
-def check_checkpoint(checkpoint: str | Path, head_type: str = "auto", step_labels: str | None = None,
-                     tokenizer: bool = True) -> dict:
+def check_checkpoint(checkpoint: str | Path, head_type: str = "auto", tokenizer: bool = True) -> dict:
     """What can be told about loading `checkpoint` without loading it: its config.json, a model class
     transformers implements for it, its weight files (every shard an index lists) and, when
     `tokenizer` (a server tokenises; the engine alone takes token ids), its tokenizer.
@@ -76,7 +76,7 @@ def check_checkpoint(checkpoint: str | Path, head_type: str = "auto", step_label
         raise ValueError(f"{checkpoint / 'config.json'} is not valid JSON: {err}") from None
     architecture = (config.get("architectures") or [""])[0]
     head = detect_head_type(config.get("architectures"), head_type)
-    layout = process_layout(architecture, step_labels) if head == "process" else head
+    layout = process_layout_of(architecture) if head == "process" else head  # labels: checked with the tag
     model_type = config.get("model_type")
     table, what = _AUTO_TABLES[layout]
     if model_type not in configuration_auto.CONFIG_MAPPING_NAMES:
@@ -224,7 +224,7 @@ class RewardEngine:
         import torch
         import transformers
 
-        config = check_checkpoint(checkpoint, head_type, step_labels, tokenizer=False)
+        config = check_checkpoint(checkpoint, head_type, tokenizer=False)
         text = config.get("text_config", config)
         head_type = detect_head_type(config.get("architectures"), head_type)
         indices = parse_indices(reward_indices)
