@@ -52,7 +52,7 @@ from bench.gpu.report import CheckFailed, Interrupted, Report, StageSkipped, rai
 _LOGGER = logging.getLogger("bench.gpu_check")
 
 STAGES = ("environment", "matmul", "checkpoint", "torch_parity", "torch_throughput", "build_dry_run",
-          "trtllm_build", "trtllm_logits", "trtllm_throughput", "trtllm_pp")
+          "trtllm_build", "trtllm_logits", "trtllm_throughput", "trtllm_gemma2", "trtllm_pp")
 # (own time limit, least remaining budget to start) in seconds, for a GPU run and a smoke run.
 LIMITS = {
     "environment": ((90, 5), (60, 5)),
@@ -64,9 +64,10 @@ LIMITS = {
     "trtllm_build": ((300, 90), (60, 5)),
     "trtllm_logits": ((240, 60), (60, 5)),
     "trtllm_throughput": ((120, 20), (60, 5)),
+    "trtllm_gemma2": ((240, 90), (60, 5)),
     "trtllm_pp": ((360, 120), (60, 5)),
 }
-WORK_ENTRIES = ("checkpoint", "trtllm-checkpoint", "engine", "engine-pp2", "server")
+WORK_ENTRIES = ("checkpoint", "trtllm-checkpoint", "engine", "engine-pp2", "gemma2", "engine-gemma2", "server")
 # Seconds the fp32 transformers run needs at least (load 30 GB, 16 conversations): skipped below that.
 FP32_REFERENCE_S = 60
 NOT_IMPORTABLE = "tensorrt_llm: not importable, TensorRT-LLM steps skipped"
@@ -787,6 +788,52 @@ def stage_trtllm_pp(ctx: Context, out: dict) -> None:
     check_served_logits(ctx, out, output)
 
 
+def stage_trtllm_gemma2(ctx: Context, out: dict) -> None:
+    """A Gemma-2 reward model through TensorRT-LLM: its converter ties the LM head to the embeddings,
+    so the adaptation carries the score rows in reserved-token embedding rows (<unusedN>). Do the
+    served scores equal transformers' classifier (bf16 tolerance)? Never run before on a GPU."""
+    _require_trtllm(ctx)
+    try:
+        import tritonclient.grpc as grpcclient
+    except ImportError as err:
+        raise StageSkipped(f"tritonclient is not importable ({err})") from None
+    import torch
+    import transformers
+
+    from reward_server.supervisor.demo_checkpoint import build_checkpoint
+    from tests.conversations import make_conversations
+
+    _stop_server(ctx)
+    _release_engine(ctx)
+    checkpoint = build_checkpoint(ctx.work / "gemma2", "small", arch="gemma2", num_labels=2, seed=ctx.args.seed)
+    output = ctx.work / "engine-gemma2"
+    command = ctx.python_command("build-engine", "--checkpoint", str(checkpoint), "--output", str(output),
+                                 "--dtype", "bfloat16", "--max-input-len", "1024", "--force")
+    out["command"] = " ".join(command)
+    code, tail = run_logged(command, ctx.logs / "build_engine_gemma2.log", timeout_s=ctx.report.stage_left() / 2)
+    out.update(exit_code=code, output_tail=tail)
+    if code != 0:
+        raise CheckFailed(f"build-engine (Gemma-2) exited with {code} (log: logs/build_engine_gemma2.log)")
+    conversations = make_conversations(16, seed=ctx.args.seed)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        checkpoint, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        expected = np.stack([model(torch.tensor([tokenizer.apply_chat_template(c, tokenize=True)["input_ids"]]))
+                             .logits[0].numpy() for c in conversations])
+    ctx.server = start_server(ctx, output, startup_timeout_s=max(30.0, ctx.report.stage_left() - 30))
+    client = grpcclient.InferenceServerClient(ctx.server.grpc_url)
+    served = score_served(client, conversations)
+    client.close()
+    _stop_server(ctx)
+    out["served_vs_reference"] = compare.compare(served["attributes"], expected, "bfloat16")
+    out["summary"] = (f"Gemma-2 served max diff {out['served_vs_reference']['max_abs']:.3g} "
+                      f"(tolerance {out['served_vs_reference']['tolerance']:.3g})")
+    if not out["served_vs_reference"]["within_tolerance"]:
+        raise CheckFailed(f"Gemma-2 scores differ from transformers by {out['served_vs_reference']['max_abs']:.4g}: "
+                          "the reserved-row adaptation does not reach the engine as it should")
+
+
 def _release_engine(ctx: Context) -> None:
     ctx.engine = None
     reference.release()
@@ -797,7 +844,7 @@ STAGE_FUNCTIONS = {
     "torch_parity": stage_torch_parity, "torch_throughput": stage_torch_throughput,
     "build_dry_run": stage_build_dry_run, "trtllm_build": stage_trtllm_build,
     "trtllm_logits": stage_trtllm_logits, "trtllm_throughput": stage_trtllm_throughput,
-    "trtllm_pp": stage_trtllm_pp,
+    "trtllm_gemma2": stage_trtllm_gemma2, "trtllm_pp": stage_trtllm_pp,
 }
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from reward_server.builder import adapt
 from reward_server.builder.adapt import INDEX_FILE, adapt_checkpoint
@@ -293,23 +293,39 @@ def test_process_heads_on_the_engine_path(tmp_path):
         adapt_checkpoint(source, tmp_path / "out4")
 
 
-def test_final_logit_softcapping_is_turned_off_in_the_adapted_causal_lm(tmp_path):
-    """Gemma-2's causal LM caps its logits (tanh(x / 30) * 30); the adapted score rows must come out as
-    the classifier computed them, so the adapted config has no final-logit softcapping (the scores
-    here are made large enough that capping them would change them)."""
-    source = build_checkpoint(tmp_path / "gemma2", "tiny", arch="gemma2", num_labels=2, seed=3)
-    assert json.loads((source / "config.json").read_text())["final_logit_softcapping"] == 30.0
-    with safe_open(str(source / "model.safetensors"), framework="pt") as reader:
-        tensors = {name: reader.get_tensor(name) for name in reader.keys()}
-    tensors["score.weight"] = tensors["score.weight"] * 400  # rewards far beyond the cap's linear range
+def test_gemma2_score_rows_ride_in_reserved_embedding_rows(tmp_path):
+    """TensorRT-LLM ties Gemma's LM head to its embedding table, so the score rows are written into
+    the embedding rows of reserved tokens (<unusedN>): the adapted (tied) causal LM's logits at those
+    ids are the classifier's scores, with no final-logit softcapping (the scores here are made large
+    enough that capping would change them), and every other row is untouched."""
     from safetensors.torch import save_file
 
+    source = build_checkpoint(tmp_path / "gemma2", "tiny", arch="gemma2", num_labels=2, seed=3)
+    assert json.loads((source / "config.json").read_text())["final_logit_softcapping"] == 30.0
+    tensors = _tensors(source)
+    tensors["score.weight"] = tensors["score.weight"] * 400  # rewards far beyond the cap's linear range
     save_file(tensors, str(source / "model.safetensors"), metadata={"format": "pt"})
     out = tmp_path / "adapted"
     spec = adapt_checkpoint(source, out)
-    assert json.loads((out / "config.json").read_text())["final_logit_softcapping"] is None
+    reserved = AutoTokenizer.from_pretrained(source).convert_tokens_to_ids(["<unused0>", "<unused1>"])
+    assert spec.reward_indices == reserved and spec.rows_in_embedding
+    config = json.loads((out / "config.json").read_text())
+    assert config["final_logit_softcapping"] is None and config["tie_word_embeddings"] is True
+    assert config["architectures"] == ["Gemma2ForCausalLM"]
+    weights = _tensors(out)
+    assert set(weights) == set(tensors) - {"score.weight"}
+    embeddings, original = weights["model.embed_tokens.weight"], tensors["model.embed_tokens.weight"]
+    assert torch.equal(embeddings[reserved], tensors["score.weight"])
+    others = [i for i in range(original.shape[0]) if i not in reserved]
+    assert torch.equal(embeddings[others], original[others])
     ids = _token_ids(source, n=4)
     _assert_same_rewards(source, out, spec, ids)
     classifier = AutoModelForSequenceClassification.from_pretrained(source, dtype=torch.float32).eval()
     with torch.no_grad():
         assert classifier(torch.tensor([ids[0]])).logits.abs().max() > 30  # capping would have squashed these
+
+
+def test_a_tied_family_needs_reserved_tokens(tmp_path):
+    source = build_checkpoint(tmp_path / "gemma2", "tiny", arch="gemma2", num_labels=9, seed=3)
+    with pytest.raises(ValueError, match=r"9 score rows need 9 reserved tokens \(<unusedN>\).*it has 8"):
+        adapt_checkpoint(source, tmp_path / "adapted")

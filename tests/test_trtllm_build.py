@@ -185,14 +185,20 @@ def test_pipeline_parallelism_only_for_the_gpu_check(demo_checkpoint, tmp_path, 
     assert "tp 1 x pp 2 = 2 GPU(s)" in plan.render()
 
 
-def test_gemma_reward_models_are_refused_with_the_reason(tmp_path):
-    """TensorRT-LLM's Gemma converter cannot carry an adapted score head: said before anything runs."""
+def test_gemma2_is_built_within_its_window_and_gemma3_is_refused(tmp_path):
+    """Gemma-2 builds (its converter, inputs bounded by the sliding window this path does not set in
+    the engine: a longer --max-input-len is refused); Gemma-3 is refused with the reason."""
     from reward_server.supervisor.demo_checkpoint import build_checkpoint
 
-    checkpoint = build_checkpoint(tmp_path / "gemma2", "tiny", arch="gemma2", seed=1)
-    with pytest.raises(ValueError, match="Gemma2ForSequenceClassification: TensorRT-LLM 1.2's Gemma converter always "
-                                         "ties the LM head to the embedding table"):
-        plan_build(BuildOptions(checkpoint=checkpoint, output=tmp_path / "engine"))
+    gemma2 = build_checkpoint(tmp_path / "gemma2", "tiny", arch="gemma2", seed=1)
+    plan = plan_build(BuildOptions(checkpoint=gemma2, output=tmp_path / "engine"))
+    assert plan.max_input_len == 31  # the demo's window is 32 tokens
+    with pytest.raises(ValueError, match="exceeds the model's sliding window of 32 tokens"):
+        plan_build(BuildOptions(checkpoint=gemma2, output=tmp_path / "engine", max_input_len=100))
+    gemma3 = build_checkpoint(tmp_path / "gemma3", "tiny", arch="gemma3", seed=1)
+    with pytest.raises(ValueError, match="Gemma3TextForSequenceClassification: the TensorRT-LLM path builds Gemma-2 "
+                                         "only"):
+        plan_build(BuildOptions(checkpoint=gemma3, output=tmp_path / "engine"))
 
 
 def test_a_failed_step_says_why_in_one_line(capsys):

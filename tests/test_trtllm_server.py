@@ -241,3 +241,33 @@ def test_gpu_check_step_chain_runs_against_the_double(trtllm_server, demo_checkp
         result = check_step_chain(client, model, encoded.token_ids, pad_id, end_id, "float32", every=8)
     assert result["cuts"] == list(range(8, len(encoded.token_ids) + 1, 8)) and len(result["cuts"]) >= 3
     assert result["within_tolerance"] and result["max_abs"] < 1e-4, result
+
+
+def test_gemma2_through_the_engine_path_reads_its_reserved_rows(tmp_path):
+    """A Gemma-2 reward model adapted for TensorRT-LLM (score rows in reserved-token embedding rows)
+    and served through the TensorRT-LLM ensembles with the contract double: scores equal the
+    classifier's eager forward; a conversation holding a reserved token fails alone, naming it."""
+    import torch
+    import transformers
+
+    from reward_server.supervisor.demo_checkpoint import build_checkpoint
+    from tests.trtllm_double import repository_with_double
+
+    checkpoint = build_checkpoint(tmp_path / "gemma2", "tiny", arch="gemma2", num_labels=2, seed=4)
+    conversations = make_conversations(6, seed=4)
+    options = ServeOptions(engine="tensorrt_llm", engine_dir=engine_dir_for(checkpoint, tmp_path / "engine"),
+                           model_repository=repository_with_double(tmp_path / "repository"), max_length=512)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        checkpoint, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        expected = np.stack([model(torch.tensor([tokenizer.apply_chat_template(c, tokenize=True)["input_ids"]]))
+                             .logits[0].numpy() for c in conversations])
+    with TritonServer(options) as server:
+        got = score_grpc(server.grpc_url, conversations)
+        np.testing.assert_allclose(got["attributes"], expected, rtol=1e-4, atol=1e-5)
+        with pytest.raises(Exception, match="which this engine reserves to read the reward"):
+            score_grpc(server.grpc_url, [[{"role": "user", "content": "Hi <unused1> there"},
+                                          {"role": "assistant", "content": "Hello."}]])
+        again = score_grpc(server.grpc_url, conversations[:2])
+    np.testing.assert_array_equal(again["attributes"], got["attributes"][:2])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -246,3 +247,29 @@ def test_process_steps_go_one_after_another():
     chain = [(kind, n) for kind, n, start in events if start == 1]
     assert chain == [("start", 3), ("end", 3), ("start", 5), ("end", 5), ("start", 8), ("end", 8)]
     assert events.index(("start", 2, 5)) < events.index(("end", 3, 1))  # conversations run side by side
+
+
+def test_reserved_tokens_are_refused_per_conversation():
+    """An engine whose score rows are the embedding rows of reserved tokens (Gemma-2) must never see
+    one of them in an input: that conversation's request fails naming the token, the others are read."""
+    from reward_server.pipeline.trtllm.layout import RewardHeadSpec
+
+    spec = RewardHeadSpec("s", "h", "Gemma2ForSequenceClassification", "Gemma2ForCausalLM", "sequence_classification",
+                          [7, 8], ["a", "b"], "last_non_pad", 0, 64, rows_in_embedding=True)
+    fanout = FanOut.from_spec(spec, prompt_first=0)
+    assert fanout.reserved == {7, 8} and FanOut.from_spec(replace(spec, rows_in_embedding=False)).reserved == set()
+
+    async def infer(inputs):
+        logits = np.zeros((1, 1, 1, 64), dtype=np.float32)
+        logits[0, 0, 0, [7, 8]] = [len(inputs["input_ids"][0]), 1.0]
+        return {"generation_logits": logits}
+
+    def request(*rows):
+        ids = np.zeros((len(rows), 5), dtype=np.int32)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = row
+        return ids, np.array([[len(row)] for row in rows])
+
+    good, bad = asyncio.run(score_requests(fanout, infer, [request([3, 4, 5]), request([3, 4], [3, 8, 5])]))
+    assert good["rewards"].tolist() == [[3.0, 1.0]]
+    assert isinstance(bad, EngineError) and "conversation 1: holds token id 8, which this engine reserves" in bad

@@ -40,6 +40,12 @@ _LOGGER = logging.getLogger(__name__)
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 SCORE, SCORE_BIAS, LM_HEAD = "score.weight", "score.bias", "lm_head.weight"
+EMBEDDINGS = "model.embed_tokens.weight"
+# Causal LMs whose TensorRT-LLM converter ties the LM head to the embedding table (Gemma's always
+# does): the score rows go into the embedding rows of reserved tokens (Gemma's <unusedN>), which no
+# input holds (the fan-out refuses one that does), so their logits are the rewards.
+TIED_HEAD_FAMILIES = ("Gemma2ForCausalLM",)
+RESERVED_TOKEN = re.compile(r"<unused\d+>")
 _SEQ_CLS, _TOKEN_CLS, _CAUSAL_LM = "ForSequenceClassification", "ForTokenClassification", "ForCausalLM"
 _LABEL_KEYS = ("num_labels", "id2label", "label2id", "problem_type")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".index.json")
@@ -122,15 +128,33 @@ def adapt_checkpoint(source: str | Path, output: str | Path, head_type: str = "a
                             architecture, k - 1)
         suffix = _TOKEN_CLS if head == "process" else _SEQ_CLS
         causal = architecture[: -len(suffix)] + _CAUSAL_LM
+        tied = causal in TIED_HEAD_FAMILIES
         # a token classifier is read at its step tags, each request cut right after one
-        spec = RewardHeadSpec(str(source), str(output), architecture, causal, head, list(range(k)),
+        spec = RewardHeadSpec(str(source), str(output), architecture, causal, head,
+                              _reserved_ids(source, k) if tied else list(range(k)),
                               _attribute_names(config, k), "last" if head == "process" else "last_non_pad",
-                              config.get("pad_token_id"), vocab_size, step_tag_id=tag_id)
+                              config.get("pad_token_id"), vocab_size, step_tag_id=tag_id, rows_in_embedding=tied)
         _adapt_classifier(source, output, config, spec)
     spec.write(output)
     _LOGGER.info("reward head of %s: %s, indices %s -> %s", source, spec.head_type, spec.reward_indices,
                  output / METADATA_FILE)
     return spec
+
+
+def _reserved_ids(source: Path, k: int) -> list[int]:
+    """The first `k` reserved tokens' ids (`RESERVED_TOKEN`) of the checkpoint's tokenizer.
+
+    Raises:
+        ValueError: fewer than `k` of them.
+    """
+    from transformers import AutoTokenizer
+
+    vocabulary = AutoTokenizer.from_pretrained(str(source)).get_vocab()
+    ids = sorted(i for token, i in vocabulary.items() if RESERVED_TOKEN.fullmatch(token))
+    if len(ids) < k:
+        raise ValueError(f"{k} score rows need {k} reserved tokens (<unusedN>) in the tokenizer of {source} to carry "
+                         f"them in the tied embedding table; it has {len(ids)}")
+    return ids[:k]
 
 
 def _step_tag_id(source: Path, architecture: str, step_tag: str | int | None) -> int:
@@ -141,7 +165,8 @@ def _step_tag_id(source: Path, architecture: str, step_tag: str | int | None) ->
 
 def _adapt_classifier(source: Path, output: Path, config: dict, spec: RewardHeadSpec) -> None:
     """Write the equivalent causal-LM checkpoint of a `score`-head classifier into `output`; the
-    head's bias, if any, goes into `spec.bias`."""
+    head's bias, if any, goes into `spec.bias`. The score rows become LM-head rows 0..K-1, or, for
+    a tied family (`spec.rows_in_embedding`), the embedding rows of the reserved tokens."""
     weight_map, sharded = _weight_map(source)
     unexpected = sorted(name for name in weight_map if not name.startswith("model.") and name not in (SCORE, SCORE_BIAS))
     if SCORE not in weight_map or unexpected:
@@ -159,7 +184,10 @@ def _adapt_classifier(source: Path, output: Path, config: dict, spec: RewardHead
             entries = [(name, reader.get_slice(name).get_dtype(), reader.get_slice(name).get_shape(),
                         lambda name=name: reader.get_tensor(name))
                        for name in reader.keys() if name not in (SCORE, SCORE_BIAS)]
-            if SCORE in reader.keys():  # the new head goes where the old one was
+            if spec.rows_in_embedding and EMBEDDINGS in reader.keys():
+                entries = [_embedding_entry(reader, source / weight_map[SCORE], spec) if entry[0] == EMBEDDINGS
+                           else entry for entry in entries]
+            elif SCORE in reader.keys():  # the new head goes where the old one was
                 entries.append(_lm_head_entry(reader, spec))
             if SCORE_BIAS in reader.keys():
                 spec.bias = reader.get_tensor(SCORE_BIAS).float().tolist()
@@ -172,8 +200,9 @@ def _adapt_classifier(source: Path, output: Path, config: dict, spec: RewardHead
                 and not path.name.endswith(_WEIGHT_SUFFIXES):
             shutil.copy2(path, output / path.name)
     causal_config = {key: value for key, value in config.items() if key not in _LABEL_KEYS}
-    # A tied lm_head would be the embedding matrix, not the score rows (seq-cls Qwen2 configs say true).
-    causal_config.update(architectures=[spec.architecture], tie_word_embeddings=False)
+    # A tied lm_head would be the embedding matrix, not the score rows (seq-cls Qwen2 configs say true),
+    # unless the score rows were written into it.
+    causal_config.update(architectures=[spec.architecture], tie_word_embeddings=spec.rows_in_embedding)
     # The score rows are the logits as they are: a causal LM's final-logit softcapping (Gemma-2's
     # tanh(x / 30) * 30) would squash the rewards, and the classifier never applied it.
     for config_of in (causal_config, causal_config.get("text_config") or {}):
@@ -185,6 +214,24 @@ def _adapt_classifier(source: Path, output: Path, config: dict, spec: RewardHead
         # Only total_size is rewritten: other totals of the source (parameter counts) no longer hold.
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(new_map.items()))}
         (output / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _embedding_entry(reader: Any, score_shard: Path, spec: RewardHeadSpec) -> tuple[str, str, list[int], Callable]:
+    """The embedding table with the score rows in the reserved tokens' rows (`spec.reward_indices`)."""
+    vocab, hidden = reader.get_slice(EMBEDDINGS).get_shape()
+    with safe_open(str(score_shard), framework="pt") as scores:
+        k, score_hidden = scores.get_slice(SCORE).get_shape()
+    if (k, score_hidden) != (len(spec.reward_indices), hidden):
+        raise ValueError(f"{SCORE} is {k} x {score_hidden}; the embeddings are {vocab} x {hidden} for "
+                         f"{len(spec.reward_indices)} labels")
+
+    def build() -> Any:
+        table = reader.get_tensor(EMBEDDINGS).clone()
+        with safe_open(str(score_shard), framework="pt") as scores:
+            table[spec.reward_indices] = scores.get_tensor(SCORE).to(table.dtype)
+        return table
+
+    return EMBEDDINGS, reader.get_slice(EMBEDDINGS).get_dtype(), [vocab, hidden], build
 
 
 def _lm_head_entry(reader: Any, spec: RewardHeadSpec) -> tuple[str, str, list[int], Callable[[], Any]]:

@@ -36,14 +36,14 @@ DTYPES = ("bfloat16", "float16", "fp8")
 # Hugging Face causal-LM architectures whose TensorRT-LLM 1.2 converter this path uses
 # (tensorrt_llm.models class names); a classifier is first adapted to the causal LM of its family.
 CONVERTERS = {"LlamaForCausalLM": "LLaMAForCausalLM", "MistralForCausalLM": "LLaMAForCausalLM",
-              "Qwen2ForCausalLM": "QWenForCausalLM"}
+              "Qwen2ForCausalLM": "QWenForCausalLM", "Gemma2ForCausalLM": "GemmaForCausalLM"}
 # Families TensorRT-LLM converts whose reward models this path still cannot build, and why.
 UNBUILDABLE = {
-    family: "TensorRT-LLM 1.2's Gemma converter always ties the LM head to the embedding table (GemmaConfig's "
-            "share_embedding_table is fixed to true, and its Hugging Face reader has no lm_head entry), so the "
-            "score rows an adapted reward model carries in its LM head cannot reach the engine; serve it with the "
-            "torch engine (reward-server serve --checkpoint DIR), which computes Gemma exactly"
-    for family in ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3TextForCausalLM")
+    family: "the TensorRT-LLM path builds Gemma-2 only: TensorRT-LLM 1.2's Gemma converter ties the LM head to "
+            "the embedding table, so the score rows ride in reserved-token embedding rows, and for this family "
+            "that is not verified; serve it with the torch engine (reward-server serve --checkpoint DIR), which "
+            "computes it exactly"
+    for family in ("GemmaForCausalLM", "Gemma3ForCausalLM", "Gemma3TextForCausalLM")
 }
 DEFAULT_MAX_INPUT_LEN = 4096
 DEFAULT_MAX_BATCH_SIZE = 64
@@ -167,11 +167,16 @@ def check_inputs(options: BuildOptions, config: dict) -> tuple[str, str, str, in
     if layers % options.pp:
         raise ValueError(f"--pp {options.pp} does not divide the model's {layers} layers")
     positions = int(config.get("max_position_embeddings") or 0)
-    max_input_len = options.max_input_len or min(DEFAULT_MAX_INPUT_LEN, positions - 1 if positions else
-                                                 DEFAULT_MAX_INPUT_LEN)
+    window = None if config.get("use_sliding_window") is False else config.get("sliding_window")
+    limits = [DEFAULT_MAX_INPUT_LEN] + [n - 1 for n in (positions, window) if n]
+    max_input_len = options.max_input_len or min(limits)
     if max_input_len < 1 or (positions and max_input_len + 1 > positions):
         raise ValueError(f"--max-input-len {max_input_len} plus the one output token exceeds the model's "
                          f"{positions} positions")
+    if window and max_input_len + 1 > window:  # within the window, windowed and full attention agree
+        raise ValueError(f"--max-input-len {max_input_len} plus the one output token exceeds the model's sliding "
+                         f"window of {window} tokens, which this path does not set in the engine; build for at "
+                         f"most {window - 1} tokens, or serve longer conversations with the torch engine")
     if options.max_batch_size < 1 or options.max_num_tokens < 1:
         raise ValueError("--max-batch-size and --max-num-tokens must be positive")
     if options.dtype == "fp8" and not options.calib_dataset:

@@ -115,6 +115,8 @@ def build_tokenizer(arch: str, vocab_size: int, seed: int, pad_token: str | None
 
     llama_style = arch in ("llama", "mistral")
     specials = LLAMA3_SPECIALS if llama_style else CHATML_SPECIALS
+    if arch.startswith("gemma"):  # Gemma's vocabulary reserves tokens (<unused0>...) no text uses
+        specials = specials + [f"<unused{i}>" for i in range(8)]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -91,6 +91,7 @@ class FanOut:
     perf_metrics: bool = False  # ask the backend for each request's KV-cache counters
     bias: tuple[float, ...] = ()  # added to the logits read (a classifier head's bias)
     step_tag_id: int | None = None  # a process reward model: logits read at every step tag
+    reserved: frozenset[int] = frozenset()  # token ids no input may hold (their rows are the score rows)
 
     @property
     def requested_outputs(self) -> tuple[str, ...]:
@@ -109,14 +110,19 @@ class FanOut:
             raise ValueError(f"unknown pooling {spec.pooling!r} in reward_head.json; expected one of "
                              f"{sorted(POOLING_HEADS)}")
         return cls(tuple(spec.reward_indices), spec.pooling, spec.pad_token_id, prompt_first, perf_metrics,
-                   tuple(spec.bias or ()), spec.step_tag_id)
+                   tuple(spec.bias or ()), spec.step_tag_id,
+                   frozenset(spec.reward_indices) if spec.rows_in_embedding else frozenset())
 
     def cuts(self, ids: Sequence[int]) -> list[int]:
         """Where a sequence's requests end: after its pooled token, or after each step tag.
 
         Raises:
-            ValueError: a process model's sequence without a step tag.
+            ValueError: a process model's sequence without a step tag, or one holding a reserved token.
         """
+        if self.reserved and not self.reserved.isdisjoint(ids):
+            token = next(i for i in ids if i in self.reserved)
+            raise ValueError(f"holds token id {token}, which this engine reserves to read the reward (a score row "
+                             "of the model is that token's embedding row)")
         if self.step_tag_id is None:
             return [pool_position(ids, POOLING_HEADS[self.pooling], self.pad_token_id) + 1]
         tags = tag_positions(ids, self.step_tag_id)

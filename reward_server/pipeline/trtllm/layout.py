@@ -40,6 +40,9 @@ class RewardHeadSpec:
     vocab_size: int
     bias: list[float] | None = None   # added to the logits read (a classifier head's bias)
     step_tag_id: int | None = None    # process reward models: logits are read at every such token
+    # The score rows are the embedding rows of the reward indices (reserved tokens no input holds), for
+    # families whose converter ties the LM head to the embeddings (Gemma): an input holding one is refused.
+    rows_in_embedding: bool = False
 
     def write(self, directory: str | Path) -> Path:
         """Write `directory/reward_head.json` (replacing it in one step) and return its path."""
