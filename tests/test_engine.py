@@ -310,3 +310,19 @@ def test_attention_options_the_engine_does_not_compute_are_refused_at_load(tmp_p
     tokenizer.save_pretrained(out)
     with pytest.raises(ValueError, match=r"GptOssAttention asks for attention sinks \(s_aux=a tensor of shape \[4\]\)"):
         RewardEngine.from_checkpoint(out, attention="sdpa")
+
+
+def test_every_attention_keyword_is_computed_harmless_or_refused():
+    """Each keyword a transformers attention module passes: computed (windows, softcapping), carrying
+    nothing the packed row needs, off (None, False; `is_causal` True), or refused by name."""
+    from types import SimpleNamespace
+
+    from reward_server.pipeline.torch_engine.attention import _check_keywords
+
+    module = SimpleNamespace()
+    _check_keywords(module, {"sliding_window": 4, "softcap": 50.0, "position_ids": [0], "is_causal": True,
+                             "use_cache": False, "some_new_flag": False, "other": None})
+    for keywords, what in (({"is_causal": False}, "non-causal attention"), ({"sinks": 1.0}, "attention sinks"),
+                           ({"some_new_option": 3}, r"an attention option \(some_new_option=3\)")):
+        with pytest.raises(ValueError, match=what):
+            _check_keywords(module, keywords)

@@ -97,15 +97,16 @@ def packed_row(segments: list[Segment], bounds: list[tuple[int, int]], store: di
 # `softcap`: per layer, as the eager attention applies them) or that carry nothing it needs (the
 # packed row's positions and bounds are its own). Any other keyword with a value refuses the model
 # (at load, `RewardEngine` runs a token through every layer), never scored as if it had not asked.
+# A keyword set to None or False asks for nothing, except `is_causal=False` (attention both ways).
 HANDLED_KEYWORDS = frozenset({"sliding_window", "softcap", "position_ids", "cache_position", "output_attentions",
-                              "use_cache", "is_causal"})
-KNOWN_UNSUPPORTED = {"s_aux": "attention sinks", "sinks": "attention sinks"}
+                              "use_cache"})
+KNOWN_UNSUPPORTED = {"s_aux": "attention sinks", "sinks": "attention sinks", "is_causal": "non-causal attention"}
 
 
 def _check_keywords(module, kwargs: dict) -> None:
     """Raise ValueError, naming it, for an attention keyword the engine would silently skip."""
     for name, value in kwargs.items():
-        if name in HANDLED_KEYWORDS or value is None or value is False:
+        if name in HANDLED_KEYWORDS or value is None or (value is True if name == "is_causal" else value is False):
             continue
         what = KNOWN_UNSUPPORTED.get(name, "an attention option")
         raise ValueError(f"{type(module).__name__} asks for {what} ({name}={_brief(value)}), which the packed "
