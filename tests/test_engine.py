@@ -326,3 +326,31 @@ def test_every_attention_keyword_is_computed_harmless_or_refused():
                            ({"some_new_option": 3}, r"an attention option \(some_new_option=3\)")):
         with pytest.raises(ValueError, match=what):
             _check_keywords(module, keywords)
+
+
+def test_a_multimodal_gemma3_classifier_is_scored_on_its_text(tmp_path):
+    """Gemma3ForSequenceClassification wraps the text model with a vision tower (its decoder layers
+    under `language_model`): conversations, text only, score as transformers scores them."""
+    import torch
+    import transformers
+
+    text = build_checkpoint(tmp_path / "text", "tiny", arch="gemma3", num_labels=2, seed=3)
+    text_config = transformers.AutoConfig.from_pretrained(text)
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14)
+    vocab = text_config.vocab_size
+    config = transformers.Gemma3Config(text_config=text_config.to_dict(), vision_config=vision.to_dict(),
+                                       mm_tokens_per_image=4, num_labels=2, boi_token_index=vocab - 3,
+                                       eoi_token_index=vocab - 2, image_token_index=vocab - 1)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForSequenceClassification(config).eval()
+    model.config.pad_token_id = text_config.pad_token_id
+    out = tmp_path / "multimodal"
+    model.save_pretrained(out)
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(300, 1500, n).tolist() for n in (20, 70, 130)]
+    reference = transformers.AutoModelForSequenceClassification.from_pretrained(out, attn_implementation="eager").eval()
+    with torch.no_grad():
+        expected = np.stack([reference(input_ids=torch.tensor([r])).logits[0].numpy() for r in rows])
+    engine = RewardEngine.from_checkpoint(out)
+    np.testing.assert_allclose(engine.score(rows), expected, rtol=1e-4, atol=1e-5)

@@ -111,6 +111,13 @@ def split_model(model: Any, head_type: str, reward_indices: Sequence[int]) -> tu
     return backbone, RewardHead(head_type, picked_rows(model, reward_indices, "reward index"), pad)
 
 
+def decoder_layers(backbone: Any) -> Any:
+    """The decoder layers (a ModuleList) of a transformers base model: its own `layers`, or those of
+    its `language_model` (multimodal wrappers such as Gemma3Model, scored on text alone)."""
+    layers = getattr(backbone, "layers", None)
+    return layers if layers is not None else backbone.language_model.layers
+
+
 def classifier(model: Any) -> Any:
     """A classification model's head: its `score` (transformers' reward models) or `classifier`.
 

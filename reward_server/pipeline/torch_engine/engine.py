@@ -30,9 +30,9 @@ import numpy as np
 
 from reward_server.pipeline.batching import (DEFAULT_MIN_SHARED, DEFAULT_TOKEN_BUDGET, group_shared_prefixes,
                                              pack_sequences)
-from reward_server.pipeline.heads import (ProcessHead, RewardHead, detect_head_type, parse_indices, process_head,
-                                          process_layout, process_layout_of, resolve_step_tag, split_model,
-                                          tag_positions)
+from reward_server.pipeline.heads import (ProcessHead, RewardHead, decoder_layers, detect_head_type, parse_indices,
+                                          process_head, process_layout, process_layout_of, resolve_step_tag,
+                                          split_model, tag_positions)
 from reward_server.pipeline.torch_engine.attention import (ATTENTION, Segment, attention_kernel, packed_row,
                                                            register_attention)
 
@@ -42,7 +42,8 @@ DTYPES = ("auto", "float32", "bfloat16")
 COMPILE_CACHE = Path(os.environ.get("REWARD_SERVER_CACHE", Path.home() / ".cache" / "reward-server")) / "torch-compile"
 
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 # The transformers auto-model table each head layout loads through (name lists, no import of a model)
 _AUTO_TABLES = {"sequence_classification": ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "a sequence classifier"),
@@ -289,7 +290,7 @@ class RewardEngine:
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(COMPILE_CACHE))
         _utf8_text_files()
         started = time.perf_counter()
-        for layer in self.backbone.layers:
+        for layer in decoder_layers(self.backbone):
             layer.compile(dynamic=True)
         vocab = self.backbone.config.vocab_size
         with torch.inference_mode():  # two lengths: the second call proves the shape is dynamic
@@ -297,7 +298,7 @@ class RewardEngine:
                 self._run([Segment([i % vocab for i in range(1, length + 1)])], {})
         self.stats = EngineStats()
         seconds = time.perf_counter() - started
-        _LOGGER.info("compiled %d decoder layers in %.1fs", len(self.backbone.layers), seconds)
+        _LOGGER.info("compiled %d decoder layers in %.1fs", len(decoder_layers(self.backbone)), seconds)
         return seconds
 
     def score(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:

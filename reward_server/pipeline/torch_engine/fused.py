@@ -26,6 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from reward_server.pipeline.heads import decoder_layers
+
 _LOGGER = logging.getLogger(__name__)
 
 # Decoder layers whose arithmetic this module reproduces: pre-norm RMSNorm, rotary q/k (optionally
@@ -202,7 +204,7 @@ class FusedLayers:
 
 
 def fuse_layers(backbone, attention, device, dtype, prepack: bool = True) -> FusedLayers:
-    """Replace every fusable decoder layer of `backbone.layers` by a `FusedDecoderLayer` calling
+    """Replace every fusable decoder layer of the backbone (`decoder_layers`) by a `FusedDecoderLayer` calling
     `attention` (the engine's packed attention); prepack the linear layers of the others.
 
     `prepack`: prepack wherever oneDNN can (`prepack_available`). Not chosen by timing: a
@@ -212,7 +214,7 @@ def fuse_layers(backbone, attention, device, dtype, prepack: bool = True) -> Fus
     The transformers layers are dropped (their weights live on in the fused ones).
     """
     started = time.perf_counter()
-    layers = backbone.layers
+    layers = decoder_layers(backbone)
     prepack = prepack and prepack_available(device, dtype)
     reason, fused = None, 0
     for i, layer in enumerate(layers):
