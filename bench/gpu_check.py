@@ -797,11 +797,9 @@ def stage_trtllm_gemma2(ctx: Context, out: dict) -> None:
         import tritonclient.grpc as grpcclient
     except ImportError as err:
         raise StageSkipped(f"tritonclient is not importable ({err})") from None
-    import torch
-    import transformers
-
     from reward_server.supervisor.demo_checkpoint import build_checkpoint
     from tests.conversations import make_conversations
+    from tests.reference import eager_rewards
 
     _stop_server(ctx)
     _release_engine(ctx)
@@ -815,12 +813,7 @@ def stage_trtllm_gemma2(ctx: Context, out: dict) -> None:
     if code != 0:
         raise CheckFailed(f"build-engine (Gemma-2) exited with {code} (log: logs/build_engine_gemma2.log)")
     conversations = make_conversations(16, seed=ctx.args.seed)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(
-        checkpoint, dtype=torch.float32, attn_implementation="eager").eval()
-    with torch.no_grad():
-        expected = np.stack([model(torch.tensor([tokenizer.apply_chat_template(c, tokenize=True)["input_ids"]]))
-                             .logits[0].numpy() for c in conversations])
+    expected = eager_rewards(checkpoint, conversations)  # fp32 on the CPU, before the server takes the GPU
     ctx.server = start_server(ctx, output, startup_timeout_s=max(30.0, ctx.report.stage_left() - 30))
     client = grpcclient.InferenceServerClient(ctx.server.grpc_url)
     served = score_served(client, conversations)

@@ -42,3 +42,22 @@ def reference_rewards(checkpoint, conversations, indices=(0,)) -> np.ndarray:
     """Raw rewards [N, K] for conversations, each scored alone."""
     return np.stack([reference_rewards_from_ids(checkpoint, reference_ids(checkpoint, c), indices)
                      for c in conversations])
+
+
+def eager_rewards(checkpoint, conversations) -> np.ndarray:
+    """Classifier outputs [N, K] with transformers' eager attention (the implementation that applies
+    every family's windows and softcapping), one conversation at a time, ids from the tokenizer's own
+    chat template."""
+    import torch
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        checkpoint, dtype=torch.float32, attn_implementation="eager").eval()
+    rows = []
+    with torch.no_grad():
+        for messages in conversations:
+            ids = tokenizer.apply_chat_template(messages, tokenize=True)
+            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+            rows.append(model(torch.tensor([ids])).logits[0].numpy())
+    return np.stack(rows)

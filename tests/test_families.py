@@ -18,6 +18,7 @@ from reward_server.supervisor.demo_checkpoint import build_checkpoint
 from reward_server.supervisor.options import ServeOptions
 from reward_server.supervisor.server import TritonServer
 from tests.conversations import make_conversations
+from tests.reference import eager_rewards
 from tests.test_server import score_grpc
 
 PROMPT = [{"role": "system", "content": "Grade the answer. " * 12},
@@ -25,23 +26,6 @@ PROMPT = [{"role": "system", "content": "Grade the answer. " * 12},
 CONVERSATIONS = make_conversations(10, seed=21) + [
     PROMPT + [{"role": "assistant", "content": answer}]
     for answer in ("Sunlight refracts in droplets.", "No.", "The derivative of x^2 is 2x. " * 5)]
-
-
-def _reference(checkpoint, conversations) -> np.ndarray:
-    """transformers' eager forward, one conversation at a time, ids from the tokenizer's own template."""
-    import torch
-    import transformers
-
-    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(
-        checkpoint, dtype=torch.float32, attn_implementation="eager").eval()
-    rows = []
-    for messages in conversations:
-        ids = tokenizer.apply_chat_template(messages, tokenize=True)
-        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        with torch.no_grad():
-            rows.append(model(torch.tensor([ids])).logits[0].numpy())
-    return np.stack(rows)
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "mistral", "gemma2", "gemma3"])
@@ -53,4 +37,4 @@ def test_each_family_is_served_exactly(tmp_path_factory, arch):
     lengths = got["num_tokens"].reshape(-1)
     if config.get("sliding_window"):
         assert (lengths > 2 * config["sliding_window"]).sum() >= 5  # the window really bounds attention here
-    np.testing.assert_allclose(got["attributes"], _reference(checkpoint, CONVERSATIONS), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got["attributes"], eager_rewards(checkpoint, CONVERSATIONS), rtol=1e-4, atol=1e-5)

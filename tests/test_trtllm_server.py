@@ -247,22 +247,15 @@ def test_gemma2_through_the_engine_path_reads_its_reserved_rows(tmp_path):
     """A Gemma-2 reward model adapted for TensorRT-LLM (score rows in reserved-token embedding rows)
     and served through the TensorRT-LLM ensembles with the contract double: scores equal the
     classifier's eager forward; a conversation holding a reserved token fails alone, naming it."""
-    import torch
-    import transformers
-
     from reward_server.supervisor.demo_checkpoint import build_checkpoint
+    from tests.reference import eager_rewards
     from tests.trtllm_double import repository_with_double
 
     checkpoint = build_checkpoint(tmp_path / "gemma2", "tiny", arch="gemma2", num_labels=2, seed=4)
     conversations = make_conversations(6, seed=4)
     options = ServeOptions(engine="tensorrt_llm", engine_dir=engine_dir_for(checkpoint, tmp_path / "engine"),
                            model_repository=repository_with_double(tmp_path / "repository"), max_length=512)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(
-        checkpoint, dtype=torch.float32, attn_implementation="eager").eval()
-    with torch.no_grad():
-        expected = np.stack([model(torch.tensor([tokenizer.apply_chat_template(c, tokenize=True)["input_ids"]]))
-                             .logits[0].numpy() for c in conversations])
+    expected = eager_rewards(checkpoint, conversations)
     with TritonServer(options) as server:
         got = score_grpc(server.grpc_url, conversations)
         np.testing.assert_allclose(got["attributes"], expected, rtol=1e-4, atol=1e-5)
