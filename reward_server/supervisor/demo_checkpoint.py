@@ -70,21 +70,10 @@ SIZES = {
                             positions=32768),
 }
 
-# Each family's config class and class-name prefix, and what sets it apart from Llama in a small
-# random model: Mistral's window over every layer; Gemma-2's alternating sliding and global layers,
-# attention logit softcapping, its own query scaling and final-logit softcapping; Gemma-3's window
-# pattern and per-head q/k norms. Windows are short in `tiny` (32 tokens) so tests cross them.
-FAMILIES = {
-    "llama": ("LlamaConfig", "Llama", {}),
-    "qwen2": ("Qwen2Config", "Qwen2", {}),
-    "qwen3": ("Qwen3Config", "Qwen3", {"head_dim": "head_dim"}),
-    "mistral": ("MistralConfig", "Mistral", {"head_dim": "head_dim", "sliding_window": "window"}),
-    "gemma2": ("Gemma2Config", "Gemma2", {"head_dim": "head_dim", "sliding_window": "window", "attn_logit_softcapping": 50.0,
-                                          "final_logit_softcapping": 30.0, "query_pre_attn_scalar": "head_dim*1.5",
-                                          "layer_types": "alternate"}),
-    "gemma3": ("Gemma3TextConfig", "Gemma3Text", {"head_dim": "head_dim", "sliding_window": "window", "query_pre_attn_scalar": "head_dim*1.5",
-                                                  "layer_types": "alternate"}),
-}
+# Each family's config class and class-name prefix (what sets each apart: `_family_settings`).
+FAMILIES = {"llama": ("LlamaConfig", "Llama"), "qwen2": ("Qwen2Config", "Qwen2"), "qwen3": ("Qwen3Config", "Qwen3"),
+            "mistral": ("MistralConfig", "Mistral"), "gemma2": ("Gemma2Config", "Gemma2"),
+            "gemma3": ("Gemma3TextConfig", "Gemma3Text")}
 ARCHITECTURES = tuple(FAMILIES)
 HEADS = ("sequence_classification", "lm_logits", "process")
 
@@ -184,12 +173,13 @@ def build_checkpoint(out_dir: str | Path, size: str = "tiny", arch: str = "llama
                   pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                   eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
                   num_labels=num_labels)
-    config_name, prefix, special = FAMILIES[arch]
-    config = getattr(transformers, config_name)(**common, **_family_settings(special, dims))
+    config_name, prefix = FAMILIES[arch]
+    config = getattr(transformers, config_name)(**common, **_family_settings(arch, dims))
     suffix = {"sequence_classification": "ForSequenceClassification", "lm_logits": "ForCausalLM",
               "process": "Model"}[head]
     # Gemma-3's text-only causal LM is Gemma3ForCausalLM (Gemma3TextForCausalLM does not exist)
-    model_cls = getattr(transformers, prefix + suffix, None) or getattr(transformers, prefix.replace("Text", "") + suffix)
+    model_cls = (getattr(transformers, prefix + suffix, None)
+                 or getattr(transformers, prefix.replace("Text", "") + suffix))
 
     torch.manual_seed(seed)
     model = model_cls(config).eval()
@@ -207,12 +197,19 @@ def build_checkpoint(out_dir: str | Path, size: str = "tiny", arch: str = "llama
     return out
 
 
-def _family_settings(special: dict, dims: ModelSize) -> dict:
-    """A family's config settings (`FAMILIES`) for the model dimensions `dims`."""
+def _family_settings(arch: str, dims: ModelSize) -> dict:
+    """What sets a family apart from Llama in a small random model: Qwen3's per-head q/k norms need
+    its head size; Mistral's window over every layer; Gemma-2's alternating sliding and global
+    layers, attention logit softcapping, its own query scaling and final-logit softcapping; Gemma-3's
+    window pattern. Windows are short in `tiny` (32 tokens) so tests cross them."""
     head_dim = dims.hidden // dims.heads
-    values = {"head_dim": head_dim, "window": dims.window, "head_dim*1.5": int(head_dim * 1.5),
-              "alternate": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(dims.layers)]}
-    return {key: values[value] if isinstance(value, str) else value for key, value in special.items()}
+    alternate = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(dims.layers)]
+    gemma = {"head_dim": head_dim, "sliding_window": dims.window, "query_pre_attn_scalar": int(head_dim * 1.5),
+             "layer_types": alternate}
+    return {"llama": {}, "qwen2": {}, "qwen3": {"head_dim": head_dim},
+            "mistral": {"head_dim": head_dim, "sliding_window": dims.window},
+            "gemma2": {**gemma, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
+            "gemma3": gemma}[arch]
 
 
 def _save_process_model(out: Path, backbone, config, architecture: str) -> None:
