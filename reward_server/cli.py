@@ -296,7 +296,8 @@ def main(argv: list[str] | None = None) -> None:
     _serve_parser(sub)
     _gateway_parser(sub)
     _build_engine_parser(sub)
-    demo = sub.add_parser("demo-checkpoint", help="write a random-weight reward checkpoint (Llama by default; --arch for the other families)")
+    demo = sub.add_parser("demo-checkpoint",
+                          help="write a random-weight reward checkpoint (Llama by default; --arch for the other families)")
     demo_checkpoint.add_arguments(demo)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -4,7 +4,9 @@ TensorRT-LLM converts `*ForCausalLM` checkpoints only. A `*ForSequenceClassifica
 (a `score` head with K outputs) is rewritten as the equivalent causal LM whose `lm_head` rows
 0..K-1 are the score rows and every other row zero: logits[0:K] at the pooled position are then
 the K rewards (plus the head's bias, if it has one, which the engine step adds: a causal LM's
-lm_head has none). transformers pools at the last token whose id is not the pad id
+lm_head has none). Families whose TensorRT-LLM converter ties the LM head to the embedding table
+(Gemma-2: `TIED_HEAD_FAMILIES`) carry the score rows in the embedding rows of K reserved tokens
+instead, and are read at those ids; final-logit softcapping is turned off either way. transformers pools at the last token whose id is not the pad id
 (`reward_server.pipeline.heads.pool_position`), so the engine path cuts each input right after that token.
 
 Process reward models: a `*ForTokenClassification` (two labels) is rewritten the same way; a

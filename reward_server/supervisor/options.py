@@ -83,7 +83,7 @@ class ServeOptions:
     max_conversation_bytes: int | None = None  # preprocessing: byte limits checked before parsing
     max_request_bytes: int | None = None
     tls: TlsOptions | None = None            # gRPC over TLS (mutual TLS when tls.mutual)
-    watchdog: bool = False                   # restart tritonserver when it or a stub dies (reward_server.supervisor.watchdog)
+    watchdog: bool = False                   # restart tritonserver when it or a stub dies (supervisor.watchdog)
     model_repository: Path = MODEL_REPOSITORY
     workdir: Path | None = None
     log_to_console: bool = False

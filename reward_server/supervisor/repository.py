@@ -12,7 +12,8 @@ import shutil
 from pathlib import Path
 
 from reward_server.pipeline import settings
-from reward_server.pipeline.heads import detect_head_type, num_outputs, parse_indices, process_layout, step_tag_or_default
+from reward_server.pipeline.heads import (detect_head_type, num_outputs, parse_indices, process_layout,
+                                          step_tag_or_default)
 from reward_server.pipeline.scoring import ScoreSpec, parse_floats
 from reward_server.pipeline.torch_engine.checkpoint import check_checkpoint
 from reward_server.supervisor import engines

@@ -72,7 +72,6 @@ class RewardHeadSpec:
         return spec
 
 
-
 @dataclass(frozen=True)
 class EngineLayout:
     """Paths inside one engine directory."""
