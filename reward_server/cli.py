@@ -82,9 +82,14 @@ def _serve_parser(sub) -> None:
     p.add_argument("--token-budget", type=int, help="tokens per packed engine row, one forward pass (default 4096)")
     p.add_argument("--min-shared-prefix", type=int,
                    help="shortest shared token prefix computed once per group (default 32; 0 disables)")
-    p.add_argument("--max-queue-size", type=int, help="engine queue limit; beyond it requests get UNAVAILABLE")
+    p.add_argument("--max-queue-seconds", type=float,
+                   help="torch engine: admit requests while the queued work takes at most this long at the measured "
+                        "rate; beyond it they get UNAVAILABLE at once, which clients retry (default 5)")
+    p.add_argument("--max-queue-size", type=int, help="engine queue limit in requests; beyond it requests get "
+                                                      "UNAVAILABLE (default: only --max-queue-seconds)")
     p.add_argument("--queue-timeout-ms", type=int,
-                   help="requests waiting longer than this in the engine queue get UNAVAILABLE (default: no limit)")
+                   help="requests waiting longer than this in the engine queue get UNAVAILABLE (torch engine "
+                        "default: twice --max-queue-seconds; 0: no limit)")
     p.add_argument("--max-conversation-bytes", type=int, help="byte limit of one conversation's JSON, checked "
                                                               "before parsing (default 1 MiB)")
     p.add_argument("--max-request-bytes", type=int, help="byte limit of one request's conversations (default 64 MiB)")
@@ -172,7 +177,8 @@ def _options(args: argparse.Namespace) -> ServeOptions:
         device=args.device, dtype=args.dtype, compile=args.compile, attention=args.attention,
         torch_threads=args.threads,
         token_budget=args.token_budget, min_shared_prefix=args.min_shared_prefix, max_queue_size=args.max_queue_size,
-        queue_timeout_us=args.queue_timeout_ms * 1000 if args.queue_timeout_ms else None,
+        queue_timeout_us=args.queue_timeout_ms * 1000 if args.queue_timeout_ms is not None else None,
+        max_queue_seconds=args.max_queue_seconds,
         max_conversation_bytes=args.max_conversation_bytes, max_request_bytes=args.max_request_bytes,
         exit_timeout_s=args.exit_timeout, tls=_tls(args), watchdog=not args.no_watchdog, log_to_console=True,
         log_verbose=args.log_verbose)

@@ -13,8 +13,9 @@ from reward_server.supervisor import engines
 from reward_server.supervisor.options import MODEL_REPOSITORY, ServeOptions
 from reward_server.supervisor.repository import render_repository
 
-MODELS = {"preprocessing", "reward_engine", "postprocessing", "reward", "reward_ids", "reward_text",
-          "reward_engine_trtllm", "tensorrt_llm"}
+ENTRY_POINTS = ("reward", "reward_ids", "reward_text")
+MODELS = {"preprocessing", "reward_engine", "postprocessing", *ENTRY_POINTS,
+          *(f"{name}_pipeline" for name in ENTRY_POINTS), "reward_engine_trtllm", "tensorrt_llm"}
 _NUMPY_TYPES = {"int32": model_config_pb2.TYPE_INT32, "bool": model_config_pb2.TYPE_BOOL}
 
 
@@ -39,8 +40,14 @@ def test_checked_in_configs_parse_and_match_the_wire_contract():
     assert [(i.name, i.data_type, list(i.dims)) for i in configs["reward_text"].input] == \
         [("text", model_config_pb2.TYPE_STRING, [1])]
     assert configs["reward_engine"].input[0].allow_ragged_batch
-    # each ensemble step names a model that exists
-    for ensemble in (reward, configs["reward_ids"], configs["reward_text"]):
+    # each entry point is a Python model in front of its ensemble, with the ensemble's inputs and outputs
+    for name in ENTRY_POINTS:
+        entry, ensemble = configs[name], configs[f"{name}_pipeline"]
+        assert entry.backend == "python" and ensemble.platform == "ensemble"
+        assert entry.parameters["pipeline_model"].string_value == ensemble.name
+        assert _tensors(entry, "input") == _tensors(ensemble, "input")
+        assert _tensors(entry, "output") == _tensors(ensemble, "output")
+        assert entry.max_batch_size == ensemble.max_batch_size
         assert [s.model_name for s in ensemble.ensemble_scheduling.step] == ["preprocessing", "reward_engine",
                                                                             "postprocessing"]
     trtllm = configs["tensorrt_llm"]
@@ -57,8 +64,8 @@ def _tensors(config, kind):
 def test_ensemble_wiring_is_consistent_for_each_engine(engine):
     """Every tensor an ensemble step maps exists on both sides, with the same type and dims."""
     configs = {p.parent.name: _parse(p) for p in MODEL_REPOSITORY.glob("*/config.pbtxt")}
-    for name in ("reward", "reward_ids", "reward_text"):
-        ensemble = configs[name]
+    for name in ENTRY_POINTS:
+        ensemble = configs[f"{name}_pipeline"]
         engines.wire_ensemble(ensemble, engine)
         produced = _tensors(ensemble, "input")  # ensemble tensor -> (type, dims)
         steps = [s.model_name for s in ensemble.ensemble_scheduling.step]
@@ -113,13 +120,21 @@ def test_tensorrt_llm_config_has_every_parameter_the_backend_cannot_do_without()
 
 def test_render_applies_overrides_to_parsed_configs(tmp_path, qwen_checkpoint):
     options = ServeOptions(checkpoint=qwen_checkpoint, reward_indices="1,2", attribute_weights="1,-1",
-                           max_length=99, truncation="truncate_left", instances=2, max_queue_size=7)
+                           max_length=99, truncation="truncate_left", instances=2, max_queue_size=7,
+                           queue_timeout_us=2_500_000, max_queue_seconds=1.5)
     out = render_repository(options, Path(qwen_checkpoint), tmp_path / "models")
     engine = _parse(out / "reward_engine" / "config.pbtxt")
     assert engine.parameters["reward_indices"].string_value == "1,2"
     assert engine.parameters["head_type"].string_value == "lm_logits"
     assert engine.instance_group[0].count == 2
-    assert engine.dynamic_batching.default_queue_policy.max_queue_size == 7
+    # the torch engine's own queue (pipeline/scheduler.py) takes the queue options; Triton's is left alone
+    assert engine.parameters["max_queue_size"].string_value == "7"
+    assert engine.parameters["queue_timeout_ms"].string_value == "2500"
+    assert engine.parameters["max_queue_seconds"].string_value == "1.5"
+    assert engine.dynamic_batching.default_queue_policy.max_queue_size == 0
+    assert engine.parameters["drain_dir"].string_value == str(out.parent / "drain")
+    for name in ENTRY_POINTS:
+        assert _parse(out / name / "config.pbtxt").parameters["drain_dir"].string_value == str(out.parent / "drain")
     assert list(engine.output[0].dims) == [2]
     pre = _parse(out / "preprocessing" / "config.pbtxt")
     assert pre.parameters["max_length"].string_value == "99"
@@ -128,6 +143,8 @@ def test_render_applies_overrides_to_parsed_configs(tmp_path, qwen_checkpoint):
     post = _parse(out / "postprocessing" / "config.pbtxt")
     assert post.parameters["attribute_names"].string_value == "reward_0,reward_1"
     assert [list(o.dims) for o in _parse(out / "reward" / "config.pbtxt").output if o.name == "attributes"] == [[2]]
+    assert [list(o.dims) for o in _parse(out / "reward_pipeline" / "config.pbtxt").output
+            if o.name == "attributes"] == [[2]]
     assert (out / "reward_engine" / "1" / "model.py").exists()
     assert "sys.path" in (out / "reward_engine" / "reward_server_paths.py").read_text()
 

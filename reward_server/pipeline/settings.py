@@ -39,6 +39,10 @@ ENGINE_DIR = "engine_dir"
 TENSORRT_LLM_MODEL = "tensorrt_llm_model"
 PROMPT_FIRST = "prompt_first"
 PERF_METRICS = "perf_metrics"
+MAX_QUEUE_SECONDS = "max_queue_seconds"
+QUEUE_TIMEOUT_MS = "queue_timeout_ms"
+MAX_QUEUE_SIZE = "max_queue_size"
+PIPELINE_MODEL = "pipeline_model"
 
 
 def parameters_of(args: dict[str, Any]) -> dict[str, str]:
@@ -93,6 +97,33 @@ def drain_from_parameters(params: dict[str, str]):
 
     directory = params.get(DRAIN_DIR, "").strip()
     return DrainState(directory) if directory else None
+
+
+def _float_or_none(params: dict[str, str], key: str) -> float | None:
+    value = params.get(key, "").strip()
+    try:
+        return float(value) if value else None
+    except ValueError:
+        raise ValueError(f"parameter {key} must be a number, got {value!r}") from None
+
+
+def board_from_parameters(params: dict[str, str]):
+    """The `CancelBoard` entry points mark gone clients on, or None when `drain_dir` is empty."""
+    from reward_server.pipeline.deadlines import board_from_drain_dir
+
+    return board_from_drain_dir(params.get(DRAIN_DIR, "").strip() or None)
+
+
+def queue_limits_from_parameters(params: dict[str, str]):
+    """The engine queue's `QueueLimits`: `max_queue_seconds` (default 5), `queue_timeout_ms` (default
+    twice that; 0 turns it off) and `max_queue_size` (requests; default none)."""
+    from reward_server.pipeline.scheduler import DEFAULT_MAX_QUEUE_S, QueueLimits
+
+    seconds = _float_or_none(params, MAX_QUEUE_SECONDS) or DEFAULT_MAX_QUEUE_S
+    timeout_ms = _int_or_none(params, QUEUE_TIMEOUT_MS)
+    timeout_s = 2 * seconds if timeout_ms is None else (timeout_ms / 1000 if timeout_ms > 0 else None)
+    return QueueLimits(max_queue_s=seconds, queue_timeout_s=timeout_s,
+                       max_queue_requests=_int_or_none(params, MAX_QUEUE_SIZE))
 
 
 def engine_from_parameters(params: dict[str, str]):

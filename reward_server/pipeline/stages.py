@@ -10,7 +10,7 @@ others of its batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -30,6 +30,11 @@ class EngineError(RequestError):
 class EngineUnavailable(RequestError):
     """The engine cannot take the request now, e.g. the server is shutting down (becomes
     UNAVAILABLE, which clients retry)."""
+
+
+class RequestDropped(RequestError):
+    """Nobody waits for the request any more: its client cancelled it, its deadline passed, or it
+    cannot finish before its deadline (becomes CANCELLED; reward_server.pipeline.deadlines)."""
 
 
 @dataclass
@@ -148,18 +153,25 @@ def engine_sequences(requests: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple
     return sequences, counts
 
 
-def score_requests(engine, requests: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[dict]:
+def score_requests(engine, requests: Sequence[tuple[np.ndarray, np.ndarray]],
+                   alive: Callable[[], Sequence[bool]] | None = None) -> list[dict]:
     """Run the engine once over all sequences of all requests and split rewards back.
 
     Each request is (input_ids [B, W], input_lengths [B, 1]). A process reward model's rewards
-    are `reward_server.pipeline.scoring.step_rows`.
+    are `reward_server.pipeline.scoring.step_rows`. `alive`, when given, is asked before every
+    packed row which requests are still wanted (one bool per request); the sequences of the others
+    are not computed further, and their rewards are NaN.
     """
     sequences, counts = engine_sequences(requests)
     offsets = np.cumsum([0] + counts)
+    keep = None
+    if alive is not None:
+        owner = np.repeat(np.arange(len(requests)), counts)
+        keep = lambda: np.asarray(alive(), dtype=bool)[owner]  # noqa: E731 - per sequence, from per request
     if engine.process is not None:
-        steps = engine.score_steps(sequences)
+        steps = engine.score_steps(sequences, keep=keep)
         return [{"rewards": step_rows(steps[offsets[i]:offsets[i + 1]])} for i in range(len(requests))]
-    rewards = engine.score(sequences)
+    rewards = engine.score(sequences, keep=keep)
     return [{"rewards": rewards[offsets[i]:offsets[i + 1]]} for i in range(len(requests))]
 
 

@@ -11,7 +11,7 @@ import logging
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from reward_server.pipeline.stages import EngineError, EngineUnavailable, RequestError
+from reward_server.pipeline.stages import EngineError, EngineUnavailable, RequestDropped, RequestError
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -24,10 +24,12 @@ def input_array(request, name: str) -> np.ndarray | None:
 
 def respond(result: dict | RequestError):
     """An InferenceResponse for a stage result: output tensors, or an error for that request alone
-    (INTERNAL for an `EngineError`, UNAVAILABLE for `EngineUnavailable`, else INVALID_ARG)."""
+    (INTERNAL for an `EngineError`, UNAVAILABLE for `EngineUnavailable`, CANCELLED for `RequestDropped`,
+    else INVALID_ARG)."""
     if isinstance(result, RequestError):
         code = (pb_utils.TritonError.INTERNAL if isinstance(result, EngineError) else
                 pb_utils.TritonError.UNAVAILABLE if isinstance(result, EngineUnavailable) else
+                pb_utils.TritonError.CANCELLED if isinstance(result, RequestDropped) else
                 pb_utils.TritonError.INVALID_ARG)
         return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(result), code))
     return pb_utils.InferenceResponse(
@@ -172,3 +174,84 @@ class EngineMetrics:
                 self._seen[field] = value
         except Exception:  # noqa: BLE001
             _LOGGER.exception("could not update engine metrics")
+
+
+def ticket_of(request):
+    """The `deadlines.Ticket` an entry point gave the request (None when a stage is called directly)."""
+    from reward_server.pipeline.deadlines import Ticket
+
+    try:
+        return Ticket.from_parameters(request.parameters())
+    except Exception:  # noqa: BLE001 - a request without readable parameters has no ticket
+        return None
+
+
+def answer_later(request, on_error=None):
+    """A function answering `request` once, from any thread, through its response sender (a default-mode
+    model that returns None from `execute`); `on_error()` is called when the answer is an error.
+
+    The request itself must not be touched after its final response (Triton releases it then), so
+    the sender is taken now and the request is never referenced again.
+    """
+    sender = request.get_response_sender()
+
+    def respond_once(result: dict | RequestError) -> None:
+        sender.send(respond(result), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        if on_error is not None and isinstance(result, RequestError):
+            on_error()
+
+    return respond_once
+
+
+class DropMetrics:
+    """Requests and tokens a model dropped because nobody waits for them, or refused under overload:
+
+        reward_dropped_requests_total{model,reason}   reason: cancelled | expired | overloaded
+        reward_dropped_tokens_total{model,reason}     their tokens (those of a request dropped mid-wave included)
+    """
+
+    def __init__(self, model_name: str):
+        from reward_server.pipeline.deadlines import DROP_REASONS
+
+        self._families = [
+            pb_utils.MetricFamily(name="reward_dropped_requests_total", kind=pb_utils.MetricFamily.COUNTER,
+                                  description="Requests dropped (client gone, deadline passed) or refused (overload)"),
+            pb_utils.MetricFamily(name="reward_dropped_tokens_total", kind=pb_utils.MetricFamily.COUNTER,
+                                  description="Tokens of the requests dropped or refused")]
+        self._requests = {r: self._families[0].Metric(labels={"model": model_name, "reason": r}) for r in DROP_REASONS}
+        self._tokens = {r: self._families[1].Metric(labels={"model": model_name, "reason": r}) for r in DROP_REASONS}
+
+    def drop(self, reason: str, requests: int = 1, tokens: int = 0) -> None:
+        """Count `requests` dropped for `reason`; a metrics failure never fails requests."""
+        try:
+            self._requests[reason].increment(requests)
+            if tokens:
+                self._tokens[reason].increment(tokens)
+        except Exception:  # noqa: BLE001
+            _LOGGER.exception("could not count dropped requests")
+
+
+def split_dropped(requests, board, drops: DropMetrics | None = None) -> tuple[list[int], list]:
+    """(indices of the requests to work on, responses for all: None where work goes on, else the
+    CANCELLED answer of a request nobody waits for). A step calls it before its work."""
+    from reward_server.pipeline import deadlines
+    from reward_server.pipeline.stages import RequestDropped
+
+    keep, responses = [], [None] * len(requests)
+    for i, request in enumerate(requests):
+        ticket = ticket_of(request)
+        reason = deadlines.drop_reason(ticket, board)
+        if reason is None:
+            keep.append(i)
+        else:
+            responses[i] = respond(RequestDropped(deadlines.drop_message(reason, ticket)))
+            if drops is not None:
+                drops.drop(reason)
+    return keep, responses
+
+
+def merge_responses(responses: list, keep: list[int], computed: list) -> list:
+    """`responses` of `split_dropped` with the computed responses of the kept requests filled in."""
+    for i, response in zip(keep, computed):
+        responses[i] = response
+    return responses

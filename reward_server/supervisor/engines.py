@@ -1,7 +1,8 @@
 """Which model fills the ensembles' engine step: the one place where the engine is chosen.
 
 Both engine-step models have the same interface (input_ids, input_lengths -> rewards [K]), so
-the public `reward`, `reward_ids` and `reward_text` ensembles are the same for every engine: clients cannot
+the `reward_pipeline`, `reward_ids_pipeline` and `reward_text_pipeline` ensembles behind the public entry
+points are the same for every engine: clients cannot
 tell which one serves them. Choosing an engine means serving its models and naming its step
 model in the ensembles.
 """
@@ -11,7 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # Models every deployment serves, whatever the engine.
-COMMON_MODELS = ("preprocessing", "postprocessing", "reward", "reward_ids", "reward_text")
+# The public entry points are Python models in front of the ensembles `*_pipeline` (pipeline/entry.py).
+COMMON_MODELS = ("preprocessing", "postprocessing", "reward", "reward_ids", "reward_text",
+                 "reward_pipeline", "reward_ids_pipeline", "reward_text_pipeline")
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,11 @@ def model_parameters(options: ServeOptions, checkpoint: Path,
         params[ENGINE_MODEL][settings.TOKEN_BUDGET] = str(options.token_budget)
     if options.min_shared_prefix is not None:
         params[ENGINE_MODEL][settings.MIN_SHARED_PREFIX] = str(options.min_shared_prefix)
+    # the engine's own queue (pipeline/scheduler.py); empty values keep its defaults
+    params[ENGINE_MODEL].update({settings.MAX_QUEUE_SECONDS: optional(options.max_queue_seconds),
+                                 settings.QUEUE_TIMEOUT_MS: optional(None if options.queue_timeout_us is None
+                                                                     else options.queue_timeout_us // 1000),
+                                 settings.MAX_QUEUE_SIZE: optional(options.max_queue_size)})
     return params, k
 
 
@@ -146,21 +151,28 @@ def render_repository(options: ServeOptions, checkpoint: Path, dest: Path, servi
                 tensor.dims[:] = [k]
         if config.name == engines.engine(options.engine).step_model:
             config.instance_group[0].count = options.instances
-            if options.max_queue_size is not None:
-                config.dynamic_batching.default_queue_policy.max_queue_size = options.max_queue_size
             if options.max_queue_delay_us is not None:
                 config.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_us
-            if options.queue_timeout_us:
-                policy = config.dynamic_batching.default_queue_policy
-                policy.default_timeout_microseconds = options.queue_timeout_us
-                policy.timeout_action = model_config_pb2.ModelQueuePolicy.REJECT
-                policy.allow_timeout_override = True
+            if config.name != ENGINE_MODEL:  # the torch engine keeps its own queue (its parameters)
+                _triton_queue_policy(config.dynamic_batching.default_queue_policy, options)
         shutil.copytree(model_dir, dest / model_dir.name, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("__pycache__", "config.pbtxt"))
         (dest / model_dir.name / "config.pbtxt").write_text(text_format.MessageToString(config))
         if config.backend == "python":
             (dest / model_dir.name / "reward_server_paths.py").write_text(python_paths_module())
     return dest
+
+
+def _triton_queue_policy(policy, options: ServeOptions) -> None:
+    """Triton's queue policy (a `ModelQueuePolicy`, in place) from the queue options."""
+    from tritonclient.grpc import model_config_pb2
+
+    if options.max_queue_size is not None:
+        policy.max_queue_size = options.max_queue_size
+    if options.queue_timeout_us:
+        policy.default_timeout_microseconds = options.queue_timeout_us
+        policy.timeout_action = model_config_pb2.ModelQueuePolicy.REJECT
+        policy.allow_timeout_override = True
 
 
 def drain_dir(repository: Path) -> Path:

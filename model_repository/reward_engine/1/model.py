@@ -1,4 +1,9 @@
-"""Triton adapter: token ids -> raw reward outputs, via reward_server.pipeline.stages.score_requests."""
+"""Triton adapter: token ids -> raw reward outputs, via reward_server.pipeline.scheduler (the engine's
+own queue: admission, waves, dropped work) over reward_server.pipeline.stages.score_requests.
+
+`execute` hands the requests over and returns None; each is answered through its response sender
+when its wave ends (or at once, when it is dropped or refused).
+"""
 
 try:  # written by `reward-server serve`: the stub runs Python isolated, ignoring PYTHONPATH
     import reward_server_paths  # noqa: F401
@@ -6,16 +11,29 @@ except ImportError:  # a tritonserver whose own Python has the packages installe
     pass
 
 from reward_server.pipeline import settings, stages
-from reward_server.pipeline.triton_io import EngineMetrics, guarded, input_array
+from reward_server.pipeline.scheduler import EngineScheduler, Job
+from reward_server.pipeline.triton_io import DropMetrics, EngineMetrics, answer_later, input_array, ticket_of
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.engine = settings.engine_from_parameters(settings.parameters_of(args))
+        params = settings.parameters_of(args)
+        self.engine = settings.engine_from_parameters(params)
         self.metrics = EngineMetrics(args["model_name"])
+        self.drops = DropMetrics(args["model_name"])
+        self.drain = settings.drain_from_parameters(params)
+        self.scheduler = EngineScheduler(
+            lambda inputs, alive: stages.score_requests(self.engine, inputs, alive), self.engine.token_budget,
+            settings.queue_limits_from_parameters(params), settings.board_from_parameters(params),
+            on_drop=self.drops.drop, on_wave=lambda jobs, seconds: self.metrics.update(self.engine.stats)).start()
 
     def execute(self, requests):
-        inputs = [(input_array(r, "input_ids"), input_array(r, "input_lengths")) for r in requests]
-        responses = guarded(stages.score_requests, requests, self.engine, inputs)
-        self.metrics.update(self.engine.stats)
-        return responses
+        # a request the engine fails never reaches postprocessing: the drain counts it finished here
+        finished = None if self.drain is None else (lambda: self.drain.finished(1))
+        # copies: the inputs outlive `execute`, which the stub's tensors are not promised to
+        self.scheduler.submit([Job((input_array(r, "input_ids").copy(), input_array(r, "input_lengths").copy()),
+                                   ticket_of(r), answer_later(r, finished)) for r in requests])
+        return None
+
+    def finalize(self):
+        self.scheduler.stop()

@@ -23,7 +23,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -36,6 +36,8 @@ from reward_server.pipeline.torch_engine.attention import (ATTENTION, Segment, a
 from reward_server.pipeline.torch_engine.checkpoint import check_checkpoint
 
 _LOGGER = logging.getLogger(__name__)
+# Asked before each packed row: which of the call's sequences are still wanted (one bool each).
+Keep = Callable[[], Sequence[bool]]
 DTYPES = ("auto", "float32", "bfloat16")
 # Where compiled kernels are kept between starts (unless TORCHINDUCTOR_CACHE_DIR says otherwise).
 COMPILE_CACHE = Path(os.environ.get("REWARD_SERVER_CACHE", Path.home() / ".cache" / "reward-server")) / "torch-compile"
@@ -242,8 +244,12 @@ class RewardEngine:
         _LOGGER.info("compiled %d decoder layers in %.1fs", len(decoder_layers(self.backbone)), seconds)
         return seconds
 
-    def score(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+    def score(self, sequences: Sequence[Sequence[int]], keep: Keep | None = None) -> np.ndarray:
         """Raw reward outputs, float32 [N, K], one row per sequence in input order.
+
+        `keep`, when given, is asked before every packed row which sequences are still wanted
+        (one bool each); the others are left out of the rest of the work and their rows are NaN.
+        A kept sequence's scores are the same bits either way (the engine is batch invariant).
 
         Raises:
             ValueError: an empty sequence, or a process head (see `score_steps`).
@@ -257,17 +263,21 @@ class RewardEngine:
             if len(ids) == 0:
                 raise ValueError(f"sequence {i} is empty")
             rows.append(list(ids[: self.head.position(ids) + 1]))
-        hidden = self._hidden(rows, [[len(row) - 1] for row in rows], [len(row) for row in rows])
-        with torch.inference_mode():
-            out = torch.cat([_per_position(self.head.module, h) for h in hidden]).float().cpu().numpy()
-        self.stats.sequences += len(rows)
+        hidden = self._hidden(rows, [[len(row) - 1] for row in rows], [len(row) for row in rows], keep)
+        out = np.full((len(rows), self.num_outputs), np.nan, dtype=np.float32)
+        done = [i for i, h in enumerate(hidden) if h is not None]
+        if done:
+            with torch.inference_mode():
+                out[done] = torch.cat([_per_position(self.head.module, hidden[i]) for i in done]).float().cpu().numpy()
+        self.stats.sequences += len(done)
         return out
 
-    def score_steps(self, sequences: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    def score_steps(self, sequences: Sequence[Sequence[int]], keep: Keep | None = None) -> list[np.ndarray]:
         """A process reward model's label logits at every step tag: float32 [S_i, 2] per sequence,
         ordered (negative, positive) (`reward_server.pipeline.scoring.step_scores` turns them into step
         scores). Each sequence is cut after its
-        last tag; a shared prompt is computed once up to, never past, a member's first tag.
+        last tag; a shared prompt is computed once up to, never past, a member's first tag. `keep` as
+        in `score`; a sequence left out gets a NaN row per tag.
 
         Raises:
             ValueError: not a process head, or a sequence without a step tag (named by its index).
@@ -283,17 +293,27 @@ class RewardEngine:
                 raise ValueError(f"sequence {i} has no step tag (token id {self.process.tag_id})")
             rows.append(list(ids[: tags[-1] + 1]))
             reads.append(tags)
-        hidden = self._hidden(rows, reads, [tags[0] + 1 for tags in reads])
+        hidden = self._hidden(rows, reads, [tags[0] + 1 for tags in reads], keep)
         with torch.inference_mode():
-            out = [_per_position(self.process.module, h).float().cpu().numpy() for h in hidden]
-        self.stats.sequences += len(rows)
+            out = [np.full((len(read), 2), np.nan, dtype=np.float32) if h is None else
+                   _per_position(self.process.module, h).float().cpu().numpy() for h, read in zip(hidden, reads)]
+        self.stats.sequences += sum(h is not None for h in hidden)
         return out
 
-    def _hidden(self, rows: list[list[int]], reads: list[list[int]], shareable: list[int]) -> list[Any]:
+    def _hidden(self, rows: list[list[int]], reads: list[list[int]], shareable: list[int],
+                keep: Keep | None = None) -> list[Any]:
         """Final hidden states of each row at the positions `reads[i]`, one [len(reads[i]), H]
-        tensor per row. Rows sharing a prefix of at least `min_shared` tokens within their first
-        `shareable[i]` tokens compute it once (a row always keeps one token of its own)."""
+        tensor per row (None for a row `keep` left out). Rows sharing a prefix of at least
+        `min_shared` tokens within their first `shareable[i]` tokens compute it once (a row always
+        keeps one token of its own)."""
         import torch
+
+        def wanted(pack: list[int], members) -> list[int]:
+            # asked before each packed row: work whose client is gone is dropped at row boundaries
+            if keep is None:
+                return pack
+            alive = keep()
+            return [i for i in pack if any(alive[m] for m in members(i))]
 
         limited = [row[:n] for row, n in zip(rows, shareable)]
         groups = group_shared_prefixes(limited, self.min_shared)[0] if self.min_shared > 0 else []
@@ -303,15 +323,19 @@ class RewardEngine:
         with torch.inference_mode():
             prefixes = [Segment(rows[g.members[0]][: g.prefix_length], record=key) for key, g in enumerate(groups)]
             for pack in pack_sequences([len(p.ids) for p in prefixes], self.token_budget):
-                self._run([prefixes[i] for i in pack], store)
+                pack = wanted(pack, lambda key: groups[key].members)
+                if pack:
+                    self._run([prefixes[i] for i in pack], store)
             for key, group in enumerate(groups):
                 for i in group.members:
                     segments[i] = Segment(rows[i][group.prefix_length:], prefix=key, offset=group.prefix_length,
                                           reads=[r - group.prefix_length for r in reads[i]])
                 self.stats.shared_tokens += (len(group.members) - 1) * group.prefix_length
             for pack in pack_sequences([len(s.ids) for s in segments], self.token_budget):
-                for i, hidden in zip(pack, self._run([segments[i] for i in pack], store)):
-                    result[i] = hidden
+                pack = wanted(pack, lambda i: (i,))
+                if pack:
+                    for i, hidden in zip(pack, self._run([segments[i] for i in pack], store)):
+                        result[i] = hidden
         return result
 
     def _run(self, segments: list[Segment], store: dict) -> Any:
