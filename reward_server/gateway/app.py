@@ -8,18 +8,18 @@ import dataclasses
 import hmac
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from reward_client import AsyncRewardClient
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from reward_server.gateway.batching import Coalescer
 from reward_server.gateway.core import GatewayError
+from reward_server.gateway.lifetime import ClientGone, request_timeout, unless_disconnected
 from reward_server.gateway.metrics import GatewayMetrics
 from reward_server.gateway.options import GatewayOptions
 from reward_server.gateway.protocols import Context, native, nim, openrlhf, tei, vllm
@@ -28,6 +28,11 @@ _LOGGER = logging.getLogger(__name__)
 PROTOCOLS = (openrlhf, vllm, nim, tei, native)
 PAGE = Path(__file__).parent / "static" / "index.html"
 GRACEFUL_SHUTDOWN_S = 30  # after SIGTERM, requests in flight get this long (deploy/check.py budgets it)
+# nginx's "client closed request": what the gateway's metrics record for a request whose client went
+# (the client never sees it).
+CLIENT_CLOSED_REQUEST = 499
+
+
 class _State:
     client: AsyncRewardClient
     context: Context
@@ -68,22 +73,31 @@ def _endpoint(protocol: Any, handler: Callable[[Any, Context], Awaitable[Any]], 
     status_of = getattr(protocol, "status", lambda err: err.status)
     name = protocol.__name__.rsplit(".", 1)[-1]
 
-    async def answer(request: Request) -> Response:
+    async def answer(request: Request, started: float) -> Response:
         try:
             if not _authorised(request, options.api_key):
                 return JSONResponse({"detail": "Unauthorized"}, status_code=401)
+            # Counted from the request's arrival, as the caller counts it.
+            deadline = started + request_timeout(request.headers, options.timeout_s)
             body = await read_json(request, options.max_body_bytes)
-            context = dataclasses.replace(state.context, protocol=name, endpoint=request.url.path)
-            return JSONResponse(await handler(body, context))
+            context = dataclasses.replace(state.context, protocol=name, endpoint=request.url.path, deadline=deadline)
+            return JSONResponse(await unless_disconnected(request.receive, handler(body, context)))
         except GatewayError as err:
+            if err.kind == "timeout":
+                state.metrics.cancelled(name, request.url.path, "deadline")
             if err.kind != "invalid_input":
                 _LOGGER.warning("%s: %s", request.url.path, err.message)
             return JSONResponse(protocol.error_body(err), status_code=status_of(err))
+        except (ClientGone, ClientDisconnect):
+            state.metrics.cancelled(name, request.url.path, "disconnected")
+            _LOGGER.debug("%s: the client disconnected before its answer; its work was withdrawn", request.url.path)
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     async def endpoint(request: Request) -> Response:
-        started = time.monotonic()
-        response = await answer(request)
-        state.metrics.request(name, request.url.path, response.status_code, time.monotonic() - started)
+        started = asyncio.get_running_loop().time()
+        response = await answer(request, started)
+        state.metrics.request(name, request.url.path, response.status_code,
+                              asyncio.get_running_loop().time() - started)
         return response
 
     return endpoint
@@ -102,7 +116,7 @@ def create_app(options: GatewayOptions) -> Starlette:
         coalescer = Coalescer(state.client, max_delay_s=options.batch_delay_ms / 1000.0,
                               max_calls=options.max_in_flight, metrics=state.metrics)
         state.context = Context(coalescer, options.model_name, options.max_items, metrics=state.metrics)
-        app.state.coalescer = coalescer
+        app.state.coalescer, app.state.metrics = coalescer, state.metrics
         try:
             yield
         finally:

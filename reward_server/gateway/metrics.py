@@ -3,7 +3,9 @@
 Per protocol and endpoint: requests by HTTP status (errors included), items (conversations)
 scored, and request latency; per input kind (messages, text, ids): the sizes of the merged batches
 the gateway sends to the server (`reward_server.gateway.batching`; one SDK call each, split into
-gRPC requests of at most `--batch-size`). Each app has its own
+gRPC requests of at most `--batch-size`). Work dropped because nobody waits for it any more:
+requests whose client disconnected or whose deadline passed, their items removed before they were
+sent, and merged calls cancelled because every request they carried had gone. Each app has its own
 registry, so two gateways in one process (tests) do not share counts.
 """
 
@@ -29,11 +31,25 @@ class GatewayMetrics:
                                  labels, buckets=LATENCY_BUCKETS, registry=self.registry)
         self.batches = Histogram("reward_gateway_batch_items", "Items per merged batch sent to the server",
                                  ("kind",), buckets=BATCH_BUCKETS, registry=self.registry)
+        self.cancelled_requests = Counter("reward_gateway_cancelled_requests",
+                                          "Scoring requests given up before their answer: the client disconnected "
+                                          "(reason=disconnected) or the request's deadline passed (reason=deadline)",
+                                          (*labels, "reason"), registry=self.registry)
+        self.withdrawn_items = Counter("reward_gateway_withdrawn_items",
+                                       "Items of gone requests removed before they were sent to the server",
+                                       ("kind",), registry=self.registry)
+        self.cancelled_calls = Counter("reward_gateway_cancelled_calls",
+                                       "Merged calls to the server cancelled because every request they carried "
+                                       "had gone", ("kind",), registry=self.registry)
 
     def request(self, protocol: str, endpoint: str, status: int, seconds: float) -> None:
         """Count one answered request."""
         self.requests.labels(protocol, endpoint, str(status)).inc()
         self.latency.labels(protocol, endpoint).observe(seconds)
+
+    def cancelled(self, protocol: str, endpoint: str, reason: str) -> None:
+        """Count one request given up: reason "disconnected" or "deadline"."""
+        self.cancelled_requests.labels(protocol, endpoint, reason).inc()
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""

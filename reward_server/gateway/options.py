@@ -24,7 +24,9 @@ class GatewayOptions:
         batch_delay_ms: how long a request waits for concurrent ones to share a gRPC request.
         batch_size: conversations per gRPC request.
         max_in_flight: gRPC requests outstanding at once.
-        timeout_s: deadline of each gRPC request (trainers wait up to 180 s).
+        timeout_s: the longest a scoring request is worked on, from its arrival (a caller's
+            ``X-Request-Timeout`` can only shorten it), and each gRPC attempt's deadline
+            (trainers wait up to 180 s).
         api_key: when set, scoring routes need ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``.
         model_name: the model name answers carry when a request names none.
         tls: gRPC over TLS to the server.

@@ -37,7 +37,7 @@ _LOGGER = logging.getLogger(__name__)
 _ENSEMBLE_PREFIX = re.compile(r"^in ensemble '[^']*', ")
 # How often a waiting request is checked: often enough to drop work within a packed row's time,
 # rarely enough that checking hundreds of waiting requests costs little (one IPC message each).
-POLL_S = 0.1
+POLL_S = 0.05
 POLL_PER_REQUEST_S = 0.002
 
 

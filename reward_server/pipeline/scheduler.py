@@ -7,12 +7,13 @@ largest of its batch, and the queue policy never saw a request again once it was
 the engine's `execute` only hands its requests to an `EngineScheduler` and returns; one worker
 thread then
 
-- admits a request while the work queued ahead of it fits `QueueLimits.max_queue_s` seconds at the
-  measured rate (tokens per second, from the waves computed so far), and refuses it at once with
-  UNAVAILABLE ("the server is overloaded ...", which clients retry with backoff) otherwise; a
-  request with a deadline it cannot meet is refused too (CANCELLED, "deadline passed", never
-  retried). The queue's memory is therefore bounded by what the engine computes in `max_queue_s`,
-  plus one request;
+- admits a request while the live work queued ahead of it (requests whose clients still wait)
+  fits `QueueLimits.max_queue_s` seconds at the measured rate (tokens per second, measured row by
+  row), and otherwise refuses it with UNAVAILABLE ("the server is overloaded ...", which clients
+  retry with backoff) after a second look a quarter of a second later (a cancellation takes a poll
+  to reach the board); a request with a deadline it cannot meet is refused too (CANCELLED,
+  "deadline passed", never retried). The queue's memory is therefore bounded by what the engine
+  computes in `max_queue_s`, plus one request, plus what arrives during the second looks;
 - computes waves in arrival order: requests of about `WAVE_ROWS` packed rows together, each
   answered as soon as its wave ends;
 - drops, before a wave and before every packed row in it, a request whose client went (the
@@ -41,7 +42,9 @@ _LOGGER = logging.getLogger(__name__)
 WAVE_ROWS = 2               # packed rows per wave: enough to fill rows, few enough to answer early
 DEFAULT_MAX_QUEUE_S = 5.0   # seconds of queued work admitted (at the measured rate)
 UNMEASURED_ROWS = 8         # before the first wave is measured, the queue holds this many rows of tokens
-RATE_SMOOTHING = 0.3        # weight of the newest wave in the rate estimate
+RATE_SMOOTHING = 0.3        # weight of the newest measurement (a row, or a wave) in the rate estimate
+ADMIT_GRACE_S = 0.25        # a request over the limit gets a second look this long (EngineScheduler)
+REVIEW_TICK_S = 0.05        # how often an idle worker takes those second looks
 
 
 @dataclass(frozen=True)
@@ -116,79 +119,81 @@ class EngineScheduler:
         token_budget: tokens per packed row (sizes waves, and the queue before a rate is measured).
         limits: the queue's bounds.
         board: where entry points mark requests whose clients went (None: deadlines only).
+        progress: the engine's running count of tokens computed (prefix-shared ones included), read
+            at every row boundary to measure the rate; None: measured from whole waves only.
         on_drop: told (reason, requests, tokens) for each request dropped or refused, reason one of
-            `deadlines.DROP_REASONS`; `on_wave` told (jobs, seconds) after each wave; both for metrics
-            and the drain's counters, and their failures are logged, never raised.
+            `deadlines.DROP_REASONS`; `on_wave` told (jobs, seconds) after each wave; both for metrics,
+            and their failures are logged, never raised.
         clock: wall-clock seconds (tickets use the same clock).
+        admit_grace_s: how long a request over the limit waits for a second look before it is
+            refused: a client's cancellation reaches the board a poll later (the entry points poll
+            every `entry.POLL_S`), and the request behind the gone one should not pay for that.
     """
 
     def __init__(self, compute: Callable[[list[tuple[np.ndarray, np.ndarray]], Callable[[], Sequence[bool]]],
                                          list[dict | RequestError]],
                  token_budget: int, limits: QueueLimits = QueueLimits(), board: CancelBoard | None = None,
+                 progress: Callable[[], int] | None = None,
                  on_drop: Callable[[str, int, int], None] | None = None,
                  on_wave: Callable[[list[Job], float], None] | None = None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, admit_grace_s: float = ADMIT_GRACE_S):
         self.compute = compute
         self.token_budget = token_budget
         self.limits = limits
         self.board = board
+        self.progress = progress
         self.on_drop = on_drop
         self.on_wave = on_wave
         self.clock = clock
+        self.admit_grace_s = admit_grace_s
         self.rate = RateEstimate()
         self._queue: deque[Job] = deque()
-        self._queued_tokens = 0
-        self._running_tokens = 0
+        self._probation: list[tuple[Job, float, RequestError]] = []  # (job, second look until, refusal)
         self._running: list[Job] = []
+        self._running_left = 0  # tokens of the running wave not computed yet
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
 
-    # --- admission (Triton's thread) ---
+    # --- admission ---
 
     def submit(self, jobs: Sequence[Job]) -> None:
-        """Queue `jobs`, or answer at once those that are dropped or refused."""
+        """Queue `jobs`, or answer at once those that are dropped; a request over the limit gets a
+        second look within `admit_grace_s` before it is refused."""
         for job in jobs:
-            refusal = self._admit(job)
-            if refusal is not None:
-                self._answer(job, refusal)
+            now = self.clock()
+            reason = deadlines.drop_reason(job.ticket, self.board, now)
+            if reason is not None:
+                self._dropped(reason, job)
+                self._answer(job, RequestDropped(deadlines.drop_message(reason, job.ticket, now)))
+                continue
+            with self._lock:
+                refusal = self._refusal(job, now)
+                if refusal is None:
+                    self._queue.append(job)
+                elif self.admit_grace_s > 0:
+                    self._probation.append((job, now + self.admit_grace_s, refusal))
+                else:
+                    self._refuse(job, refusal)
+                self._lock.notify()
 
-    def _admit(self, job: Job) -> RequestError | None:
-        now = self.clock()
-        reason = deadlines.drop_reason(job.ticket, self.board, now)
-        if reason is not None:
-            self._dropped(reason, job)
-            return RequestDropped(deadlines.drop_message(reason, job.ticket, now))
-        with self._lock:
-            ahead = self._queued_tokens + self._running_tokens
-            waiting = len(self._queue)
-            wait_s = self.rate.seconds(ahead)
-            over = self._over_limit(ahead, waiting, wait_s)
-            if over is not None:  # work whose clients went is dropped before it runs: it does not count
-                ahead, waiting = self._live_ahead(now)
-                wait_s = self.rate.seconds(ahead)
-                over = self._over_limit(ahead, waiting, wait_s)
-            if over is None and job.ticket is not None and job.ticket.deadline is not None and wait_s is not None:
-                needed = wait_s + (self.rate.seconds(job.tokens) or 0.0)
-                if needed > job.ticket.remaining(now):
-                    self._dropped(deadlines.EXPIRED, job)
-                    return RequestDropped(f"{deadlines.DEADLINE_PASSED} before it could finish: about {needed:.1f} s "
-                                          f"of work ahead of and in it, {job.ticket.remaining(now):.1f} s left; "
-                                          "it was not scored")
-            if over is not None:
-                self._dropped(deadlines.OVERLOADED, job)
-                return EngineUnavailable(f"{deadlines.OVERLOADED_PREFIX}: {over}; retry later (with backoff) "
-                                         "or on another replica")
-            self._queue.append(job)
-            self._queued_tokens += job.tokens
-            self._lock.notify()
+    def _refusal(self, job: Job, now: float) -> RequestError | None:
+        """Why `job` cannot be admitted now (the queue's limit, or its deadline), or None (the lock is held)."""
+        live = [j for j in self._queue if deadlines.drop_reason(j.ticket, self.board, now) is None]
+        running = any(deadlines.drop_reason(j.ticket, self.board, now) is None for j in self._running)
+        ahead = sum(j.tokens for j in live) + (self._running_left if running else 0)
+        wait_s = self.rate.seconds(ahead)
+        over = self._over_limit(ahead, len(live), wait_s)
+        if over is not None:
+            return EngineUnavailable(f"{deadlines.OVERLOADED_PREFIX}: {over}; retry later (with backoff) "
+                                     "or on another replica")
+        remaining = None if job.ticket is None else job.ticket.remaining(now)
+        if remaining is not None and wait_s is not None:
+            needed = wait_s + (self.rate.seconds(job.tokens) or 0.0)
+            if needed > remaining:
+                return RequestDropped(f"{deadlines.DEADLINE_PASSED} before it could finish: about {needed:.1f} s "
+                                      f"of work ahead of and in it, {remaining:.1f} s left; it was not scored")
         return None
-
-    def _live_ahead(self, now: float) -> tuple[int, int]:
-        """(tokens, requests) queued or running whose clients still wait (the lock is held)."""
-        live = [job for job in [*self._queue, *self._running]
-                if deadlines.drop_reason(job.ticket, self.board, now) is None]
-        return sum(job.tokens for job in live), sum(1 for job in live if job not in self._running)
 
     def _over_limit(self, ahead: int, waiting: int, wait_s: float | None) -> str | None:
         """Why the queue is full now, or None."""
@@ -206,6 +211,30 @@ class EngineScheduler:
             return (f"{ahead} tokens are queued ahead, about {wait_s:.1f} s of work at "
                     f"{self.rate.tokens_per_s:.0f} tokens/s, over the limit of {limits.max_queue_s:g} s")
         return None
+
+    def _review(self) -> None:
+        """Second looks: admit what fits now, refuse what is out of grace (the lock is held)."""
+        if not self._probation:
+            return
+        now, waiting = self.clock(), []
+        for job, until, refusal in self._probation:
+            reason = deadlines.drop_reason(job.ticket, self.board, now)
+            if reason is not None:
+                self._dropped(reason, job)
+                self._answer(job, RequestDropped(deadlines.drop_message(reason, job.ticket, now)))
+                continue
+            again = self._refusal(job, now)
+            if again is None:
+                self._queue.append(job)
+            elif now >= until:
+                self._refuse(job, again)
+            else:
+                waiting.append((job, until, again))
+        self._probation = waiting
+
+    def _refuse(self, job: Job, refusal: RequestError) -> None:
+        self._dropped(deadlines.EXPIRED if isinstance(refusal, RequestDropped) else deadlines.OVERLOADED, job)
+        self._answer(job, refusal)
 
     # --- the worker ---
 
@@ -227,7 +256,8 @@ class EngineScheduler:
         while True:
             with self._lock:
                 while not self._queue and not self._stopping:
-                    self._lock.wait()
+                    self._lock.wait(REVIEW_TICK_S if self._probation else None)
+                    self._review()
                 if self._stopping:
                     return
             self.step()
@@ -240,6 +270,7 @@ class EngineScheduler:
         """
         wave, answered = [], 0
         with self._lock:
+            self._review()
             budget = WAVE_ROWS * self.token_budget
             tokens = 0
             while self._queue:
@@ -248,16 +279,15 @@ class EngineScheduler:
                 if refusal is None and wave and tokens + job.tokens > budget:
                     break
                 self._queue.popleft()
-                self._queued_tokens -= job.tokens
                 if refusal is not None:
                     self._answer(job, refusal)
                     answered += 1
                     continue
                 wave.append(job)
                 tokens += job.tokens
-            self._running_tokens, self._running = tokens, wave
+            self._running, self._running_left = wave, tokens
         if wave:
-            answered += self._compute(wave)
+            answered += self._compute(wave, tokens)
         return answered
 
     def _refusal_at_start(self, job: Job) -> RequestError | None:
@@ -275,40 +305,47 @@ class EngineScheduler:
                                      f"queue timeout of {timeout:g} s; retry later (with backoff)")
         return None
 
-    def _compute(self, wave: list[Job]) -> int:
+    def _compute(self, wave: list[Job], tokens: int) -> int:
         gone: dict[int, str] = {}
+        started = self.clock()
+        base = mark = self.progress() if self.progress is not None else 0
+        last = started
 
         def alive() -> list[bool]:
+            nonlocal mark, last
             now = self.clock()
+            if self.progress is not None:  # a row ended: measure it, and what is left of the wave
+                done = self.progress()
+                self.rate.observe(done - mark, now - last)
+                mark, last = done, now
             for i, job in enumerate(wave):
                 if i not in gone:
                     reason = deadlines.drop_reason(job.ticket, self.board, now)
                     if reason is not None:
                         gone[i] = reason
+            with self._lock:
+                self._running_left = max(0, tokens - (mark - base))
+                self._review()
             return [i not in gone for i in range(len(wave))]
 
-        started = time.perf_counter()
         try:
             results = self.compute([job.inputs for job in wave], alive)
         except Exception:  # noqa: BLE001 - the engine must keep serving
             _LOGGER.exception("the engine failed on a wave of %d requests", len(wave))
             results = [EngineError("internal error in the engine; the server log has the details")] * len(wave)
-        seconds = time.perf_counter() - started
         now = self.clock()
-        computed = 0
+        if self.progress is not None:
+            self.rate.observe(self.progress() - mark, now - last)
+        elif not gone:  # without row counts, only a whole wave is a measurement
+            self.rate.observe(tokens, now - started)
         for i, (job, result) in enumerate(zip(wave, results)):
             if i in gone:
                 self._dropped(gone[i], job)
                 result = RequestDropped(deadlines.drop_message(gone[i], job.ticket, now))
-            else:
-                computed += job.tokens
             self._answer(job, result)
         with self._lock:
-            self._running_tokens, self._running = 0, []
-        # waves cut short by drops would overstate the rate: measure only whole ones
-        if not gone:
-            self.rate.observe(computed, seconds)
-        self._notify(self.on_wave, wave, seconds)
+            self._running, self._running_left = [], 0
+        self._notify(self.on_wave, wave, now - started)
         return len(wave)
 
     # --- answers and counts ---
@@ -332,6 +369,7 @@ class EngineScheduler:
             _LOGGER.exception("a scheduler hook failed")
 
     def queued(self) -> tuple[int, int]:
-        """(requests, tokens) waiting now."""
+        """(requests, tokens) waiting now (admitted or on a second look)."""
         with self._lock:
-            return len(self._queue), self._queued_tokens
+            jobs = [*self._queue, *(job for job, _, _ in self._probation)]
+            return len(jobs), sum(job.tokens for job in jobs)

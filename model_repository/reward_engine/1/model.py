@@ -25,7 +25,7 @@ class TritonPythonModel:
         self.scheduler = EngineScheduler(
             lambda inputs, alive: stages.score_requests(self.engine, inputs, alive), self.engine.token_budget,
             settings.queue_limits_from_parameters(params), settings.board_from_parameters(params),
-            on_drop=self.drops.drop, on_wave=lambda jobs, seconds: self.metrics.update(self.engine.stats)).start()
+            progress=lambda: self.engine.stats.tokens + self.engine.stats.shared_tokens, on_drop=self.drops.drop, on_wave=lambda jobs, seconds: self.metrics.update(self.engine.stats)).start()
 
     def execute(self, requests):
         # a request the engine fails never reaches postprocessing: the drain counts it finished here

@@ -18,8 +18,8 @@ from reward_server.gateway.core import GatewayError, Item
 
 @dataclass
 class Context:
-    """What a handler needs: the batcher, the model name answers carry, and where the request came
-    in (for the gateway's metrics)."""
+    """What a handler needs: the batcher, the model name answers carry, where the request came in
+    (for the gateway's metrics) and its deadline (event-loop time, `loop.time()`; None: none)."""
 
     coalescer: Coalescer
     model_name: str = "reward"
@@ -27,19 +27,21 @@ class Context:
     metrics: Optional[Any] = None  # GatewayMetrics
     protocol: str = ""
     endpoint: str = ""
+    deadline: Optional[float] = None
 
     async def score(self, items: Sequence[Item], where: str) -> list[ScoreResult]:
         """Score a request's items; the first bad one fails the request, named `where[i]`.
 
         Raises:
-            GatewayError: too many items, or an item's error (prefixed with its place).
+            GatewayError: too many items, an item's error (prefixed with its place), or the
+                deadline passed (504).
         """
         if len(items) > self.max_items:
             raise GatewayError(f"{where} holds {len(items)} inputs, over the limit of {self.max_items} per request",
                                "too_large", where)
         if self.metrics is not None:
             self.metrics.items.labels(self.protocol, self.endpoint).inc(len(items))
-        outcomes = await self.coalescer.score(items)
+        outcomes = await self.coalescer.score(items, self.deadline)
         for index, outcome in enumerate(outcomes):
             if isinstance(outcome, GatewayError):
                 raise outcome.at(f"{where}[{index}]") if outcome.kind == "invalid_input" else outcome
