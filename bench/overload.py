@@ -40,6 +40,8 @@ import numpy as np
 
 WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
          "quebec romeo sierra tango uniform victor whiskey xray yankee zulu reward model score policy").split()
+# about 5.2 tokens a word with the demo checkpoints' tokenizer (measured): ~1k and ~2.5k-token conversations
+WORDS_1000_TOKENS, WORDS_2500_TOKENS = 190, 480
 
 
 def conversation(rng: random.Random, words: int) -> list[dict]:
@@ -103,7 +105,7 @@ def metric_sum(url: str, name: str, **labels: str) -> float:
 def abandoned(url: str, rng: random.Random, requests: int, deadline_s: float) -> dict:
     import tritonclient.grpc as grpcclient
 
-    payloads = [encode([conversation(rng, 1900) for _ in range(16)]) for _ in range(requests)]
+    payloads = [encode([conversation(rng, WORDS_2500_TOKENS) for _ in range(16)]) for _ in range(requests)]
     outcomes: list[str] = []
 
     def send(inputs):
@@ -129,11 +131,12 @@ def abandoned(url: str, rng: random.Random, requests: int, deadline_s: float) ->
 
 
 def closed_loop(url: str, rng: random.Random, senders: int, seconds: float, deadline_s: float | None,
-                size: int = 8, words: int = 760) -> dict:
+                size: int = 8, words: int | None = None) -> dict:
     """`senders` threads sending requests of `size` conversations for `seconds`; a failed request is
     sent again at once (the same conversations). Returns counts of on-time conversations and errors."""
     import tritonclient.grpc as grpcclient
 
+    words = words or WORDS_1000_TOKENS
     stop_at = time.monotonic() + seconds
     lock = threading.Lock()
     stats = {"on_time_conversations": 0, "late_conversations": 0, "errors": Counter(), "requests": 0,
@@ -181,7 +184,7 @@ def recovery(url: str, metrics_url: str, rng: random.Random) -> dict:
 
     stopped = time.monotonic()
     client = grpcclient.InferenceServerClient(url)
-    client.infer("reward", encode([conversation(rng, 760) for _ in range(8)]), client_timeout=600)
+    client.infer("reward", encode([conversation(rng, WORDS_1000_TOKENS) for _ in range(8)]), client_timeout=600)
     answered = time.monotonic() - stopped
     idle = None
     while time.monotonic() - stopped < 120:

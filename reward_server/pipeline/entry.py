@@ -13,6 +13,10 @@ each request to its pipeline (BLS) with a `deadlines.Ticket` (key, arrival, dead
 - otherwise the pipeline's answer (outputs, or its error without Triton's "in ensemble" prefix)
   goes back unchanged.
 
+Before forwarding, the entry point refuses (UNAVAILABLE, "the server is overloaded") a request that
+the engine could not start within its queue limit, counting the work it already sent in and has
+not had back (`admission.FrontDoor`): refused there, a request costs no parsing or tokenising.
+
 `execute` starts one task per request on the stub's event loop and returns None; each request is
 answered through its response sender, so one slow request never holds the others.
 Importable only inside Triton's Python backend stub.
@@ -31,6 +35,7 @@ import time
 import triton_python_backend_utils as pb_utils
 
 from reward_server.pipeline import deadlines, settings
+from reward_server.pipeline.admission import EngineLoad, FrontDoor
 from reward_server.pipeline.triton_io import DropMetrics
 
 _LOGGER = logging.getLogger(__name__)
@@ -39,6 +44,7 @@ _ENSEMBLE_PREFIX = re.compile(r"^in ensemble '[^']*', ")
 # rarely enough that checking hundreds of waiting requests costs little (one IPC message each).
 POLL_S = 0.05
 POLL_PER_REQUEST_S = 0.002
+SECOND_LOOK_S = 0.25  # a request over the limit is looked at again for this long before it is refused
 
 
 class EntryModel:
@@ -50,6 +56,8 @@ class EntryModel:
         self.pipeline = params.get(settings.PIPELINE_MODEL) or f"{args['model_name']}_pipeline"
         self.outputs = [output["name"] for output in config.get("output", [])]
         self.board = settings.board_from_parameters(params)
+        self.load_dir = params.get(settings.DRAIN_DIR, "").strip() or None
+        self.door = FrontDoor()
         self.drops = DropMetrics(args["model_name"])
         self._keys = itertools.count()
         self._prefix = f"{os.getpid():x}-{time.time_ns():x}-"
@@ -63,6 +71,35 @@ class EntryModel:
 
     async def _forward(self, request, sender) -> None:
         ticket = deadlines.Ticket.issue(f"{self._prefix}{next(self._keys):x}", request.timeout())
+        nbytes, tokens = _size(request)
+        tokens = self.door.estimate(nbytes, tokens)
+        refusal = await self._admit(tokens)
+        if refusal is not None:
+            self.drops.drop(deadlines.OVERLOADED, 1, tokens or 0)
+            sender.send(_error(f"{deadlines.OVERLOADED_PREFIX}: {refusal}; retry later (with backoff) or on another "
+                               "replica", pb_utils.TritonError.UNAVAILABLE),
+                        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            return
+        self.door.enter(ticket.key, tokens)
+        try:
+            await self._forward_admitted(request, sender, ticket, nbytes)
+        finally:
+            self.door.leave(ticket.key)
+
+    async def _admit(self, tokens: int | None) -> str | None:
+        """None to go on, else why the pipeline cannot take the request; over the limit, it is looked
+        at again for `SECOND_LOOK_S` (a request ahead may just have been found gone)."""
+        if self.load_dir is None:
+            return None
+        waited = 0.0
+        while True:
+            refusal = self.door.refusal(tokens, EngineLoad.read(self.load_dir))
+            if refusal is None or waited >= SECOND_LOOK_S:
+                return refusal
+            await asyncio.sleep(POLL_S)
+            waited += POLL_S
+
+    async def _forward_admitted(self, request, sender, ticket, nbytes: int) -> None:
         try:
             inner = pb_utils.InferenceRequest(model_name=self.pipeline, requested_output_names=self.outputs,
                                               inputs=request.inputs(), request_id=request.request_id(),
@@ -80,7 +117,9 @@ class EntryModel:
             self._waiting -= 1
         if reason is None:
             try:
-                response = _relay(future.result())
+                reply = future.result()
+                self.door.leave(ticket.key, nbytes, _scored_tokens(reply))
+                response = _relay(reply)
             except Exception as exc:  # noqa: BLE001 - e.g. the server began stopping: clients retry
                 response = _error(f"the reward pipeline is unavailable: {exc}", pb_utils.TritonError.UNAVAILABLE)
             sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
@@ -88,6 +127,7 @@ class EntryModel:
         # Nobody waits: mark it for the steps, answer now, then let the pipeline's answer go.
         if self.board is not None:
             self.board.cancel(ticket.key)
+        self.door.leave(ticket.key)  # the steps drop it: it no longer holds the door
         self.drops.drop(reason)
         sender.send(_error(deadlines.drop_message(reason, ticket), pb_utils.TritonError.CANCELLED),
                     flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
@@ -123,3 +163,22 @@ def _relay(response):
         message = _ENSEMBLE_PREFIX.sub("", response.error().message())
         return _error(message, getattr(pb_utils.TritonError, deadlines.error_code_of(message)))
     return pb_utils.InferenceResponse(output_tensors=response.output_tensors())
+
+
+def _size(request) -> tuple[int, int | None]:
+    """(bytes of text, tokens when the request carries token ids) of a request's inputs."""
+    nbytes, tokens = 0, None
+    for tensor in request.inputs():
+        if tensor.name() in ("messages", "text"):
+            nbytes += sum(len(v) for v in tensor.as_numpy().reshape(-1) if isinstance(v, (bytes, str)))
+        elif tensor.name() == "input_ids":
+            tokens = int(tensor.as_numpy().size)
+    return nbytes, tokens
+
+
+def _scored_tokens(response) -> int | None:
+    """The tokens the pipeline scored for a request (its `num_tokens`), or None for an error."""
+    if response.has_error():
+        return None
+    tensor = pb_utils.get_output_tensor_by_name(response, "num_tokens")
+    return None if tensor is None else int(tensor.as_numpy().sum())

@@ -12,8 +12,10 @@ thread then
   row), and otherwise refuses it with UNAVAILABLE ("the server is overloaded ...", which clients
   retry with backoff) after a second look a quarter of a second later (a cancellation takes a poll
   to reach the board); a request with a deadline it cannot meet is refused too (CANCELLED,
-  "deadline passed", never retried). The queue's memory is therefore bounded by what the engine
-  computes in `max_queue_s`, plus one request, plus what arrives during the second looks;
+  "deadline passed", never retried). One request may always wait behind the running wave, so that
+  the engine never idles between two requests, however large. The queue's memory is therefore
+  bounded by what the engine computes in `max_queue_s`, plus one request, plus what arrives during
+  the second looks;
 - computes waves in arrival order: requests of about `WAVE_ROWS` packed rows together, each
   answered as soon as its wave ends;
 - drops, before a wave and before every packed row in it, a request whose client went (the
@@ -122,8 +124,9 @@ class EngineScheduler:
         progress: the engine's running count of tokens computed (prefix-shared ones included), read
             at every row boundary to measure the rate; None: measured from whole waves only.
         on_drop: told (reason, requests, tokens) for each request dropped or refused, reason one of
-            `deadlines.DROP_REASONS`; `on_wave` told (jobs, seconds) after each wave; both for metrics,
-            and their failures are logged, never raised.
+            `deadlines.DROP_REASONS`; `on_wave` told (jobs, seconds) after each wave; `on_rate` the
+            measured tokens/s after each row (`admission.LoadPublisher`); their failures are logged,
+            never raised.
         clock: wall-clock seconds (tickets use the same clock).
         admit_grace_s: how long a request over the limit waits for a second look before it is
             refused: a client's cancellation reaches the board a poll later (the entry points poll
@@ -136,6 +139,7 @@ class EngineScheduler:
                  progress: Callable[[], int] | None = None,
                  on_drop: Callable[[str, int, int], None] | None = None,
                  on_wave: Callable[[list[Job], float], None] | None = None,
+                 on_rate: Callable[[float | None], None] | None = None,
                  clock: Callable[[], float] = time.time, admit_grace_s: float = ADMIT_GRACE_S):
         self.compute = compute
         self.token_budget = token_budget
@@ -144,6 +148,7 @@ class EngineScheduler:
         self.progress = progress
         self.on_drop = on_drop
         self.on_wave = on_wave
+        self.on_rate = on_rate
         self.clock = clock
         self.admit_grace_s = admit_grace_s
         self.rate = RateEstimate()
@@ -197,8 +202,8 @@ class EngineScheduler:
 
     def _over_limit(self, ahead: int, waiting: int, wait_s: float | None) -> str | None:
         """Why the queue is full now, or None."""
-        if ahead == 0:
-            return None  # an idle engine takes any one request
+        if ahead == 0 or waiting == 0:
+            return None  # one request may always wait behind the running wave: the engine never idles between two
         limits = self.limits
         if limits.max_queue_requests is not None and waiting >= limits.max_queue_requests:
             return f"{waiting} requests are queued, the limit is {limits.max_queue_requests}"
@@ -318,6 +323,7 @@ class EngineScheduler:
                 done = self.progress()
                 self.rate.observe(done - mark, now - last)
                 mark, last = done, now
+                self._notify(self.on_rate, self.rate.tokens_per_s)
             for i, job in enumerate(wave):
                 if i not in gone:
                     reason = deadlines.drop_reason(job.ticket, self.board, now)
@@ -338,6 +344,7 @@ class EngineScheduler:
             self.rate.observe(self.progress() - mark, now - last)
         elif not gone:  # without row counts, only a whole wave is a measurement
             self.rate.observe(tokens, now - started)
+        self._notify(self.on_rate, self.rate.tokens_per_s)
         for i, (job, result) in enumerate(zip(wave, results)):
             if i in gone:
                 self._dropped(gone[i], job)

@@ -114,6 +114,15 @@ def board_from_parameters(params: dict[str, str]):
     return board_from_drain_dir(params.get(DRAIN_DIR, "").strip() or None)
 
 
+def load_publisher_from_parameters(params: dict[str, str], limits):
+    """The engine's `admission.LoadPublisher` (rate and queue limit for the entry points), or None
+    when `drain_dir` is empty."""
+    from reward_server.pipeline.admission import LoadPublisher
+
+    directory = params.get(DRAIN_DIR, "").strip()
+    return LoadPublisher(directory, limits.max_queue_s) if directory else None
+
+
 def queue_limits_from_parameters(params: dict[str, str]):
     """The engine queue's `QueueLimits`: `max_queue_seconds` (default 5), `queue_timeout_ms` (default
     twice that; 0 turns it off) and `max_queue_size` (requests; default none)."""

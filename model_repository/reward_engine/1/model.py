@@ -22,10 +22,13 @@ class TritonPythonModel:
         self.metrics = EngineMetrics(args["model_name"])
         self.drops = DropMetrics(args["model_name"])
         self.drain = settings.drain_from_parameters(params)
+        limits = settings.queue_limits_from_parameters(params)
         self.scheduler = EngineScheduler(
             lambda inputs, alive: stages.score_requests(self.engine, inputs, alive), self.engine.token_budget,
-            settings.queue_limits_from_parameters(params), settings.board_from_parameters(params),
-            progress=lambda: self.engine.stats.tokens + self.engine.stats.shared_tokens, on_drop=self.drops.drop, on_wave=lambda jobs, seconds: self.metrics.update(self.engine.stats)).start()
+            limits, settings.board_from_parameters(params),
+            progress=lambda: self.engine.stats.tokens + self.engine.stats.shared_tokens, on_drop=self.drops.drop,
+            on_wave=lambda jobs, seconds: self.metrics.update(self.engine.stats),
+            on_rate=settings.load_publisher_from_parameters(params, limits)).start()
 
     def execute(self, requests):
         # a request the engine fails never reaches postprocessing: the drain counts it finished here
