@@ -84,12 +84,12 @@ def _serve_parser(sub) -> None:
                    help="shortest shared token prefix computed once per group (default 32; 0 disables)")
     p.add_argument("--max-queue-seconds", type=float,
                    help="torch engine: admit requests while the queued work takes at most this long at the measured "
-                        "rate; beyond it they get UNAVAILABLE at once, which clients retry (default 5)")
+                        "rate; beyond it they get UNAVAILABLE , which clients retry (default 2)")
     p.add_argument("--max-queue-size", type=int, help="engine queue limit in requests; beyond it requests get "
                                                       "UNAVAILABLE (default: only --max-queue-seconds)")
     p.add_argument("--queue-timeout-ms", type=int,
                    help="requests waiting longer than this in the engine queue get UNAVAILABLE (torch engine "
-                        "default: twice --max-queue-seconds; 0: no limit)")
+                        "default: five times --max-queue-seconds; 0: no limit)")
     p.add_argument("--max-conversation-bytes", type=int, help="byte limit of one conversation's JSON, checked "
                                                               "before parsing (default 1 MiB)")
     p.add_argument("--max-request-bytes", type=int, help="byte limit of one request's conversations (default 64 MiB)")

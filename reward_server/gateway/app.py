@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hmac
+import inspect
 import json
 import logging
 from pathlib import Path
@@ -103,6 +104,16 @@ def _endpoint(protocol: Any, handler: Callable[[Any, Context], Awaitable[Any]], 
     return endpoint
 
 
+def _client(options: GatewayOptions) -> AsyncRewardClient:
+    """The SDK client of the server. Each gRPC request, its retries included, is bounded by the
+    gateway's timeout, which the server learns too (Triton's `timeout`) and drops work past it."""
+    settings: dict[str, Any] = dict(batch_size=options.batch_size, max_in_flight=options.max_in_flight,
+                                    timeout_s=options.timeout_s, tls=options.tls)
+    if "deadline_s" in inspect.signature(AsyncRewardClient).parameters:  # SDKs before issue 30 bound attempts only
+        settings["deadline_s"] = options.timeout_s
+    return AsyncRewardClient(options.url, **settings)
+
+
 def create_app(options: GatewayOptions) -> Starlette:
     """The gateway app; its gRPC client is made when the app starts (inside the event loop)."""
     state = _State()
@@ -110,9 +121,7 @@ def create_app(options: GatewayOptions) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        state.client = AsyncRewardClient(options.url, batch_size=options.batch_size,
-                                         max_in_flight=options.max_in_flight, timeout_s=options.timeout_s,
-                                         tls=options.tls)
+        state.client = _client(options)
         coalescer = Coalescer(state.client, max_delay_s=options.batch_delay_ms / 1000.0,
                               max_calls=options.max_in_flight, metrics=state.metrics)
         state.context = Context(coalescer, options.model_name, options.max_items, metrics=state.metrics)

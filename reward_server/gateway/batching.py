@@ -134,7 +134,6 @@ class Coalescer:
 
     def _withdraw(self, gone: _Caller) -> None:
         """Forget a caller that no longer waits: drop its unsent items, cancel calls nobody needs."""
-        return
         gone.gone = True
         for kind, pending in self._pending.items():
             kept = [entry for entry in pending if entry.caller is not gone]

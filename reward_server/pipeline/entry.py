@@ -44,7 +44,11 @@ _ENSEMBLE_PREFIX = re.compile(r"^in ensemble '[^']*', ")
 # rarely enough that checking hundreds of waiting requests costs little (one IPC message each).
 POLL_S = 0.05
 POLL_PER_REQUEST_S = 0.002
-SECOND_LOOK_S = 0.25  # a request over the limit is looked at again for this long before it is refused
+# A request over the limit is looked at again, every SECOND_LOOK_POLL_S, for up to SECOND_LOOK_S before it
+# is refused: a place that frees meanwhile takes it, and a client that sends again at once after a refusal
+# (plain tritonclient loops do) costs one refusal a second instead of hundreds.
+SECOND_LOOK_S = 1.0
+SECOND_LOOK_POLL_S = 0.1
 
 
 class EntryModel:
@@ -96,8 +100,8 @@ class EntryModel:
             refusal = self.door.refusal(tokens, EngineLoad.read(self.load_dir))
             if refusal is None or waited >= SECOND_LOOK_S:
                 return refusal
-            await asyncio.sleep(POLL_S)
-            waited += POLL_S
+            await asyncio.sleep(SECOND_LOOK_POLL_S)
+            waited += SECOND_LOOK_POLL_S
 
     async def _forward_admitted(self, request, sender, ticket, nbytes: int) -> None:
         try:

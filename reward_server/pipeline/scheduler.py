@@ -42,7 +42,11 @@ from reward_server.pipeline.stages import EngineError, EngineUnavailable, Reques
 _LOGGER = logging.getLogger(__name__)
 
 WAVE_ROWS = 2               # packed rows per wave: enough to fill rows, few enough to answer early
-DEFAULT_MAX_QUEUE_S = 5.0   # seconds of queued work admitted (at the measured rate)
+# Seconds of queued work admitted (at the measured rate). Short: past capacity a request's wait is
+# what makes it late for a client's deadline (10 s is common), and one request may always wait behind
+# the running wave, so the engine never idles for want of a queue.
+DEFAULT_MAX_QUEUE_S = 2.0
+QUEUE_TIMEOUT_FACTOR = 5    # the default queue timeout: a safety net for wrong estimates
 UNMEASURED_ROWS = 8         # before the first wave is measured, the queue holds this many rows of tokens
 RATE_SMOOTHING = 0.3        # weight of the newest measurement (a row, or a wave) in the rate estimate
 ADMIT_GRACE_S = 0.25        # a request over the limit gets a second look this long (EngineScheduler)
@@ -57,12 +61,13 @@ class QueueLimits:
         max_queue_s: a request is admitted while the work queued ahead of it takes at most this many
             seconds at the measured rate (an idle engine always admits one request).
         queue_timeout_s: a request still waiting this long after it reached the server is refused
-            (UNAVAILABLE) rather than started; None: no limit. The default is twice `max_queue_s`.
+            (UNAVAILABLE) rather than started; None: no limit. The default is QUEUE_TIMEOUT_FACTOR times
+            `max_queue_s`.
         max_queue_requests: at most this many requests wait; None: only the time bound.
     """
 
     max_queue_s: float = DEFAULT_MAX_QUEUE_S
-    queue_timeout_s: float | None = 2 * DEFAULT_MAX_QUEUE_S
+    queue_timeout_s: float | None = QUEUE_TIMEOUT_FACTOR * DEFAULT_MAX_QUEUE_S
     max_queue_requests: int | None = None
 
     def __post_init__(self) -> None:

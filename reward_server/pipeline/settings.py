@@ -124,13 +124,13 @@ def load_publisher_from_parameters(params: dict[str, str], limits):
 
 
 def queue_limits_from_parameters(params: dict[str, str]):
-    """The engine queue's `QueueLimits`: `max_queue_seconds` (default 5), `queue_timeout_ms` (default
-    twice that; 0 turns it off) and `max_queue_size` (requests; default none)."""
-    from reward_server.pipeline.scheduler import DEFAULT_MAX_QUEUE_S, QueueLimits
+    """The engine queue's `QueueLimits`: `max_queue_seconds` (default 2), `queue_timeout_ms` (default
+    five times that; 0 turns it off) and `max_queue_size` (requests; default none)."""
+    from reward_server.pipeline.scheduler import DEFAULT_MAX_QUEUE_S, QUEUE_TIMEOUT_FACTOR, QueueLimits
 
     seconds = _float_or_none(params, MAX_QUEUE_SECONDS) or DEFAULT_MAX_QUEUE_S
     timeout_ms = _int_or_none(params, QUEUE_TIMEOUT_MS)
-    timeout_s = 2 * seconds if timeout_ms is None else (timeout_ms / 1000 if timeout_ms > 0 else None)
+    timeout_s = QUEUE_TIMEOUT_FACTOR * seconds if timeout_ms is None else (timeout_ms / 1000 if timeout_ms > 0 else None)
     return QueueLimits(max_queue_s=seconds, queue_timeout_s=timeout_s,
                        max_queue_requests=_int_or_none(params, MAX_QUEUE_SIZE))
 

@@ -80,7 +80,7 @@ class ServeOptions:
     max_queue_size: int | None = None
     max_queue_delay_us: int | None = None
     queue_timeout_us: int | None = None      # engine queue: refuse (UNAVAILABLE) requests waiting longer; 0: never
-    max_queue_seconds: float | None = None   # torch engine queue: seconds of queued work admitted (default 5)
+    max_queue_seconds: float | None = None   # torch engine queue: seconds of queued work admitted (default 2)
     max_conversation_bytes: int | None = None  # preprocessing: byte limits checked before parsing
     max_request_bytes: int | None = None
     tls: TlsOptions | None = None            # gRPC over TLS (mutual TLS when tls.mutual)
