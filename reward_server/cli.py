@@ -84,7 +84,7 @@ def _serve_parser(sub) -> None:
                    help="shortest shared token prefix computed once per group (default 32; 0 disables)")
     p.add_argument("--max-queue-seconds", type=float,
                    help="torch engine: admit requests while the queued work takes at most this long at the measured "
-                        "rate; beyond it they get UNAVAILABLE , which clients retry (default 2)")
+                        "rate; beyond it they get UNAVAILABLE, which clients retry (default 2)")
     p.add_argument("--max-queue-size", type=int, help="engine queue limit in requests; beyond it requests get "
                                                       "UNAVAILABLE (default: only --max-queue-seconds)")
     p.add_argument("--queue-timeout-ms", type=int,

@@ -94,6 +94,10 @@ def test_fanout_requests_match_the_tensorrt_llm_model_interface():
         assert name in inputs and _NUMPY_TYPES[array.dtype.name] == inputs[name][0], name
         assert array.shape[0] == 1  # batch size 1: the backend refuses more when not decoupled
     assert {t.name for t in trtllm.input if not t.optional} <= set(request)
+    from reward_server.pipeline.trtllm.fanout import stop_request
+
+    for name, array in stop_request().items():  # a client went: the in-flight request is stopped by id
+        assert name in inputs and _NUMPY_TYPES[array.dtype.name] == inputs[name][0] and array.shape[0] == 1, name
     assert set(REQUESTED_OUTPUTS) <= set(outputs)
     assert outputs["generation_logits"] == (model_config_pb2.TYPE_FP32, [-1, -1, -1])
     with_metrics = FanOut((0,), "last", 7, perf_metrics=True)

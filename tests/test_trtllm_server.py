@@ -8,11 +8,13 @@ the PyTorch engine), and the launcher's refusals before anything starts.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 from bench.gpu_check import kv_cache_counters
 from reward_server.supervisor.options import ServeOptions
@@ -55,7 +57,7 @@ def test_served_model_set_and_engine_parameters(trtllm_server):
     config = client.get_model_config("tensorrt_llm", as_json=True)["config"]["parameters"]
     assert config["gpt_model_path"]["string_value"] == str(trtllm_server.serving.layout.engine)
     assert config["enable_chunked_context"]["string_value"] == "true"
-    ensemble = client.get_model_config("reward", as_json=True)["config"]["ensemble_scheduling"]["step"]
+    ensemble = client.get_model_config("reward_pipeline", as_json=True)["config"]["ensemble_scheduling"]["step"]
     assert [s["model_name"] for s in ensemble] == ["preprocessing", "reward_engine_trtllm", "postprocessing"]
 
 
@@ -264,3 +266,31 @@ def test_gemma2_through_the_engine_path_reads_its_reserved_rows(tmp_path):
                                           {"role": "assistant", "content": "Hello."}]])
         again = score_grpc(server.grpc_url, conversations[:2])
     np.testing.assert_array_equal(again["attributes"], got["attributes"][:2])
+
+
+def test_a_client_deadline_stops_the_tensorrt_llm_requests(trtllm_server):
+    """The fan-out learns that the client went and stops what it sent to the `tensorrt_llm` model by
+    request id (the double logs each stop it gets), and sends nothing more for it."""
+    from tests.test_observability import scrape, value
+
+    client = grpcclient.InferenceServerClient(trtllm_server.grpc_url)
+    before = scrape(trtllm_server)
+    long = [[{"role": "user", "content": f"{i} question " + "please think about it " * 15},
+             {"role": "assistant", "content": f"answer {i}"}] for i in range(256)]
+    data = np.array([[json.dumps(c).encode()] for c in long], dtype=object)
+    tensor = grpcclient.InferInput("messages", list(data.shape), "BYTES")
+    tensor.set_data_from_numpy(data)
+    with pytest.raises(InferenceServerException) as raised:
+        client.infer("reward", [tensor], client_timeout=1.0)
+    assert raised.value.status() == "StatusCode.DEADLINE_EXCEEDED", raised.value
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # the double takes the stops after the requests queued before them
+        after = scrape(trtllm_server)
+        dropped = value(after, "reward_dropped_requests_total", model="reward_engine_trtllm", reason="cancelled") > \
+            value(before, "reward_dropped_requests_total", model="reward_engine_trtllm", reason="cancelled")
+        if dropped and "double: stop " in trtllm_server.log_path.read_text(errors="replace"):
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("the fan-out never dropped the request, or never stopped its engine requests")
+    assert np.isfinite(score_grpc(trtllm_server.grpc_url, CONVERSATIONS[:2])["score"]).all()

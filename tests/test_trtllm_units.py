@@ -50,7 +50,7 @@ def test_score_requests_fans_out_and_reassembles_in_order():
     fanout = FanOut((0,), "last", None)
     sent = []
 
-    async def infer(inputs):  # reward = sum of the ids, as logit 0
+    async def infer(inputs, request_id=None):  # reward = sum of the ids, as logit 0
         sent.append(inputs["input_ids"].tolist())
         if 99 in inputs["input_ids"]:
             raise RuntimeError("engine exploded")
@@ -137,7 +137,7 @@ def test_shared_prompts_go_leader_first():
     failing_group = [[99] + prompt + [8], [99] + prompt + [9]]
     events = []
 
-    async def infer(inputs):
+    async def infer(inputs, request_id=None):
         ids = inputs["input_ids"][0].tolist()
         events.append(("start", tuple(ids)))
         await asyncio.sleep(0.01)
@@ -179,7 +179,7 @@ def test_kv_cache_counters_are_asked_for_and_added_up():
     assert "kv_cache_reused_blocks" in fanout.requested_outputs
     assert "return_perf_metrics" not in FanOut((0,), "last", None).request([1, 2, 3])
 
-    async def infer(inputs):
+    async def infer(inputs, request_id=None):
         n = inputs["input_ids"].shape[1]
         reply = {"generation_logits": np.zeros((1, 1, 1, 2), dtype=np.float32)}
         if n != 2:  # a reply without counters (e.g. an older backend) is not counted
@@ -223,7 +223,7 @@ def test_process_steps_go_one_after_another():
     second = [5, tag, 6]  # its last tokens after the last tag are never sent
     events = []
 
-    async def infer(inputs):
+    async def infer(inputs, request_id=None):
         ids = inputs["input_ids"][0].tolist()
         events.append(("start", len(ids), ids[0]))
         await asyncio.sleep(0.01)
@@ -259,7 +259,7 @@ def test_reserved_tokens_are_refused_per_conversation():
     fanout = FanOut.from_spec(spec, prompt_first=0)
     assert fanout.reserved == {7, 8} and FanOut.from_spec(replace(spec, rows_in_embedding=False)).reserved == set()
 
-    async def infer(inputs):
+    async def infer(inputs, request_id=None):
         logits = np.zeros((1, 1, 1, 64), dtype=np.float32)
         logits[0, 0, 0, [7, 8]] = [len(inputs["input_ids"][0]), 1.0]
         return {"generation_logits": logits}
@@ -273,3 +273,52 @@ def test_reserved_tokens_are_refused_per_conversation():
     good, bad = asyncio.run(score_requests(fanout, infer, [request([3, 4, 5]), request([3, 4], [3, 8, 5])]))
     assert good["rewards"].tolist() == [[3.0, 1.0]]
     assert isinstance(bad, EngineError) and "conversation 1: holds token id 8, which this engine reserves" in bad
+
+
+def test_a_request_whose_client_went_sends_nothing_more_and_its_engine_requests_are_stopped():
+    """Request 0 goes while its first engine requests are in flight: they are stopped by request id
+    (the backend's `stop` input), its other conversations are never sent, and request 1 is scored."""
+    from reward_server.pipeline.stages import RequestDropped
+    from reward_server.pipeline.trtllm.fanout import stop_request
+
+    sent, stopped = [], []
+    gone_now = {"flag": False}
+    release = None
+
+    async def infer(inputs, request_id=None):
+        sent.append((request_id, int(inputs["input_ids"][0, 0])))
+        await release.wait()
+        logits = np.zeros((1, 1, 1, 8), dtype=np.float32)
+        logits[0, 0, 0, 0] = float(inputs["input_ids"].sum())
+        return {"generation_logits": logits}
+
+    async def stop(request_id):
+        stopped.append(request_id)
+
+    def gone(r):
+        return RequestDropped("cancelled") if r == 0 and gone_now["flag"] else None
+
+    async def run():
+        nonlocal release
+        release = asyncio.Event()
+        fanout = FanOut((0,), "last", None, prompt_first=32)
+        # request 0: a group of three sharing a 40-token prompt (leader first), request 1: one sequence
+        prompt = list(range(1, 41))
+        group = np.array([prompt + [50 + i] for i in range(3)], dtype=np.int32)
+        task = asyncio.ensure_future(score_requests(fanout, infer, [(group, np.array([[41]] * 3)),
+                                                                    (np.array([[7, 8, 9]], dtype=np.int32),
+                                                                     np.array([[3]]))], None, gone, stop))
+        await asyncio.sleep(0.05)
+        assert len(sent) == 2  # the group's leader and request 1; the followers wait for the leader
+        gone_now["flag"] = True
+        await asyncio.sleep(0.2)  # the watcher stops the leader by its request id
+        release.set()
+        return await task
+
+    dropped, scored = asyncio.run(run())
+    assert isinstance(dropped, RequestDropped)
+    assert scored["rewards"][0, 0] == 24.0
+    assert len(sent) == 2  # the two followers were never sent
+    leader_id = next(request_id for request_id, first in sent if first == 1)
+    assert stopped == [leader_id]
+    assert set(stop_request()) == {"input_ids", "input_lengths", "request_output_len", "stop"}

@@ -16,7 +16,8 @@ Work nobody waits for is not done: a caller that goes (its HTTP client disconnec
 cancelled it) or whose deadline passes is withdrawn. Its items still gathering are removed before
 they are sent; a call already running goes on while it carries items of another caller still
 waiting, and is cancelled (with its gRPC requests, which the server then drops) once none is.
-Each call's gRPC deadline is the latest deadline of the callers it carries.
+Where the SDK takes a deadline per call (`SDK_DEADLINE_KEYWORD`), a call is sent with the latest
+deadline of the callers it carries.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from reward_client import AsyncRewardClient, RewardClientError, RewardInvalidInputError, ScoreResult
@@ -42,8 +43,9 @@ Outcome = ScoreResult | GatewayError
 # the caller's timer below, which cancels the call.
 SDK_DEADLINE_KEYWORD = "deadline_s"
 # A caller's own timer fires this long after its deadline, so that a call carrying only its items
-# ends by the gRPC deadline the server knows of (dropped there as expired), not by our cancel.
-DEADLINE_GRACE_S = 0.1
+# ends the SDK's way (its deadline error, the server's "expired" drop, the unavailability that
+# used up its retries), which says more than our cancel; the SDK's clock starts a little later.
+DEADLINE_GRACE_S = 0.25
 
 
 @dataclass(eq=False)
@@ -69,7 +71,7 @@ class _Flight:
 
     entries: list[_Entry]
     task: asyncio.Task
-    cancelled: bool = field(default=False)
+    cancelled: bool = False  # by `_withdraw`: every caller it carried has gone
 
 
 class Coalescer:

@@ -57,6 +57,11 @@ def from_client_error(exc: RewardClientError) -> GatewayError:
     if isinstance(exc, RewardUnavailableError):
         return GatewayError(f"the reward server is unavailable: {exc}", "unavailable")
     if isinstance(exc, RewardTimeoutError):
+        if isinstance(exc.__cause__, RewardUnavailableError):
+            # The deadline only cut short the retries of a server that was down or overloaded:
+            # that is the news (503, which callers retry later), not slowness.
+            return GatewayError(f"the reward server is unavailable: {exc.__cause__} (retried until the request's "
+                                "deadline)", "unavailable")
         return GatewayError(f"the reward server did not answer in time: {exc}", "timeout")
     return GatewayError(f"the reward server failed: {exc}", "server_error")
 

@@ -105,8 +105,9 @@ async def guarded_async(stage, requests, *args):
 
 
 def bls_caller(model_name: str, outputs: list[str]):
-    """An async function sending one request (a dict of numpy inputs) to `model_name` in this server
-    through Python-backend BLS and returning its `outputs` that came back, as numpy.
+    """An async function sending one request (a dict of numpy inputs, and its request id) to
+    `model_name` in this server through Python-backend BLS and returning its `outputs` that came
+    back, as numpy.
 
     Raises (from the returned function):
         EngineUnavailableError: the called model is unavailable (the server is shutting down).
@@ -114,9 +115,10 @@ def bls_caller(model_name: str, outputs: list[str]):
     """
     from reward_server.pipeline.trtllm.fanout import EngineUnavailableError
 
-    async def infer(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    async def infer(inputs: dict[str, np.ndarray], request_id: str = "") -> dict[str, np.ndarray]:
         request = pb_utils.InferenceRequest(model_name=model_name, requested_output_names=outputs,
-                                            inputs=[pb_utils.Tensor(k, v) for k, v in inputs.items()])
+                                            inputs=[pb_utils.Tensor(k, v) for k, v in inputs.items()],
+                                            request_id=request_id)
         response = await request.async_exec()
         if response.has_error():
             error = response.error()
@@ -255,3 +257,22 @@ def merge_responses(responses: list, keep: list[int], computed: list) -> list:
     for i, response in zip(keep, computed):
         responses[i] = response
     return responses
+
+
+def gone_checker(requests, board, drops: DropMetrics | None = None):
+    """For a batch of requests: a function of a request's index giving its CANCELLED answer once its
+    client went or its deadline passed (counted in `drops`, once), else None."""
+    from reward_server.pipeline import deadlines
+    from reward_server.pipeline.stages import RequestDropped
+
+    tickets = [ticket_of(request) for request in requests]
+
+    def gone(r: int):
+        reason = deadlines.drop_reason(tickets[r], board)
+        if reason is None:
+            return None
+        if drops is not None:
+            drops.drop(reason)
+        return RequestDropped(deadlines.drop_message(reason, tickets[r]))
+
+    return gone

@@ -16,6 +16,10 @@ backend's rules that the engine step and the launcher depend on:
   blocks of TOKENS_PER_BLOCK tokens, reusable once the request that filled them has finished
   (requests executed together all compute their common prefix), the block holding the last
   prompt token always recomputed;
+- a request with `stop` true stops the request of the same request id (an empty answer; without an
+  id the backend's error): one still waiting is answered with an error instead of computed
+  (`handleStopRequest` cancels its executor request); stops are counted in the log
+  ("double: stop <id>");
 - under mpirun, ranks above 0 behave like leader-mode workers: they never finish loading while
   the leader runs (so their tritonserver has no signal handler yet: SIGTERM kills it), and end
   with exit code 0 once the leader has stopped.
@@ -109,6 +113,7 @@ class TritonPythonModel:
         self.torch = torch
         self.model = transformers.AutoModelForCausalLM.from_pretrained(head["hf_checkpoint"], dtype="float32").eval()
         self.cached_blocks = set()  # token prefixes ending on a block boundary, of finished requests
+        self.stopped = set()  # request ids a stop request named
 
     def execute(self, requests):
         if self.model is None:
@@ -120,6 +125,14 @@ class TritonPythonModel:
         return responses
 
     def _one(self, request, filled):
+        if self._flag(request, "stop"):
+            if not request.request_id():
+                return _error("Trying to stop a request but request ID is not provided")
+            self.stopped.add(request.request_id())
+            pb_utils.Logger.log_info(f"double: stop {request.request_id()}")
+            return pb_utils.InferenceResponse(output_tensors=[])
+        if request.request_id() and request.request_id() in self.stopped:
+            return _error(f"Request {request.request_id()} was cancelled")
         ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy()
         if ids.shape[0] > 1:
             return _error("Batch size > 1 requires the tensorrt_llm backend to be using decoupled transaction policy")

@@ -10,7 +10,8 @@ except ImportError:  # a tritonserver whose own Python has the packages installe
     pass
 
 from reward_server.pipeline import settings
-from reward_server.pipeline.triton_io import EngineMetrics, bls_caller, guarded_async, input_array
+from reward_server.pipeline.triton_io import (DropMetrics, EngineMetrics, bls_caller, gone_checker, guarded_async,
+                                              input_array)
 from reward_server.pipeline.trtllm import fanout
 
 
@@ -18,14 +19,19 @@ class TritonPythonModel:
     def initialize(self, args):
         params = settings.parameters_of(args)
         self.fanout = settings.fanout_from_parameters(params)
-        self.infer = bls_caller(params.get(settings.TENSORRT_LLM_MODEL) or "tensorrt_llm",
-                                list(self.fanout.requested_outputs))
+        engine_model = params.get(settings.TENSORRT_LLM_MODEL) or "tensorrt_llm"
+        self.infer = bls_caller(engine_model, list(self.fanout.requested_outputs))
+        stop = bls_caller(engine_model, [])
+        self.stop = lambda request_id: stop(fanout.stop_request(), request_id)
+        self.board = settings.board_from_parameters(params)
+        self.drops = DropMetrics(args["model_name"])
         self.kv_stats = fanout.KvCacheStats()
         self.metrics = EngineMetrics(args["model_name"], EngineMetrics.KV_CACHE_FIELDS, prefix="kv_cache_")
 
     async def execute(self, requests):
         inputs = [(input_array(r, "input_ids"), input_array(r, "input_lengths")) for r in requests]
+        # a request whose client went sends no more engine requests, and those in flight are stopped
         responses = await guarded_async(fanout.score_requests, requests, self.fanout, self.infer, inputs,
-                                        self.kv_stats)
+                                        self.kv_stats, gone_checker(requests, self.board, self.drops), self.stop)
         self.metrics.update(self.kv_stats)
         return responses

@@ -25,12 +25,18 @@ x vocabulary floats). So each conversation is sent once per step, cut right afte
 the steps one after another: each request finds the blocks of the one before it cached, and
 computes little more than its own step (only whole blocks are reused).
 
-Pure logic; the Triton calls are passed in as an async `infer` callable.
+A request nobody waits for any more (its client went, its deadline passed: `gone`) sends no further
+engine request, and those it has in flight are stopped: the backend cancels the executor request
+whose Triton request id a request with the boolean input `stop` names (triton_backend
+inflight_batcher_llm `handleStopRequest`), so the GPU does not compute abandoned work either.
+
+Pure logic; the Triton calls are passed in as async `infer` and `stop` callables.
 """
 
 from __future__ import annotations
 
 import asyncio
+import uuid
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Sequence
 
@@ -49,7 +55,17 @@ REQUESTED_OUTPUTS = ("output_ids", "sequence_length", "generation_logits")
 PERF_OUTPUTS = ("kv_cache_reused_blocks", "kv_cache_alloc_total_blocks")
 POOLING_HEADS = {"last_non_pad": "sequence_classification", "last": "lm_logits"}
 
-Infer = Callable[[dict[str, np.ndarray]], Awaitable[dict[str, np.ndarray]]]
+# infer(inputs, request_id) -> outputs; stop(request_id) stops the engine request of that id
+Infer = Callable[[dict[str, np.ndarray], str], Awaitable[dict[str, np.ndarray]]]
+Stop = Callable[[str], Awaitable[None]]
+WATCH_S = 0.05  # how often a fan-out looks for requests whose clients went
+
+
+def stop_request() -> dict[str, np.ndarray]:
+    """The inputs of a request that stops another (named by its request id): `stop` true, and the
+    required inputs, which the backend does not read for it."""
+    return {"input_ids": np.zeros((1, 1), dtype=np.int32), "input_lengths": np.ones((1, 1), dtype=np.int32),
+            "request_output_len": np.ones((1, 1), dtype=np.int32), "stop": np.array([[True]], dtype=bool)}
 
 
 class EngineReplyError(RuntimeError):
@@ -166,13 +182,17 @@ class FanOut:
 
 
 async def score_requests(fanout: FanOut, infer: Infer, requests: Sequence[tuple[np.ndarray, np.ndarray]],
-                         kv_stats: KvCacheStats | None = None) -> list[dict | RequestError]:
+                         kv_stats: KvCacheStats | None = None,
+                         gone: Callable[[int], RequestError | None] | None = None,
+                         stop: Stop | None = None) -> list[dict | RequestError]:
     """Score every sequence of every request concurrently: one engine request per sequence, or per
     step of a process model's sequence (the steps in order; `reward_server.pipeline.scoring.step_rows`).
 
     Each request is (input_ids [B, W], input_lengths [B, 1]). A failed engine call fails only
     the request it belongs to, naming the conversation: `EngineUnavailable` (retryable) when the
     engine refused it for now, else `EngineError`. Replies' KV-cache counters go to `kv_stats`.
+    `gone(r)`, when given, is the answer of request r once nobody waits for it (else None): from
+    then on it sends nothing, and its engine requests in flight are stopped through `stop`.
     """
     sequences, counts = engine_sequences(requests)
     owners = [(r, c) for r, count in enumerate(counts) for c in range(count)]
@@ -193,15 +213,48 @@ async def score_requests(fanout: FanOut, infer: Infer, requests: Sequence[tuple[
         groups, _ = group_shared_prefixes([inputs[i]["input_ids"][0].tolist() for i in firsts], fanout.prompt_first)
         after.update({firsts[m]: firsts[g.members[0]] for g in groups for m in g.members[1:]})
     tasks: dict[int, asyncio.Future] = {}
+    prefix = uuid.uuid4().hex[:16]
+    request_ids = [f"{prefix}-{i}" for i in range(len(inputs))]
+    dropped: dict[int, RequestError] = {}
+    started: set[int] = set()
+
+    def check(r: int) -> bool:
+        if r not in dropped and gone is not None:
+            answer = gone(r)
+            if answer is not None:
+                dropped[r] = answer
+        return r in dropped
 
     async def send(i: int):
         if i in after:  # whatever the outcome of the one before: its blocks are then cached
             await asyncio.wait([tasks[after[i]]])
-        return await infer(inputs[i])
+        if check(owners[sent_for[i]][0]):
+            return None  # nobody waits: never sent
+        started.add(i)
+        return await infer(inputs[i], request_ids[i])
+
+    async def watch():
+        stopped: set[int] = set()
+        while not all(task.done() for task in tasks.values()):
+            await asyncio.sleep(WATCH_S)
+            for i in sorted(started - stopped):
+                if not tasks[i].done() and check(owners[sent_for[i]][0]):
+                    stopped.add(i)
+                    if stop is not None:
+                        try:
+                            await stop(request_ids[i])
+                        except Exception:  # noqa: BLE001 - the reply is ignored anyway
+                            pass
 
     for i in range(len(inputs)):
         tasks[i] = asyncio.ensure_future(send(i))
+    watcher = asyncio.ensure_future(watch()) if gone is not None and inputs else None
     replies = await asyncio.gather(*tasks.values(), return_exceptions=True)
+    if watcher is not None:
+        await watcher
+    for r in range(len(requests)):
+        check(r)
+    errors.update(dropped)
     read: dict[int, list[np.ndarray]] = {s: [] for s in first_of}
     for s, reply in zip(sent_for, replies):
         r, c = owners[s]
