@@ -24,6 +24,9 @@ Stages, in order (each has its own time limit inside the run's total budget):
    position later, to recognise the old off-by-one); the `reward` ensemble's scores.
 9. trtllm_throughput: prefill tokens/s of the engine (all requests in flight) and of the served
    `reward` ensemble on the same two workloads.
+10. trtllm_cancel: a request of 256 conversations abandoned after 1 s (gRPC deadline): the fan-out
+   stops its engine requests by request id (the backend's `stop` input), and the next request is
+   answered at once rather than after the abandoned work.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ from bench.gpu.report import CheckFailed, Interrupted, Report, StageSkipped, rai
 _LOGGER = logging.getLogger("bench.gpu_check")
 
 STAGES = ("environment", "matmul", "checkpoint", "torch_parity", "torch_throughput", "build_dry_run",
-          "trtllm_build", "trtllm_logits", "trtllm_throughput", "trtllm_gemma2", "trtllm_pp")
+          "trtllm_build", "trtllm_logits", "trtllm_throughput", "trtllm_cancel", "trtllm_gemma2", "trtllm_pp")
 # (own time limit, least remaining budget to start) in seconds, for a GPU run and a smoke run.
 LIMITS = {
     "environment": ((90, 5), (60, 5)),
@@ -64,6 +67,7 @@ LIMITS = {
     "trtllm_build": ((300, 90), (60, 5)),
     "trtllm_logits": ((240, 60), (60, 5)),
     "trtllm_throughput": ((120, 20), (60, 5)),
+    "trtllm_cancel": ((90, 30), (60, 5)),
     "trtllm_gemma2": ((240, 90), (60, 5)),
     "trtllm_pp": ((360, 120), (60, 5)),
 }
@@ -725,6 +729,69 @@ def stage_trtllm_throughput(ctx: Context, out: dict) -> None:
     out["summary"] = "; ".join(summary)
 
 
+def stage_trtllm_cancel(ctx: Context, out: dict) -> None:
+    """Abandon a long request: the fan-out must stop its engine requests, and the next request must
+    not wait for the abandoned work."""
+    import re
+    import urllib.request
+
+    import tritonclient.grpc as grpcclient
+
+    _require_trtllm(ctx)
+    if ctx.server is None:
+        raise StageSkipped("no server (trtllm_logits did not start one)")
+
+    def scrape() -> dict[str, float]:
+        text = urllib.request.urlopen(ctx.server.metrics_url, timeout=10).read().decode()
+        return {f"{name}{{{labels}}}": float(value) for name, labels, value in
+                re.findall(r'^((?:reward_dropped|nv_trt_llm|nv_inference_request_success)\w*)\{([^}]*)\} (\S+)$',
+                           text, re.M)}
+
+    workload, _ = next(iter(_throughput_sets(ctx.trtllm_checkpoint, ctx).values()))
+    conversations = workload.conversations[:256]
+    client = grpcclient.InferenceServerClient(ctx.server.grpc_url)
+    before = scrape()
+    started = time.perf_counter()
+    try:
+        score_served_with_deadline(client, conversations, deadline_s=1.0)
+        out["abandoned"] = "finished within 1 s (too fast to abandon: nothing measured)"
+    except Exception as exc:  # noqa: BLE001 - the deadline is the point
+        out["abandoned"] = str(exc)[:200]
+    follow = time.perf_counter()
+    score_served(client, conversations[:2])
+    out["next_request_s"] = round(time.perf_counter() - follow, 3)
+    out["since_abandoned_s"] = round(time.perf_counter() - started, 3)
+    time.sleep(1.0)
+    after = scrape()
+    out["metrics_delta"] = {k: after[k] - before.get(k, 0.0) for k in after if after[k] != before.get(k, 0.0)}
+    dropped = sum(v for k, v in out["metrics_delta"].items()
+                  if k.startswith("reward_dropped_requests_total") and 'model="reward_engine_trtllm"' in k)
+    out["summary"] = (f"abandoned after 1 s; the next request took {out['next_request_s']:.2f} s; "
+                      f"fan-out drops {dropped:.0f}")
+    client.close()
+    if "too fast" in out["abandoned"]:
+        raise StageSkipped(out["abandoned"])
+    failures = []
+    if dropped < 1:
+        failures.append("the fan-out never dropped the abandoned request")
+    if out["next_request_s"] > 10:
+        failures.append(f"the next request waited {out['next_request_s']:.1f} s behind the abandoned work")
+    if failures:
+        raise CheckFailed("; ".join(failures))
+
+
+def score_served_with_deadline(client: Any, conversations: Sequence[list[dict]], deadline_s: float) -> None:
+    """One `reward` request with a gRPC deadline (raises when it passes)."""
+    import tritonclient.grpc as grpcclient
+
+    from bench.grpc_load import encode_rows
+
+    rows = encode_rows(conversations)
+    messages = grpcclient.InferInput("messages", list(rows.shape), "BYTES")
+    messages.set_data_from_numpy(rows)
+    client.infer("reward", [messages], client_timeout=deadline_s)
+
+
 def kv_cache_counters(metrics_url: str) -> dict[str, float]:
     """The fan-out's reward_engine_kv_cache_*_total counters (requests, reused_blocks, total_blocks)."""
     import re
@@ -837,6 +904,7 @@ STAGE_FUNCTIONS = {
     "torch_parity": stage_torch_parity, "torch_throughput": stage_torch_throughput,
     "build_dry_run": stage_build_dry_run, "trtllm_build": stage_trtllm_build,
     "trtllm_logits": stage_trtllm_logits, "trtllm_throughput": stage_trtllm_throughput,
+    "trtllm_cancel": stage_trtllm_cancel,
     "trtllm_gemma2": stage_trtllm_gemma2, "trtllm_pp": stage_trtllm_pp,
 }
 

@@ -184,14 +184,24 @@ class CountingTriton:
         self.rejections = 0
         self._lock = threading.Lock()
 
+    def _count(self, exc) -> None:
+        if exc is not None and "queue size" in str(exc):
+            with self._lock:
+                self.rejections += 1
+
     def infer(self, *args, **kwargs):
         try:
             return self.inner.infer(*args, **kwargs)
         except Exception as exc:
-            if "Exceeds maximum queue size" in str(exc):
-                with self._lock:
-                    self.rejections += 1
+            self._count(exc)
             raise
+
+    def async_infer(self, model, inputs, callback, *args, **kwargs):
+        def counted(result, error):
+            self._count(error)
+            callback(result, error)
+
+        return self.inner.async_infer(model, inputs, counted, *args, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -201,7 +211,7 @@ def test_overload_is_retried_and_every_result_arrives_once(busy_server, referenc
     conversations, expected = reference
     conversations, expected = conversations[:160], expected[:160]
     # Patient enough to outlast the contention even on a loaded 2-core machine.
-    policy = RetryPolicy(max_attempts=1000, initial_backoff_s=0.01, max_backoff_s=0.3)
+    policy = RetryPolicy(max_attempts=1000, initial_backoff_s=0.01, max_backoff_s=0.3, budget_min_retries=10**6)
     with RewardClient(busy_server.grpc_url, batch_size=2, max_in_flight=8,
                       retry=policy) as client:
         counter = CountingTriton(client._client)

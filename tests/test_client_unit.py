@@ -30,7 +30,7 @@ from reward_client.cli.resumable import ResumableJsonlWriter, count_valid_lines
 from reward_client.conversations import to_messages
 from reward_client.evaluation import evaluate_pairs, read_pairs, section_scores
 from reward_client.evaluation.rewardbench import EXAMPLE_COUNTS, SECTIONS, overall_score
-from reward_client.retry import acall_with_retries, call_with_retries
+from reward_client.retry import Attempts, acall_with_retries, call_with_retries
 from reward_client.transport import wire
 from reward_client.transport.pipeline import aordered_map, chunked, ordered_map
 
@@ -116,6 +116,19 @@ class FakeTriton:
         call, delay = self._enter()
         time.sleep(delay)
         return self._compute(model, inputs, call)
+
+    def async_infer(self, model, inputs, callback, outputs=None, client_timeout=None, timeout=None, **_):
+        """tritonclient's async_infer: `infer` on another thread, its outcome to `callback`."""
+        def run():
+            try:
+                result = self.infer(model, inputs, outputs, client_timeout, timeout=timeout)
+            except InferenceServerException as exc:
+                callback(result=None, error=exc)
+            else:
+                callback(result=result, error=None)
+
+        threading.Thread(target=run, daemon=True).start()
+        return SimpleNamespace(cancel=lambda: None)
 
     def get_model_config(self, name, as_json=False):
         assert name == "postprocessing"
@@ -267,7 +280,7 @@ def test_call_with_retries_sleeps_then_succeeds():
             raise RewardUnavailableError("queue full")
         return "ok"
 
-    assert call_with_retries(flaky, policy, sleep=sleeps.append) == "ok"
+    assert call_with_retries(lambda _: flaky(), Attempts(policy), sleep=sleeps.append) == "ok"
     assert len(attempts) == 3
     assert sleeps == pytest.approx([0.1, 0.3])
 
@@ -281,7 +294,7 @@ def test_call_with_retries_gives_up_after_max_attempts():
         raise RewardUnavailableError("down")
 
     with pytest.raises(RewardUnavailableError):
-        call_with_retries(down, policy, sleep=sleeps.append)
+        call_with_retries(lambda _: down(), Attempts(policy), sleep=sleeps.append)
     assert len(attempts) == 4 and len(sleeps) == 3
 
 
@@ -295,24 +308,24 @@ def test_non_retryable_errors_are_not_retried(error):
         raise error
 
     with pytest.raises(type(error)):
-        call_with_retries(fail, RetryPolicy(), sleep=sleeps.append)
+        call_with_retries(lambda _: fail(), Attempts(RetryPolicy()), sleep=sleeps.append)
     assert attempts == [1] and sleeps == []
 
 
 def test_async_retries_use_injected_sleep():
-    sleeps, attempts = [], []
+    sleeps, tries = [], []
 
     async def fake_sleep(seconds):
         sleeps.append(seconds)
 
-    async def flaky():
-        attempts.append(1)
-        if len(attempts) < 4:
+    async def flaky(_limit):
+        tries.append(1)
+        if len(tries) < 4:
             raise RewardUnavailableError("busy")
         return 42
 
     policy = RetryPolicy(max_attempts=4, initial_backoff_s=0.5, max_backoff_s=1.0, jitter=0.0)
-    assert asyncio.run(acall_with_retries(flaky, policy, sleep=fake_sleep)) == 42
+    assert asyncio.run(acall_with_retries(flaky, Attempts(policy), sleep=fake_sleep)) == 42
     assert sleeps == pytest.approx([0.5, 1.0, 1.0])
 
 
@@ -595,13 +608,17 @@ class CancellingServer:
     """A real gRPC server speaking the KServe protocol (tritonclient's own service definition) that
     cancels the first `cancel_first` ModelInfer calls server-side, as Triton 2.51's front end does
     to calls it had not picked up when it shuts down (the client sees CANCELLED "CANCELLED"), then
-    scores with `fake_score`. `hang=True` holds every call until the server stops."""
+    scores with `fake_score`. `hang=True` holds every call until the server stops or the client
+    goes (counted in `client_gone`). Each call's Triton `timeout` parameter (None when absent) and
+    gRPC time remaining are recorded in `timeouts` and `remaining`."""
 
     def __init__(self, cancel_first=0, hang=False):
         import grpc
         from tritonclient.grpc import service_pb2, service_pb2_grpc
 
         self.calls = 0
+        self.client_gone = 0
+        self.timeouts, self.remaining = [], []
         self._lock = threading.Lock()
         self._release = threading.Event()
         outer = self
@@ -611,8 +628,16 @@ class CancellingServer:
                 with outer._lock:
                     outer.calls += 1
                     call = outer.calls
+                    timeout = request.parameters["timeout"].int64_param if "timeout" in request.parameters else None
+                    outer.timeouts.append(timeout)
+                    outer.remaining.append(context.time_remaining())
                 if hang:
-                    outer._release.wait(30)
+                    deadline = time.monotonic() + 30
+                    while not outer._release.wait(0.01) and time.monotonic() < deadline:
+                        if not context.is_active():  # cancelled by the client, or its deadline passed
+                            with outer._lock:
+                                outer.client_gone += 1
+                            return service_pb2.ModelInferResponse()
                 if call <= cancel_first:
                     context.cancel()
                     return service_pb2.ModelInferResponse()

@@ -19,7 +19,8 @@ from bench.gpu.report import CheckFailed, Report, StageSkipped
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCH_STAGES = ("environment", "matmul", "checkpoint", "torch_parity", "torch_throughput", "build_dry_run")
-TRTLLM_STAGES = ("trtllm_build", "trtllm_logits", "trtllm_throughput", "trtllm_gemma2", "trtllm_pp")
+TRTLLM_STAGES = ("trtllm_build", "trtllm_logits", "trtllm_throughput", "trtllm_cancel", "trtllm_gemma2",
+                 "trtllm_pp")
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from reward_client.conversations import ConversationLike, encode, to_messages
 from reward_client.errors import RewardInvalidInputError
-from reward_client.retry import RetryPolicy
+from reward_client.retry import Attempts, RetryBudget, RetryPolicy
 from reward_client.transport import routing, wire
 
 _LOGGER = logging.getLogger(__name__)
@@ -30,6 +31,10 @@ class ClientSettings:
         batch_size: conversations per request (the server accepts up to its max_batch_size).
         max_in_flight: requests outstanding at once when scoring many conversations.
         timeout_s: deadline of each request attempt in seconds (None: no deadline).
+        deadline_s: the most one request may take in seconds, retries and backoff included
+            (None: only ``timeout_s`` bounds each attempt). Each attempt is sent with
+            ``min(timeout_s, what is left of deadline_s)``, as its gRPC deadline and as Triton's
+            ``timeout`` parameter, so that the server drops the work once nobody waits for it.
         retry: policy for retryable failures (overload, server unavailable).
         rng: source of retry jitter (tests inject a seeded one).
     """
@@ -43,12 +48,20 @@ class ClientSettings:
     timeout_s: Optional[float] = 60.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     rng: Optional[random.Random] = None
+    deadline_s: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         if self.max_in_flight < 1:
             raise ValueError("max_in_flight must be >= 1")
+        if self.deadline_s is not None and not self.deadline_s > 0:
+            raise ValueError("deadline_s must be > 0 (or None)")
+
+    def attempts(self, budget: RetryBudget, clock: Callable[[], float] = time.monotonic) -> Attempts:
+        """Return the attempts of one request starting now, under these settings and ``budget``."""
+        return Attempts(self.retry, budget=budget, timeout_s=self.timeout_s, deadline_s=self.deadline_s,
+                        clock=clock, rng=self.rng)
 
 
 class AttributeNames:

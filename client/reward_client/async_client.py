@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import (Any, AsyncIterable, AsyncIterator, Dict, Iterable, List, Optional, Sequence,
-                    Tuple, Union)
+from typing import (Any, AsyncIterable, AsyncIterator, Awaitable, Callable, Dict, Iterable, List, Optional,
+                    Sequence, Tuple, Union)
 
 import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException
@@ -17,11 +17,11 @@ from reward_client._base import (DEFAULT_URL, AttributeNames, ClientSettings, ch
 from reward_client.conversations import ConversationLike, Response, encode, to_messages, with_response
 from reward_client.errors import RewardUnavailableError
 from reward_client.results import RankedResponse, ScoreResult, bradley_terry
-from reward_client.retry import RetryPolicy, acall_with_retries
+from reward_client.retry import Attempts, RetryBudget, RetryPolicy, acall_with_retries
 from reward_client.tls import TlsConfig, client_kwargs
 from reward_client.transport import routing, wire
 from reward_client.transport.endpoints import EndpointSet, is_scale_out, parse_targets
-from reward_client.transport.pipeline import _as_async, achunked, aordered_map, chunked
+from reward_client.transport.pipeline import _as_async, achunked, aclosing, aordered_map, chunked
 from reward_client.transport.replicas import (ReplicaDown, ReplicaPool, aplanned_chunks, chunk_error,
                                               chunk_results, failover)
 
@@ -34,8 +34,10 @@ class AsyncRewardClient:
     """Score conversations with a Triton reward server over gRPC (asyncio API).
 
     The same behaviour as :class:`reward_client.RewardClient` (chunking, bounded in-flight
-    requests, ordered results, retries, typed errors, scale-out over several replicas), as
-    coroutines. Resolving a ``dns:///`` target blocks briefly, once per ``refresh_s``.
+    requests, ordered results, retries within a retry budget, deadlines sent with every attempt,
+    typed errors, scale-out over several replicas), as coroutines. Cancelling the task, or closing
+    an ``iter_*`` generator early, cancels the requests in flight. Resolving a ``dns:///`` target
+    blocks briefly, once per ``refresh_s``.
 
     Example::
 
@@ -48,17 +50,18 @@ class AsyncRewardClient:
     def __init__(self, url: Union[str, Sequence[str]] = DEFAULT_URL, *, model: str = wire.MESSAGES_MODEL,
                  ids_model: str = wire.IDS_MODEL, text_model: str = wire.TEXT_MODEL, batch_size: int = 64, max_in_flight: int = 4,
                  timeout_s: Optional[float] = 60.0, retry: Optional[RetryPolicy] = None,
-                 verbose: bool = False, refresh_s: float = 30.0, tls: Optional[TlsConfig] = None) -> None:
+                 verbose: bool = False, refresh_s: float = 30.0, tls: Optional[TlsConfig] = None,
+                 deadline_s: Optional[float] = None) -> None:
         """Create a client; see :class:`reward_client.RewardClient` for the arguments.
 
         Raises:
-            ValueError: if ``batch_size`` or ``max_in_flight`` is < 1, or an endpoint is not
-                ``host:port``.
+            ValueError: if ``batch_size`` or ``max_in_flight`` is < 1, ``deadline_s`` is <= 0,
+                or an endpoint is not ``host:port``.
         """
         targets = parse_targets(url)
         self.settings = ClientSettings(url=",".join(targets), model=model, ids_model=ids_model, text_model=text_model,
                                        batch_size=batch_size, max_in_flight=max_in_flight,
-                                       timeout_s=timeout_s, retry=retry or RetryPolicy())
+                                       timeout_s=timeout_s, retry=retry or RetryPolicy(), deadline_s=deadline_s)
         self._pool: Optional[ReplicaPool] = None
         if is_scale_out(targets):
             self._pool = ReplicaPool(EndpointSet(targets, refresh_s),
@@ -68,7 +71,10 @@ class AsyncRewardClient:
         else:
             self._client = aioclient.InferenceServerClient(url=targets[0], verbose=verbose, **client_kwargs(tls))
         self._attributes = AttributeNames()
-        self._sleep = asyncio.sleep
+        self._budget = RetryBudget(self.settings.retry)
+        # Test hooks.
+        self._sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+        self._clock: Callable[[], float] = time.monotonic
 
     async def __aenter__(self) -> "AsyncRewardClient":
         return self
@@ -77,7 +83,7 @@ class AsyncRewardClient:
         await self.close()
 
     async def close(self) -> None:
-        """Close the connection (every replica's)."""
+        """Close the connection (every replica's); gRPC cancels the calls still in flight."""
         if self._client is not None:
             await self._client.close()
         if self._pool is not None:
@@ -196,6 +202,9 @@ class AsyncRewardClient:
                           ) -> AsyncIterator[ScoreResult]:
         """Stream results for a (possibly huge, possibly async) iterable, in input order.
 
+        Stopping early (``await generator.aclose()``) or cancelling the task cancels the requests
+        in flight.
+
         Raises:
             RewardInvalidInputError: a conversation was malformed or rejected; ``.index`` is
                 its position in ``conversations``.
@@ -206,16 +215,17 @@ class AsyncRewardClient:
         if self._pool is not None:
             keyed = (_akeyed(conversations) if isinstance(conversations, AsyncIterable)
                      else _as_async(keyed_conversations(conversations)))
-            async for result in self._run_routed(keyed, self.settings.model, wire.messages_inputs):
-                yield result
-            return
-        if isinstance(conversations, AsyncIterable):
-            encoded: Any = _aencoded(conversations)
+            results = self._run_routed(keyed, self.settings.model, wire.messages_inputs)
         else:
-            encoded = encoded_conversations(conversations)
-        chunks = achunked(encoded, self.settings.batch_size)
-        async for result in self._run(chunks, self.settings.model, wire.messages_inputs):
-            yield result
+            if isinstance(conversations, AsyncIterable):
+                encoded: Any = _aencoded(conversations)
+            else:
+                encoded = encoded_conversations(conversations)
+            results = self._run(achunked(encoded, self.settings.batch_size), self.settings.model,
+                                wire.messages_inputs)
+        async with aclosing(results):
+            async for result in results:
+                yield result
 
     async def score_ids(self, token_id_lists: Iterable[Sequence[int]]) -> List[ScoreResult]:
         """Score already-tokenised conversations through the ``reward_ids`` ensemble.
@@ -238,10 +248,11 @@ class AsyncRewardClient:
             RewardTimeoutError: a request passed its deadline.
             RewardServerError: any other server failure.
         """
-        async for result in self._stream(lambda: keyed_id_rows(token_id_lists),
-                                         lambda: checked_id_rows(token_id_lists), self.settings.ids_model,
-                                         wire.ids_inputs):
-            yield result
+        results = self._stream(lambda: keyed_id_rows(token_id_lists), lambda: checked_id_rows(token_id_lists),
+                               self.settings.ids_model, wire.ids_inputs)
+        async with aclosing(results):
+            async for result in results:
+                yield result
 
     async def score_texts(self, texts: Iterable[str]) -> List[ScoreResult]:
         """Score already-templated texts through the ``reward_text`` ensemble (see
@@ -264,9 +275,11 @@ class AsyncRewardClient:
             RewardTimeoutError: a request passed its deadline.
             RewardServerError: any other server failure.
         """
-        async for result in self._stream(lambda: keyed_texts(texts), lambda: encoded_texts(texts),
-                                         self.settings.text_model, wire.text_inputs):
-            yield result
+        results = self._stream(lambda: keyed_texts(texts), lambda: encoded_texts(texts), self.settings.text_model,
+                               wire.text_inputs)
+        async with aclosing(results):
+            async for result in results:
+                yield result
 
     async def preference(self, prompt: Prompt, response_a: str, response_b: str) -> float:
         """Return P(``response_a`` preferred over ``response_b``) = sigmoid(r_a - r_b).
@@ -301,27 +314,34 @@ class AsyncRewardClient:
         """Score one (synchronous) input stream: routed over replicas (``keyed()``), or cut into
         chunks for the one server (``plain()``); only the one used is made."""
         if self._pool is not None:
-            async for result in self._run_routed(_as_async(keyed()), model, make_inputs):
+            results = self._run_routed(_as_async(keyed()), model, make_inputs)
+        else:
+            results = self._run(chunked(plain(), self.settings.batch_size), model, make_inputs)
+        async with aclosing(results):
+            async for result in results:
                 yield result
-            return
-        async for result in self._run(chunked(plain(), self.settings.batch_size), model, make_inputs):
-            yield result
+
+    def _retried(self, call: Callable[[Optional[float]], Awaitable[Any]], attempts: Optional[Attempts] = None
+                 ) -> Awaitable[Any]:
+        """Run one request's attempts (``call(limit_s)``) under the settings, budget and deadline."""
+        return acall_with_retries(call, attempts or self.settings.attempts(self._budget, self._clock), self._sleep)
 
     async def _run(self, chunks: Any, model: str, make_inputs: Any
                    ) -> AsyncIterator[ScoreResult]:
         async def request(chunk: Tuple[int, list]) -> List[ScoreResult]:
             offset, items = chunk
             inputs = make_inputs(items)
-            return await acall_with_retries(lambda: self._infer(model, inputs, offset),
-                                            self.settings.retry, self._sleep, self.settings.rng)
+            return await self._retried(lambda limit: self._infer(model, inputs, offset, limit))
 
-        async for results in aordered_map(request, chunks, self.settings.max_in_flight):
-            for result in results:
-                yield result
+        batches = aordered_map(request, chunks, self.settings.max_in_flight)
+        async with aclosing(batches):
+            async for results in batches:
+                for result in results:
+                    yield result
 
-    async def _infer(self, model: str, inputs: list, offset: int) -> List[ScoreResult]:
+    async def _infer(self, model: str, inputs: list, offset: int, limit_s: Optional[float]) -> List[ScoreResult]:
         try:
-            response = await self._client.infer(model, inputs, client_timeout=self.settings.timeout_s)
+            response = await self._client.infer(model, inputs, **wire.attempt_deadline(limit_s))
         except InferenceServerException as exc:
             raise wire.map_error(exc, offset) from exc
         await self._load_attribute_names(self._client)
@@ -336,30 +356,36 @@ class AsyncRewardClient:
 
         order = routing.InputOrder()
         chunks = aplanned_chunks(self._pool, keyed, self.settings.batch_size)
-        async for batch in aordered_map(request, chunks, in_flight):
-            for result in order.add(batch):
-                yield result
+        batches = aordered_map(request, chunks, in_flight)
+        async with aclosing(batches):
+            async for batch in batches:
+                for result in order.add(batch):
+                    yield result
         order.close()
 
     async def _score_chunk(self, chunk: routing.RoutedChunk, model: str, make_inputs: Any
                            ) -> List[ScoreResult]:
-        """Score one routed chunk, moving it (or its parts) to other replicas while replicas fail."""
+        """Score one routed chunk, moving it (or its parts) to other replicas while replicas fail.
+
+        The parts keep the chunk's deadline: moving is not a new request.
+        """
         pending, done, failovers = [chunk], [], 0
+        attempts = self.settings.attempts(self._budget, self._clock)
         while pending:
             current = pending.pop(0)
             try:
-                attempt = lambda chunk=current: self._infer_routed(chunk, model, make_inputs)  # noqa: E731
-                done.extend(await acall_with_retries(attempt, self.settings.retry, self._sleep, self.settings.rng))
+                attempt = lambda limit, part=current: self._infer_routed(part, model, make_inputs, limit)  # noqa: E731
+                done.extend(await self._retried(attempt, attempts))
             except ReplicaDown as down:
                 failovers += 1
                 pending.extend(failover(self._pool, current, down, self.settings.batch_size, failovers))
         return done
 
-    async def _infer_routed(self, chunk: routing.RoutedChunk, model: str, make_inputs: Any
-                            ) -> List[ScoreResult]:
+    async def _infer_routed(self, chunk: routing.RoutedChunk, model: str, make_inputs: Any,
+                            limit_s: Optional[float]) -> List[ScoreResult]:
         client = self._pool.client(chunk.address)
         try:
-            response = await client.infer(model, make_inputs(chunk.payloads), client_timeout=self.settings.timeout_s)
+            response = await client.infer(model, make_inputs(chunk.payloads), **wire.attempt_deadline(limit_s))
         except InferenceServerException as exc:
             raise chunk_error(exc, chunk) from exc
         self._pool.health.mark_up(chunk.address)

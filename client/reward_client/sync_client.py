@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from contextlib import closing
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
@@ -16,10 +17,11 @@ from reward_client._base import (DEFAULT_URL, AttributeNames, ClientSettings, ch
 from reward_client.conversations import ConversationLike, Response, with_response
 from reward_client.errors import RewardUnavailableError
 from reward_client.results import RankedResponse, ScoreResult, bradley_terry
-from reward_client.retry import RetryPolicy, call_with_retries
+from reward_client.retry import Attempts, RetryBudget, RetryPolicy, call_with_retries
 from reward_client.tls import TlsConfig, client_kwargs
 from reward_client.transport import routing, wire
 from reward_client.transport.endpoints import EndpointSet, is_scale_out, parse_targets
+from reward_client.transport.inflight import CallScope, CallScopes
 from reward_client.transport.pipeline import chunked, ordered_map
 from reward_client.transport.replicas import (ReplicaDown, ReplicaPool, chunk_error, chunk_results, failover,
                                               planned_chunks)
@@ -34,7 +36,9 @@ class RewardClient:
 
     Large inputs are split into requests of ``batch_size`` conversations, sent with at most
     ``max_in_flight`` outstanding, and returned in input order. Overload errors are retried
-    with exponential backoff and jitter; invalid input raises at once, naming the conversation.
+    with exponential backoff and jitter, within the client's retry budget; invalid input raises at
+    once, naming the conversation. Every attempt carries its deadline to the server, and a call
+    that is abandoned (iteration stopped, an error, :meth:`close`) cancels its requests in flight.
 
     Given several replicas (a list, ``"a:8001,b:8001"``, or ``"dns:///headless-service:8001"``),
     conversations sharing a prompt go to the same replica (rendezvous hashing on the prompt), at
@@ -52,7 +56,8 @@ class RewardClient:
     def __init__(self, url: Union[str, Sequence[str]] = DEFAULT_URL, *, model: str = wire.MESSAGES_MODEL,
                  ids_model: str = wire.IDS_MODEL, text_model: str = wire.TEXT_MODEL, batch_size: int = 64, max_in_flight: int = 4,
                  timeout_s: Optional[float] = 60.0, retry: Optional[RetryPolicy] = None,
-                 verbose: bool = False, refresh_s: float = 30.0, tls: Optional[TlsConfig] = None) -> None:
+                 verbose: bool = False, refresh_s: float = 30.0, tls: Optional[TlsConfig] = None,
+                 deadline_s: Optional[float] = None) -> None:
         """Create a client; the connection is made lazily by the first call.
 
         Args:
@@ -64,19 +69,22 @@ class RewardClient:
             batch_size: conversations per request.
             max_in_flight: requests outstanding at once.
             timeout_s: deadline of each request attempt (None: none).
-            retry: retry policy for overload/unavailability (default :class:`RetryPolicy`).
+            retry: retry policy for overload/unavailability (default :class:`RetryPolicy`); its
+                retry budget is shared by all of this client's requests.
             verbose: log every gRPC call (tritonclient's verbose mode).
             refresh_s: with ``dns:///`` targets, how often the name is resolved again.
             tls: gRPC over TLS (and mutual TLS with a client certificate); None: plaintext.
+            deadline_s: the most one request may take, retries and backoff included (None: only
+                ``timeout_s`` bounds each attempt); each attempt gets ``min(timeout_s, what is left)``.
 
         Raises:
-            ValueError: if ``batch_size`` or ``max_in_flight`` is < 1, or an endpoint is not
-                ``host:port``.
+            ValueError: if ``batch_size`` or ``max_in_flight`` is < 1, ``deadline_s`` is <= 0,
+                or an endpoint is not ``host:port``.
         """
         targets = parse_targets(url)
         self.settings = ClientSettings(url=",".join(targets), model=model, ids_model=ids_model, text_model=text_model,
                                        batch_size=batch_size, max_in_flight=max_in_flight,
-                                       timeout_s=timeout_s, retry=retry or RetryPolicy())
+                                       timeout_s=timeout_s, retry=retry or RetryPolicy(), deadline_s=deadline_s)
         self._pool: Optional[ReplicaPool] = None
         if is_scale_out(targets):
             self._pool = ReplicaPool(EndpointSet(targets, refresh_s),
@@ -88,7 +96,11 @@ class RewardClient:
         self._executor: Optional[ThreadPoolExecutor] = None
         self._executor_size = 0
         self._attributes = AttributeNames()
-        self._sleep = time.sleep
+        self._budget = RetryBudget(self.settings.retry)
+        self._calls = CallScopes()
+        # Test hooks: None waits for real (backoffs wake when their call is abandoned).
+        self._sleep: Optional[Callable[[float], None]] = None
+        self._clock: Callable[[], float] = time.monotonic
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -99,7 +111,12 @@ class RewardClient:
         self.close()
 
     def close(self) -> None:
-        """Close the connection and stop the worker threads."""
+        """Cancel the requests in flight, stop the worker threads and close the connection.
+
+        A scoring call still running in another thread then raises ``RewardClientError``
+        ("cancelled: the client was closed").
+        """
+        self._calls.cancel_all("the client was closed")
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
@@ -136,7 +153,7 @@ class RewardClient:
                 raise RewardUnavailableError(
                     f"{self.settings.url}: model {self.settings.model!r} not ready "
                     f"after {timeout_s:.1f}s")
-            self._sleep(poll_s)
+            (self._sleep or time.sleep)(poll_s)
 
     def health(self) -> Dict[str, bool]:
         """Return ``{"live", "ready", "model_ready"}`` flags of the server (never raises).
@@ -246,6 +263,8 @@ class RewardClient:
     def iter_scores(self, conversations: Iterable[ConversationLike]) -> Iterator[ScoreResult]:
         """Stream results for a (possibly huge) iterable of conversations, in input order.
 
+        Stopping early (``close()`` the iterator, or drop it) cancels the requests in flight.
+
         Raises:
             RewardInvalidInputError: a conversation was malformed or rejected; ``.index`` is
                 its position in ``conversations``.
@@ -354,22 +373,31 @@ class RewardClient:
             return
         yield from self._run(chunked(plain(), self.settings.batch_size), model, make_inputs)
 
+    def _retried(self, scope: CallScope, call: Callable[[Optional[float]], Any],
+                 attempts: Optional[Attempts] = None) -> Any:
+        """Run one request's attempts (``call(limit_s)``) under the settings, budget and deadline."""
+        return call_with_retries(call, attempts or self.settings.attempts(self._budget, self._clock),
+                                 self._sleep or scope.pause)
+
     def _run(self, chunks: Iterable[Tuple[int, list]], model: str, make_inputs: Any
              ) -> Iterator[ScoreResult]:
-        self._workers(self.settings.max_in_flight)
+        executor = self._workers(self.settings.max_in_flight)
+        # Leaving this block for any reason (done, an error, the caller stopped iterating)
+        # cancels whatever requests are still in flight.
+        with self._calls.open() as scope:
+            def request(chunk: Tuple[int, list]) -> List[ScoreResult]:
+                offset, items = chunk
+                inputs = make_inputs(items)
+                return self._retried(scope, lambda limit: self._infer(scope, model, inputs, offset, limit))
 
-        def request(chunk: Tuple[int, list]) -> List[ScoreResult]:
-            offset, items = chunk
-            inputs = make_inputs(items)
-            return call_with_retries(lambda: self._infer(model, inputs, offset),
-                                     self.settings.retry, self._sleep, self.settings.rng)
+            with closing(ordered_map(request, chunks, self.settings.max_in_flight, executor)) as batches:
+                for results in batches:
+                    yield from results
 
-        for results in ordered_map(request, chunks, self.settings.max_in_flight, self._executor):
-            yield from results
-
-    def _infer(self, model: str, inputs: list, offset: int) -> List[ScoreResult]:
+    def _infer(self, scope: CallScope, model: str, inputs: list, offset: int, limit_s: Optional[float]
+               ) -> List[ScoreResult]:
         try:
-            response = self._client.infer(model, inputs, client_timeout=self.settings.timeout_s)
+            response = scope.infer(self._client, model, inputs, limit_s)
         except InferenceServerException as exc:
             raise wire.map_error(exc, offset) from exc
         self._load_attribute_names(self._client)
@@ -381,30 +409,39 @@ class RewardClient:
         in_flight = self.settings.max_in_flight * len(pool.addresses())
         executor = self._workers(in_flight)
 
-        def request(chunk: routing.RoutedChunk) -> List[Tuple[int, ScoreResult]]:
-            results = self._score_chunk(chunk, model, make_inputs)
-            return [(result.index, result) for result in results]
+        with self._calls.open() as scope:
+            def request(chunk: routing.RoutedChunk) -> List[Tuple[int, ScoreResult]]:
+                results = self._score_chunk(scope, chunk, model, make_inputs)
+                return [(result.index, result) for result in results]
 
-        chunks = planned_chunks(pool, keyed, self.settings.batch_size)
-        yield from routing.reorder(ordered_map(request, chunks, in_flight, executor))
+            chunks = planned_chunks(pool, keyed, self.settings.batch_size)
+            with closing(ordered_map(request, chunks, in_flight, executor)) as batches:
+                yield from routing.reorder(batches)
 
-    def _score_chunk(self, chunk: routing.RoutedChunk, model: str, make_inputs: Any) -> List[ScoreResult]:
-        """Score one routed chunk, moving it (or its parts) to other replicas while replicas fail."""
+    def _score_chunk(self, scope: CallScope, chunk: routing.RoutedChunk, model: str, make_inputs: Any
+                     ) -> List[ScoreResult]:
+        """Score one routed chunk, moving it (or its parts) to other replicas while replicas fail.
+
+        The parts keep the chunk's deadline: moving is not a new request.
+        """
         pending, done, failovers = [chunk], [], 0
+        attempts = self.settings.attempts(self._budget, self._clock)
         while pending:
             current = pending.pop(0)
             try:
-                done.extend(call_with_retries(lambda chunk=current: self._infer_routed(chunk, model, make_inputs),
-                                              self.settings.retry, self._sleep, self.settings.rng))
+                done.extend(self._retried(
+                    scope, lambda limit, part=current: self._infer_routed(scope, part, model, make_inputs, limit),
+                    attempts))
             except ReplicaDown as down:
                 failovers += 1
                 pending.extend(failover(self._pool, current, down, self.settings.batch_size, failovers))
         return done
 
-    def _infer_routed(self, chunk: routing.RoutedChunk, model: str, make_inputs: Any) -> List[ScoreResult]:
+    def _infer_routed(self, scope: CallScope, chunk: routing.RoutedChunk, model: str, make_inputs: Any,
+                      limit_s: Optional[float]) -> List[ScoreResult]:
         client = self._pool.client(chunk.address)
         try:
-            response = client.infer(model, make_inputs(chunk.payloads), client_timeout=self.settings.timeout_s)
+            response = scope.infer(client, model, make_inputs(chunk.payloads), limit_s)
         except InferenceServerException as exc:
             raise chunk_error(exc, chunk) from exc
         self._pool.health.mark_up(chunk.address)

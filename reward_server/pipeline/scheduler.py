@@ -99,6 +99,10 @@ class Job:
         return self.ticket.arrival if self.ticket is not None else self.received
 
 
+class _CountRefusal(EngineUnavailable):
+    """A refusal by the queue's request count (`QueueLimits.max_queue_requests`): given at once."""
+
+
 class RateEstimate:
     """Tokens per second the engine computes, smoothed over waves; None before the first wave."""
 
@@ -181,7 +185,7 @@ class EngineScheduler:
                 refusal = self._refusal(job, now)
                 if refusal is None:
                     self._queue.append(job)
-                elif self.admit_grace_s > 0:
+                elif self.admit_grace_s > 0 and not isinstance(refusal, _CountRefusal):
                     self._probation.append((job, now + self.admit_grace_s, refusal))
                 else:
                     self._refuse(job, refusal)
@@ -193,6 +197,10 @@ class EngineScheduler:
         running = any(deadlines.drop_reason(j.ticket, self.board, now) is None for j in self._running)
         ahead = sum(j.tokens for j in live) + (self._running_left if running else 0)
         wait_s = self.rate.seconds(ahead)
+        limit = self.limits.max_queue_requests
+        if limit is not None and len(live) >= limit:  # a set count: no second look
+            return _CountRefusal(f"{deadlines.OVERLOADED_PREFIX}: {len(live)} requests are queued, the maximum queue "
+                                 f"size is {limit}; retry later (with backoff) or on another replica")
         over = self._over_limit(ahead, len(live), wait_s)
         if over is not None:
             return EngineUnavailable(f"{deadlines.OVERLOADED_PREFIX}: {over}; retry later (with backoff) "
@@ -210,8 +218,6 @@ class EngineScheduler:
         if ahead == 0 or waiting == 0:
             return None  # one request may always wait behind the running wave: the engine never idles between two
         limits = self.limits
-        if limits.max_queue_requests is not None and waiting >= limits.max_queue_requests:
-            return f"{waiting} requests are queued, the limit is {limits.max_queue_requests}"
         if wait_s is None:
             cap = UNMEASURED_ROWS * self.token_budget
             if ahead >= cap:

@@ -8,6 +8,7 @@ Results come back in input order: the oldest request is always the next one yiel
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from concurrent.futures import Executor, Future
 from typing import (Any, AsyncIterable, AsyncIterator, Awaitable, Callable, Deque, Iterable,
@@ -62,6 +63,19 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], max_in_flight: int,
             future.cancel()
 
 
+@contextlib.asynccontextmanager
+async def aclosing(generator: Any) -> AsyncIterator[Any]:
+    """``async with aclosing(agen)``: close ``agen`` on exit (``contextlib.aclosing`` is 3.10+).
+
+    An async generator that iterates another does not close it when it is itself closed; the inner
+    one would wait for the garbage collector, and its requests in flight with it.
+    """
+    try:
+        yield generator
+    finally:
+        await generator.aclose()
+
+
 async def _as_async(items: Union[Iterable[T], AsyncIterable[T]]) -> AsyncIterator[T]:
     if isinstance(items, AsyncIterable):
         async for item in items:
@@ -96,6 +110,9 @@ async def aordered_map(fn: Callable[[T], Awaitable[R]],
                        items: Union[Iterable[T], AsyncIterable[T]],
                        max_in_flight: int) -> AsyncIterator[R]:
     """Asyncio twin of :func:`ordered_map`: ``fn`` is a coroutine function.
+
+    When the caller stops early (closes this generator, or its task is cancelled) or an error ends
+    it, the tasks still running are cancelled and awaited: their gRPC calls are cancelled with them.
 
     Raises:
         ValueError: if ``max_in_flight`` < 1.

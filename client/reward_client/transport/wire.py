@@ -13,7 +13,7 @@ Requests ask for every output (no output list), so a client works with servers o
 from __future__ import annotations
 
 import re
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from tritonclient.grpc import InferInput
@@ -34,8 +34,13 @@ KNOWN_MODELS = (MESSAGES_MODEL, IDS_MODEL, TEXT_MODEL, "preprocessing", "reward_
 
 _CONVERSATION_INDEX = re.compile(r"conversation (\d+):")
 _RETRYABLE_STATUSES = {"StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED"}
-# Server-side queue rejections, whatever status a Triton version attaches to them.
-_RETRYABLE_MESSAGES = ("exceeds maximum queue size", "request timeout expired")
+# Server-side queue rejections, whatever status a Triton version attaches to them: Triton's own,
+# and the reward server's admission control ("the server is overloaded ...", UNAVAILABLE).
+_RETRYABLE_MESSAGES = ("exceeds maximum queue size", "request timeout expired", "the server is overloaded")
+# The reward server dropped or refused a request because its deadline (Triton's `timeout`
+# parameter, which this client sends) passed or cannot be met: whatever the status, sending it
+# again could only be later still.
+_DEADLINE_MESSAGES = ("deadline passed",)
 # Failures of the replica itself rather than of the request: unreachable, or its engine gone
 # (a dead Python-backend stub answers INTERNAL "Stub process ... is not healthy").
 _REPLICA_FAILURE_MESSAGES = ("stub process", "failed to connect", "connection refused", "socket closed",
@@ -142,6 +147,26 @@ def parse_results(as_numpy: Callable[[str], Optional[np.ndarray]], offset: int,
     ]
 
 
+def attempt_deadline(limit_s: Optional[float]) -> Dict[str, Optional[Union[float, int]]]:
+    """Return the deadline keywords of tritonclient's ``infer`` for an attempt of ``limit_s`` seconds.
+
+    The same limit travels twice: as the gRPC deadline (``client_timeout``, seconds), which ends
+    the call at the client and cancels it at the server, and as Triton's ``timeout`` request
+    parameter (whole microseconds), which the server reads to drop the request once it is due,
+    wherever it is queued. None sends neither.
+    """
+    if limit_s is None:
+        return {"client_timeout": None, "timeout": None}
+    # Rounded down, and at least 1: Triton reads a timeout of 0 as "none".
+    return {"client_timeout": limit_s, "timeout": max(1, int(limit_s * 1_000_000))}
+
+
+def deadline_passed(exc: InferenceServerException) -> bool:
+    """Return whether the server dropped or refused the request because its deadline passed."""
+    message = str(exc.message() or exc).lower()
+    return any(marker in message for marker in _DEADLINE_MESSAGES)
+
+
 def cancelled_by_server(exc: InferenceServerException) -> bool:
     """Return whether ``exc`` is a CANCELLED that this client did not cause.
 
@@ -151,7 +176,8 @@ def cancelled_by_server(exc: InferenceServerException) -> bool:
     (channel closed, call cancelled) is not.
     """
     message = str(exc.message() or exc).lower()
-    return str(exc.status() or "") == "StatusCode.CANCELLED" and not any(m in message for m in _LOCAL_CANCELLATIONS)
+    return str(exc.status() or "") == "StatusCode.CANCELLED" and not any(m in message for m in _LOCAL_CANCELLATIONS) \
+        and not deadline_passed(exc)
 
 
 def map_error(exc: InferenceServerException, offset: int = 0) -> RewardClientError:
@@ -159,12 +185,16 @@ def map_error(exc: InferenceServerException, offset: int = 0) -> RewardClientErr
 
     INVALID_ARGUMENT becomes :class:`RewardInvalidInputError` whose index is ``offset`` plus
     the request-local index the server names (``conversation N:``). UNAVAILABLE,
-    RESOURCE_EXHAUSTED, queue rejections, a restarting or stopping server and a CANCELLED the
-    server caused (:func:`cancelled_by_server`) become :class:`RewardUnavailableError`, which the
-    client retries.
+    RESOURCE_EXHAUSTED, queue rejections ("the server is overloaded" included), a restarting or
+    stopping server and a CANCELLED the server caused (:func:`cancelled_by_server`) become
+    :class:`RewardUnavailableError`, which the client retries. DEADLINE_EXCEEDED, and a request
+    the server dropped because its deadline passed (:func:`deadline_passed`, whatever the status),
+    become :class:`RewardTimeoutError`, which it never retries.
     """
     status = str(exc.status() or "")
     message = str(exc.message() or exc)
+    if deadline_passed(exc) and status != "StatusCode.INVALID_ARGUMENT":
+        return RewardTimeoutError(f"{status}: {message}" if status else message)
     if status == "StatusCode.INVALID_ARGUMENT":
         match = _CONVERSATION_INDEX.search(message)
         if match is None:
@@ -184,13 +214,13 @@ def is_replica_failure(exc: InferenceServerException) -> bool:
     """Return whether ``exc`` says the replica cannot serve (so another should), not that it is busy.
 
     A queue rejection means the replica is alive and loaded: it is retried on the same replica,
-    keeping the group where its prompt is computed. Anything UNAVAILABLE otherwise, the
-    engine-gone messages, and a CANCELLED from the server (a stopping replica) mean the replica is
-    down.
+    keeping the group where its prompt is computed; a request dropped because its deadline passed
+    says nothing about the replica. Anything UNAVAILABLE otherwise, the engine-gone messages, and a
+    CANCELLED from the server (a stopping replica) mean the replica is down.
     """
     status = str(exc.status() or "")
     message = str(exc.message() or exc).lower()
-    if any(marker in message for marker in _RETRYABLE_MESSAGES):
+    if any(marker in message for marker in _RETRYABLE_MESSAGES) or deadline_passed(exc):
         return False
     return status == "StatusCode.UNAVAILABLE" or cancelled_by_server(exc) \
         or any(marker in message for marker in _REPLICA_FAILURE_MESSAGES)
