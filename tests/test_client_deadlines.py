@@ -49,6 +49,9 @@ class FakeClock:
         self.sleep(seconds)
 
 
+FROZEN = lambda: 0.0  # noqa: E731 - a budget that earns nothing with time
+
+
 def failing(duration_s: float, message=OVERLOADED):
     return ("fail", duration_s, message)
 
@@ -244,7 +247,7 @@ def test_the_servers_overload_refusal_is_retried_on_the_same_replica():
 
 
 def test_budget_allows_min_retries_then_earns_ratio_per_first_attempt_up_to_a_cap():
-    budget = RetryBudget(RetryPolicy(budget_ratio=0.2, budget_min_retries=10))
+    budget = RetryBudget(RetryPolicy(budget_ratio=0.2, budget_min_retries=10), clock=FROZEN)
     assert [budget.try_withdraw() for _ in range(11)] == [True] * 10 + [False]
     for _ in range(4):
         budget.deposit()
@@ -257,8 +260,9 @@ def test_budget_allows_min_retries_then_earns_ratio_per_first_attempt_up_to_a_ca
 
 
 def test_budget_stops_retries_when_nothing_succeeds_and_refills_with_requests():
-    policy = RetryPolicy(max_attempts=1000, initial_backoff_s=0.0, budget_ratio=0.2, budget_min_retries=10)
-    budget = RetryBudget(policy)
+    policy = RetryPolicy(max_attempts=1000, initial_backoff_s=0.0, budget_ratio=0.2, budget_min_retries=10,
+                         budget_min_per_s=0.0)
+    budget = RetryBudget(policy, clock=FROZEN)
     calls = []
 
     def down(_limit):
@@ -282,8 +286,8 @@ def test_budget_stops_retries_when_nothing_succeeds_and_refills_with_requests():
 
 
 def test_async_retries_spend_the_same_budget():
-    policy = RetryPolicy(max_attempts=1000, initial_backoff_s=0.0, budget_min_retries=2)
-    budget = RetryBudget(policy)
+    policy = RetryPolicy(max_attempts=1000, initial_backoff_s=0.0, budget_min_retries=2, budget_min_per_s=0.0)
+    budget = RetryBudget(policy, clock=FROZEN)
     calls = []
 
     async def down(_limit):
@@ -300,7 +304,7 @@ def test_async_retries_spend_the_same_budget():
 
 def test_a_client_spends_one_budget_across_its_requests():
     fake = FakeTriton(fail_first=1000, max_delay_s=0.0)
-    policy = RetryPolicy(max_attempts=100, initial_backoff_s=0.0, budget_min_retries=3)
+    policy = RetryPolicy(max_attempts=100, initial_backoff_s=0.0, budget_min_retries=3, budget_min_per_s=0.0)
     with fake_client(fake, batch_size=4, max_in_flight=1, retry=policy) as client:
         with pytest.raises(RewardUnavailableError, match="retry budget is spent"):
             client.score(conversations(4))
@@ -316,7 +320,7 @@ def test_a_client_spends_one_budget_across_its_requests():
 
 
 def test_budget_withdrawals_are_thread_safe():
-    budget = RetryBudget(RetryPolicy(budget_ratio=0.0, budget_min_retries=1000))
+    budget = RetryBudget(RetryPolicy(budget_ratio=0.0, budget_min_retries=1000), clock=FROZEN)
     granted = []
     barrier = threading.Barrier(16)
     interval = sys.getswitchinterval()
@@ -338,7 +342,7 @@ def test_budget_withdrawals_are_thread_safe():
 
 
 def test_budget_deposits_and_withdrawals_interleaved_across_threads_add_up():
-    budget = RetryBudget(RetryPolicy(budget_ratio=0.5, budget_min_retries=0))
+    budget = RetryBudget(RetryPolicy(budget_ratio=0.5, budget_min_retries=0), clock=FROZEN)
     budget.capacity = 1e9  # no cap, so that the expected balance is exact
     granted = []
     interval = sys.getswitchinterval()
@@ -666,3 +670,31 @@ def test_the_server_sees_an_abandoned_call_cancelled():
     with CancellingServer(hang=True) as server:
         asyncio.run(cancel_task(server.url))
         assert eventually(lambda: server.client_gone == 3)
+
+
+def test_the_budget_earns_retries_with_time_up_to_its_capacity():
+    now = [0.0]
+    budget = RetryBudget(RetryPolicy(budget_ratio=0.0, budget_min_retries=1, budget_min_per_s=2.0), clock=lambda: now[0])
+    assert budget.try_withdraw() and not budget.try_withdraw()
+    now[0] += 0.4  # 0.8 earned: not yet a retry
+    assert not budget.try_withdraw()
+    now[0] += 0.1
+    assert budget.try_withdraw()
+    now[0] += 3600  # a long quiet hour banks no more than the capacity
+    assert budget.tokens == budget.capacity == 1.0
+    with pytest.raises(ValueError):
+        RetryPolicy(budget_min_per_s=-1)
+
+
+def test_past_the_budget_a_retry_waits_for_the_share_time_earns_it():
+    """Retries on credit queue up at budget_min_per_s; beyond what the deadline leaves, none is taken."""
+    now = [0.0]
+    budget = RetryBudget(RetryPolicy(budget_ratio=0.0, budget_min_retries=1, budget_min_per_s=4.0),
+                         clock=lambda: now[0])
+    assert budget.reserve(10.0) == 0.0  # the starting balance
+    assert budget.reserve(10.0) == pytest.approx(0.25)  # one more, paid for in a quarter second
+    assert budget.reserve(10.0) == pytest.approx(0.5)  # and the next after it
+    assert budget.reserve(0.6) is None  # a third would come 0.75 s from now: past what is left
+    now[0] += 1.0  # four earned: the two on credit paid, then the balance is capped at its capacity (1)
+    assert budget.reserve(10.0) == 0.0 and budget.tokens == pytest.approx(0.0)
+    assert RetryBudget(RetryPolicy(budget_min_retries=0, budget_min_per_s=0.0), clock=FROZEN).reserve(1e9) is None

@@ -37,6 +37,8 @@ MIN_ATTEMPT_S = 0.05
 # The budget holds at most budget_min_retries plus what this many first attempts deposit, so a
 # long quiet stretch of successes cannot bank a burst of retries for the next outage.
 BUDGET_WINDOW = 100
+# Past the budget, a retry without a deadline waits at most this long for the budget to earn it.
+MAX_BUDGET_WAIT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -48,8 +50,9 @@ class RetryPolicy:
     uniform in [0, 1): ``jitter=1`` is "full jitter", ``jitter=0`` a fixed exponential schedule.
 
     Retries are also limited per client by a retry budget (:class:`RetryBudget`): each request's
-    first attempt earns ``budget_ratio`` retries, a retry spends one, and the client starts with
-    ``budget_min_retries``. Past that, a retryable error is raised at once.
+    first attempt earns ``budget_ratio`` retries, a retry spends one, the client starts with
+    ``budget_min_retries`` and earns ``budget_min_per_s`` more every second. Past that, a
+    retryable error is raised at once.
 
     Attributes:
         max_attempts: attempts in total per request, the first included (1 disables retries).
@@ -59,6 +62,8 @@ class RetryPolicy:
         jitter: fraction of the cap that is randomised away, in [0, 1].
         budget_ratio: retries allowed per first attempt, over the client's recent requests.
         budget_min_retries: retries a client may make whatever its traffic (its starting balance).
+        budget_min_per_s: retries a second a client earns whatever its traffic (a slow trickle, so
+            that a client sending few large requests can outlast a long overload with backoff).
     """
 
     # Ten attempts: waits capped at 0.05, 0.1, ... 3.2, 5, 5 s, up to ~16 s in all (~8 s on average with
@@ -72,6 +77,7 @@ class RetryPolicy:
     # RetryBudget use the same order), and ten retries for a client that has sent little yet.
     budget_ratio: float = 0.2
     budget_min_retries: int = 10
+    budget_min_per_s: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -84,6 +90,8 @@ class RetryPolicy:
             raise ValueError("budget_ratio must be a finite number >= 0")
         if self.budget_min_retries < 0:
             raise ValueError("budget_min_retries must be >= 0")
+        if not 0.0 <= self.budget_min_per_s < math.inf:
+            raise ValueError("budget_min_per_s must be a finite number >= 0")
 
     def backoff_s(self, attempt: int, rng: Optional[random.Random] = None) -> float:
         """Return the wait after failed attempt ``attempt`` (0-based)."""
@@ -106,18 +114,29 @@ class RetryBudget:
     Thread-safe, and never blocks for long, so asyncio code uses it as it is.
     """
 
-    def __init__(self, policy: RetryPolicy) -> None:
-        """Create a full-reserve budget for ``policy``'s ``budget_ratio`` and ``budget_min_retries``."""
+    def __init__(self, policy: RetryPolicy, clock: Callable[[], float] = time.monotonic) -> None:
+        """Create a full-reserve budget for ``policy``'s ``budget_ratio``, ``budget_min_retries`` and
+        ``budget_min_per_s`` (earned on ``clock``)."""
         self.ratio = policy.budget_ratio
         self.min_retries = policy.budget_min_retries
+        self.per_s = policy.budget_min_per_s
         self.capacity = policy.budget_min_retries + policy.budget_ratio * BUDGET_WINDOW
         self._tokens = float(policy.budget_min_retries)
+        self._clock = clock
+        self._refilled = clock()
         self._lock = threading.Lock()
+
+    def _refill(self) -> None:
+        # the lock is held: what the elapsed time earned, up to the capacity
+        now = self._clock()
+        self._tokens = min(self.capacity, self._tokens + self.per_s * max(0.0, now - self._refilled))
+        self._refilled = now
 
     @property
     def tokens(self) -> float:
         """The retries the client may make now (fractional)."""
         with self._lock:
+            self._refill()
             return self._tokens
 
     def deposit(self) -> None:
@@ -128,16 +147,35 @@ class RetryBudget:
     def try_withdraw(self) -> bool:
         """Take one retry from the budget; return False, taking nothing, when there is none."""
         with self._lock:
+            self._refill()
             # The tolerance absorbs float sums: five deposits of 0.2 make one retry.
             if self._tokens < 1.0 - 1e-9:
                 return False
             self._tokens = max(0.0, self._tokens - 1.0)
             return True
 
+    def reserve(self, max_wait_s: float) -> Optional[float]:
+        """Take one retry, now or on credit: return the seconds to wait before using it (0 when the
+        budget holds one), or None, taking nothing, when it would not be earned within
+        ``max_wait_s`` (or never: ``budget_min_per_s`` is 0). Retries taken on credit queue up: each
+        waits until the time-earned share has paid for it, so retries never exceed the budget."""
+        with self._lock:
+            self._refill()
+            if self._tokens >= 1.0 - 1e-9:
+                self._tokens = max(0.0, self._tokens - 1.0) if self._tokens >= 1.0 else 0.0
+                return 0.0
+            if self.per_s <= 0:
+                return None
+            wait = (1.0 - self._tokens) / self.per_s
+            if wait > max_wait_s:
+                return None
+            self._tokens -= 1.0
+            return wait
+
     def describe(self) -> str:
         """One phrase for error messages: what the budget allows."""
-        return (f"retries are limited to {self.ratio:g} per request plus {self.min_retries}; "
-                "see RetryPolicy.budget_ratio and budget_min_retries")
+        return (f"retries are limited to {self.ratio:g} per request plus {self.min_retries}, and {self.per_s:g} "
+                "a second; see RetryPolicy.budget_ratio, budget_min_retries and budget_min_per_s")
 
 
 class Attempts:
@@ -222,8 +260,12 @@ class Attempts:
             if room <= 0:
                 raise self._expired(left, 2 * self.floor_s) from error
             delay = min(delay, room)
-        if self.budget is not None and not self.budget.try_withdraw():
-            raise _noted(error, f"not retried: the client's retry budget is spent ({self.budget.describe()})")
+        if self.budget is not None:
+            # past the budget a retry waits for the share that time earns it, within the deadline
+            wait = self.budget.reserve(MAX_BUDGET_WAIT_S if left is None else left - 2 * self.floor_s)
+            if wait is None:
+                raise _noted(error, f"not retried: the client's retry budget is spent ({self.budget.describe()})")
+            delay = max(delay, wait)
         _LOGGER.debug("retryable failure (attempt %d/%d), waiting %.3fs: %s",
                       failures, self.policy.max_attempts, delay, error)
         return delay
