@@ -78,6 +78,10 @@ def test_a_client_deadline_drops_the_work_and_the_next_request_is_answered(small
     assert value(after, "reward_dropped_requests_total", model="reward_engine", reason="cancelled") == \
         value(before, "reward_dropped_requests_total", model="reward_engine", reason="cancelled") + 1
     assert computed < sent_tokens / 2, (computed, answered_after)
+    # the engine's own queue and compute time (what autoscaling reads now that Triton's queue is empty)
+    for what in ("queue", "compute"):
+        name = f"reward_engine_{what}_duration_us_total"
+        assert value(after, name, model="reward_engine") > value(before, name, model="reward_engine"), name
     assert not any(_board(server).directory.iterdir())  # the entry cleared its mark once the pipeline answered
 
 

@@ -266,6 +266,8 @@ def test_autoscaler_scales_on_the_recorded_queue_compute_ratio():
     rules = {r.get("record"): r["expr"] for g in only(objects, "PrometheusRule")["spec"]["groups"] for r in g["rules"]}
     expr = " ".join(rules["triton:queue_compute:ratio"].split())
     assert "rate(nv_inference_queue_duration_us" in expr and "clamp_min(" in expr
+    # the PyTorch engine keeps its own queue: its own counters stand in for Triton's
+    assert "rate(reward_engine_queue_duration_us_total" in expr and "rate(reward_engine_compute_duration_us_total" in expr
     assert "nv_inference_compute_infer_duration_us" in expr
     assert only(rendered("overlays/gpu-tp"), "HorizontalPodAutoscaler")["spec"]["maxReplicas"] == 4
 

@@ -133,7 +133,7 @@ class EngineScheduler:
         progress: the engine's running count of tokens computed (prefix-shared ones included), read
             at every row boundary to measure the rate; None: measured from whole waves only.
         on_drop: told (reason, requests, tokens) for each request dropped or refused, reason one of
-            `deadlines.DROP_REASONS`; `on_wave` told (jobs, seconds) after each wave; `on_rate` the
+            `deadlines.DROP_REASONS`; `on_wave` told (jobs, start, seconds) after each wave; `on_rate` the
             measured tokens/s after each row (`admission.LoadPublisher`); their failures are logged,
             never raised.
         clock: wall-clock seconds (tickets use the same clock).
@@ -147,7 +147,7 @@ class EngineScheduler:
                  token_budget: int, limits: QueueLimits = QueueLimits(), board: CancelBoard | None = None,
                  progress: Callable[[], int] | None = None,
                  on_drop: Callable[[str, int, int], None] | None = None,
-                 on_wave: Callable[[list[Job], float], None] | None = None,
+                 on_wave: Callable[[list[Job], float, float], None] | None = None,
                  on_rate: Callable[[float | None], None] | None = None,
                  clock: Callable[[], float] = time.time, admit_grace_s: float = ADMIT_GRACE_S):
         self.compute = compute
@@ -363,7 +363,7 @@ class EngineScheduler:
             self._answer(job, result)
         with self._lock:
             self._running, self._running_left = [], 0
-        self._notify(self.on_wave, wave, now - started)
+        self._notify(self.on_wave, wave, started, now - started)
         return len(wave)
 
     # --- answers and counts ---

@@ -59,12 +59,14 @@ def _checkpoint(params: dict[str, str]) -> str:
     return path
 
 
-def _int_or_none(params: dict[str, str], key: str) -> int | None:
+def _int_or_none(params: dict[str, str], key: str, kind=int) -> int | None:
+    """A numeric parameter (`kind` int or float), or None when empty."""
     value = params.get(key, "").strip()
     try:
-        return int(value) if value else None
+        return kind(value) if value else None
     except ValueError:
-        raise ValueError(f"parameter {key} must be an integer, got {value!r}") from None
+        raise ValueError(f"parameter {key} must be {'an integer' if kind is int else 'a number'}, "
+                         f"got {value!r}") from None
 
 
 def _flag(params: dict[str, str], key: str) -> bool:
@@ -99,14 +101,6 @@ def drain_from_parameters(params: dict[str, str]):
     return DrainState(directory) if directory else None
 
 
-def _float_or_none(params: dict[str, str], key: str) -> float | None:
-    value = params.get(key, "").strip()
-    try:
-        return float(value) if value else None
-    except ValueError:
-        raise ValueError(f"parameter {key} must be a number, got {value!r}") from None
-
-
 def board_from_parameters(params: dict[str, str]):
     """The `CancelBoard` entry points mark gone clients on, or None when `drain_dir` is empty."""
     from reward_server.pipeline.deadlines import board_from_drain_dir
@@ -128,7 +122,7 @@ def queue_limits_from_parameters(params: dict[str, str]):
     five times that; 0 turns it off) and `max_queue_size` (requests; default none)."""
     from reward_server.pipeline.scheduler import DEFAULT_MAX_QUEUE_S, QUEUE_TIMEOUT_FACTOR, QueueLimits
 
-    seconds = _float_or_none(params, MAX_QUEUE_SECONDS) or DEFAULT_MAX_QUEUE_S
+    seconds = _int_or_none(params, MAX_QUEUE_SECONDS, float) or DEFAULT_MAX_QUEUE_S
     timeout_ms = _int_or_none(params, QUEUE_TIMEOUT_MS)
     timeout_s = QUEUE_TIMEOUT_FACTOR * seconds if timeout_ms is None else (timeout_ms / 1000 if timeout_ms > 0 else None)
     return QueueLimits(max_queue_s=seconds, queue_timeout_s=timeout_s,

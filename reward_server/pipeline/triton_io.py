@@ -276,3 +276,29 @@ def gone_checker(requests, board, drops: DropMetrics | None = None):
         return RequestDropped(deadlines.drop_message(reason, tickets[r]))
 
     return gone
+
+
+class QueueMetrics:
+    """Where the engine's time goes, per request, now that its queue is its own (Triton's
+    `nv_inference_queue_duration_us` no longer sees the wait):
+
+        reward_engine_queue_duration_us_total{model}     from arrival at the server to its wave's start
+        reward_engine_compute_duration_us_total{model}   its wave's computing time
+
+    Same meaning as Triton's counters of those names without `reward_engine_`, so the autoscaling
+    rule adds them up with the TensorRT-LLM model's (deploy/k8s/base/prometheusrule.yaml).
+    """
+
+    def __init__(self, model_name: str):
+        self._families = [pb_utils.MetricFamily(name=f"reward_engine_{what}_duration_us_total",
+                                                description=f"Cumulative {what} microseconds of the engine's requests",
+                                                kind=pb_utils.MetricFamily.COUNTER) for what in ("queue", "compute")]
+        self._queue, self._compute = (family.Metric(labels={"model": model_name}) for family in self._families)
+
+    def wave(self, jobs, start: float, seconds: float) -> None:
+        """Count a wave of `jobs` that started at `start` (epoch seconds) and took `seconds`."""
+        try:
+            self._queue.increment(sum(max(0.0, start - job.arrival) for job in jobs) * 1e6)
+            self._compute.increment(len(jobs) * seconds * 1e6)
+        except Exception:  # noqa: BLE001
+            _LOGGER.exception("could not update queue metrics")

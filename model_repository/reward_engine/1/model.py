@@ -12,7 +12,8 @@ except ImportError:  # a tritonserver whose own Python has the packages installe
 
 from reward_server.pipeline import settings, stages
 from reward_server.pipeline.scheduler import EngineScheduler, Job
-from reward_server.pipeline.triton_io import DropMetrics, EngineMetrics, answer_later, input_array, ticket_of
+from reward_server.pipeline.triton_io import (DropMetrics, EngineMetrics, QueueMetrics, answer_later, input_array,
+                                              ticket_of)
 
 
 class TritonPythonModel:
@@ -21,13 +22,14 @@ class TritonPythonModel:
         self.engine = settings.engine_from_parameters(params)
         self.metrics = EngineMetrics(args["model_name"])
         self.drops = DropMetrics(args["model_name"])
+        self.queue_metrics = QueueMetrics(args["model_name"])
         self.drain = settings.drain_from_parameters(params)
         limits = settings.queue_limits_from_parameters(params)
         self.scheduler = EngineScheduler(
             lambda inputs, alive: stages.score_requests(self.engine, inputs, alive), self.engine.token_budget,
             limits, settings.board_from_parameters(params),
             progress=lambda: self.engine.stats.tokens + self.engine.stats.shared_tokens, on_drop=self.drops.drop,
-            on_wave=lambda jobs, seconds: self.metrics.update(self.engine.stats),
+            on_wave=self._after_wave,
             on_rate=settings.load_publisher_from_parameters(params, limits)).start()
 
     def execute(self, requests):
@@ -37,6 +39,10 @@ class TritonPythonModel:
         self.scheduler.submit([Job((input_array(r, "input_ids").copy(), input_array(r, "input_lengths").copy()),
                                    ticket_of(r), answer_later(r, finished)) for r in requests])
         return None
+
+    def _after_wave(self, jobs, start, seconds):
+        self.metrics.update(self.engine.stats)
+        self.queue_metrics.wave(jobs, start, seconds)
 
     def finalize(self):
         self.scheduler.stop()
