@@ -125,7 +125,9 @@ def _gateway_parser(sub) -> None:
                    help=f"how long a request waits for concurrent ones to share a gRPC request (default "
                         f"{d.batch_delay_ms})")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="conversations per gRPC request")
-    p.add_argument("--timeout", type=float, default=d.timeout_s, help="seconds each gRPC request may take")
+    p.add_argument("--timeout", type=float, default=d.timeout_s,
+                   help="seconds an HTTP request may take, its gRPC requests and retries included (a caller's "
+                        "X-Request-Timeout can only shorten it)")
     p.add_argument("--model-name", default=d.model_name, help="model name in answers when a request names none")
     p.add_argument("--tls-ca", help="the server speaks gRPC over TLS: its CA certificate (PEM)")
     p.add_argument("--tls-cert", help="mutual TLS: the gateway's client certificate (PEM)")
