@@ -78,8 +78,10 @@ def test_reward_metrics_move_as_expected_and_request_ids_reach_the_log(server):
     assert delta("reward_requests_rejected_total", reason="invalid_messages", **pre) == 1
     assert delta("reward_requests_rejected_total", reason="too_long", **pre) == 1
     assert delta("reward_engine_shared_tokens_total", model="reward_engine") >= 3 * 32  # the group's prompt
-    # Triton's own metrics are still there, on the same port.
-    assert delta("nv_inference_request_success", model="reward", version="1") == 1
+    # Triton's own metrics are still there, on the same port. The entry point answers through its response
+    # sender, which Triton counts as a success whatever the answer; the ensemble behind it counts truly.
+    assert delta("nv_inference_request_success", model="reward_pipeline", version="1") == 1
+    assert delta("nv_inference_request_failure", model="reward_pipeline", reason="OTHER", version="1") >= 2
 
     assert _log_has(server, f"request obs-42: scored {len(conversations)} conversations, {int(tokens.sum())} tokens")
     assert _log_has(server, "request obs-bad: rejected (invalid_messages): conversation 1: messages must be a JSON array")

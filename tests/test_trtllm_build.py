@@ -97,8 +97,8 @@ def test_build_runs_the_steps_in_order_and_renders_a_repository(demo_checkpoint,
                                model_config_pb2.ModelConfig())
     assert config.parameters["gpt_model_path"].string_value == str(layout.engine.resolve())
     assert sorted(p.name for p in layout.model_repository.iterdir()) == \
-        ["postprocessing", "preprocessing", "reward", "reward_engine_trtllm", "reward_ids", "reward_text",
-         "tensorrt_llm"]
+        ["postprocessing", "preprocessing", "reward", "reward_engine_trtllm", "reward_ids", "reward_ids_pipeline",
+         "reward_pipeline", "reward_text", "reward_text_pipeline", "tensorrt_llm"]
     pre = text_format.Parse((layout.model_repository / "preprocessing" / "config.pbtxt").read_text(),
                             model_config_pb2.ModelConfig())
     assert pre.parameters["max_length"].string_value == "300"
