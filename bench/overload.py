@@ -6,8 +6,10 @@ bounded in requests and time. One server (`reward-server serve` defaults, the `s
 checkpoint unless --checkpoint) serves all phases:
 
 1. abandoned: `--abandoned-requests` requests of 16 long conversations (~2.5k tokens each) sent at
-   once with a 15 s deadline; all end DEADLINE_EXCEEDED. Then one request of two short
-   conversations: how long after the deadlines is it answered? (Before issue 30: 215 s.)
+   once with a 15 s deadline (before issue 30 all ended DEADLINE_EXCEEDED; now most are refused at
+   once). Then one request of two short conversations: how long after the deadlines is it
+   answered? (Before issue 30: 215 s.) Then the same with one admitted request of 96 long
+   conversations (over a minute of work) abandoned at its 15 s deadline: the engine must drop it.
 2. capacity: 2 senders, requests of 8 conversations of ~1k tokens, for `--capacity-s`: the
    conversations per second the server sustains.
 3. overload: `--senders` senders for `--overload-s`, each request with a `--deadline-s` deadline,
@@ -130,6 +132,24 @@ def abandoned(url: str, rng: random.Random, requests: int, deadline_s: float) ->
             "next_answered_after_deadlines_s": round(answered - deadlines_at, 2)}
 
 
+def abandoned_admitted(url: str, rng: random.Random, conversations: int, deadline_s: float) -> dict:
+    """One request the server admits (it is idle) and its client abandons at `deadline_s`: how long
+    after that is the next small request answered?"""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    started = time.monotonic()
+    try:
+        client.infer("reward", encode([conversation(rng, WORDS_2500_TOKENS) for _ in range(conversations)]),
+                     client_timeout=deadline_s)
+        outcome = "scored"
+    except Exception as exc:  # noqa: BLE001 - the deadline is the point
+        outcome = error_kind(exc)
+    client.infer("reward", encode([conversation(rng, 20), conversation(rng, 30)]), client_timeout=600)
+    return {"conversations": conversations, "deadline_s": deadline_s, "outcome": outcome,
+            "next_answered_after_deadline_s": round(time.monotonic() - started - deadline_s, 2)}
+
+
 def closed_loop(url: str, rng: random.Random, senders: int, seconds: float, deadline_s: float | None,
                 size: int = 8, words: int | None = None) -> dict:
     """`senders` threads sending requests of `size` conversations for `seconds`; a failed request is
@@ -243,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         print("abandoned ...", file=sys.stderr)
         results["abandoned"] = abandoned(url, rng, args.abandoned_requests, 15.0)
         print(results["abandoned"], file=sys.stderr)
+        results["abandoned_admitted"] = abandoned_admitted(url, rng, 96, 15.0)
+        print(results["abandoned_admitted"], file=sys.stderr)
         time.sleep(2)
         print("capacity ...", file=sys.stderr)
         results["capacity"] = closed_loop(url, rng, 2, args.capacity_s, None)
