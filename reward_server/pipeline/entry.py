@@ -36,7 +36,7 @@ import triton_python_backend_utils as pb_utils
 
 from reward_server.pipeline import deadlines, settings
 from reward_server.pipeline.admission import EngineLoad, FrontDoor
-from reward_server.pipeline.triton_io import DropMetrics
+from reward_server.pipeline.triton_io import DropMetrics, prefer_threads
 
 _LOGGER = logging.getLogger(__name__)
 _ENSEMBLE_PREFIX = re.compile(r"^in ensemble '[^']*', ")
@@ -55,6 +55,7 @@ class EntryModel:
     """The Triton model of an entry point (its model.py imports this as `TritonPythonModel`)."""
 
     def initialize(self, args):
+        prefer_threads()  # the requests' tasks run on the stub's event-loop thread
         params = settings.parameters_of(args)
         config = json.loads(args["model_config"])
         self.pipeline = params.get(settings.PIPELINE_MODEL) or f"{args['model_name']}_pipeline"

@@ -19,18 +19,19 @@ from reward_server.pipeline.triton_io import (DropMetrics, EngineMetrics, QueueM
 class TritonPythonModel:
     def initialize(self, args):
         params = settings.parameters_of(args)
-        self.engine = settings.engine_from_parameters(params)
         self.metrics = EngineMetrics(args["model_name"])
         self.drops = DropMetrics(args["model_name"])
         self.queue_metrics = QueueMetrics(args["model_name"])
         self.drain = settings.drain_from_parameters(params)
         limits = settings.queue_limits_from_parameters(params)
         self.scheduler = EngineScheduler(
-            lambda inputs, alive: stages.score_requests(self.engine, inputs, alive), self.engine.token_budget,
+            lambda inputs, alive: stages.score_requests(self.engine, inputs, alive), None,
             limits, settings.board_from_parameters(params),
             progress=lambda: self.engine.stats.tokens + self.engine.stats.shared_tokens, on_drop=self.drops.drop,
-            on_wave=self._after_wave,
-            on_rate=settings.load_publisher_from_parameters(params, limits)).start()
+            on_wave=self._after_wave, on_rate=settings.load_publisher_from_parameters(params, limits))
+        # loaded on the scheduler's thread, which computes every wave (see EngineScheduler.start)
+        self.engine = self.scheduler.start(setup=lambda: settings.engine_from_parameters(params))
+        self.scheduler.token_budget = self.engine.token_budget
 
     def execute(self, requests):
         # a request the engine fails never reaches postprocessing: the drain counts it finished here
