@@ -330,14 +330,7 @@ def test_budget_withdrawals_are_thread_safe():
         barrier.wait()
         granted.append(sum(budget.try_withdraw() for _ in range(200)))
 
-    try:
-        threads = [threading.Thread(target=withdraw) for _ in range(16)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    finally:
-        sys.setswitchinterval(interval)
+    _race([withdraw] * 16, interval)
     assert sum(granted) == 1000 and budget.tokens == 0.0
 
 
@@ -355,14 +348,7 @@ def test_budget_deposits_and_withdrawals_interleaved_across_threads_add_up():
     def withdraw():
         granted.append(sum(budget.try_withdraw() for _ in range(2000)))
 
-    try:
-        threads = [threading.Thread(target=f) for f in (deposit, withdraw) * 4]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    finally:
-        sys.setswitchinterval(interval)
+    _race([deposit, withdraw] * 4, interval)
     assert budget.tokens == pytest.approx(4 * 2000 * 0.5 - sum(granted))
     assert budget.tokens >= 0
 
@@ -698,3 +684,15 @@ def test_past_the_budget_a_retry_waits_for_the_share_time_earns_it():
     now[0] += 1.0  # four earned: the two on credit paid, then the balance is capped at its capacity (1)
     assert budget.reserve(10.0) == 0.0 and budget.tokens == pytest.approx(0.0)
     assert RetryBudget(RetryPolicy(budget_min_retries=0, budget_min_per_s=0.0), clock=FROZEN).reserve(1e9) is None
+
+
+def _race(targets, interval: float) -> None:
+    """Run `targets` on threads at once, then restore the switch interval the caller shortened."""
+    try:
+        threads = [threading.Thread(target=target) for target in targets]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
