@@ -61,7 +61,7 @@ class EntryModel:
         self.pipeline = params.get(settings.PIPELINE_MODEL) or f"{args['model_name']}_pipeline"
         self.outputs = [output["name"] for output in config.get("output", [])]
         self.board = settings.board_from_parameters(params)
-        self.load_dir = params.get(settings.DRAIN_DIR, "").strip() or None
+        self.load_dir = settings.run_dir(params)
         self.door = FrontDoor()
         self.drops = DropMetrics(args["model_name"])
         self._keys = itertools.count()

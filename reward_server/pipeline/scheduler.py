@@ -31,6 +31,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -89,8 +90,9 @@ class Job:
     respond: Callable[[dict | RequestError], None]
     received: float = field(default_factory=time.time)
 
-    @property
+    @cached_property
     def tokens(self) -> int:
+        # read for every queued job at every admission and second look: summed once
         return int(np.asarray(self.inputs[1]).sum())
 
     @property
@@ -163,7 +165,7 @@ class EngineScheduler:
         self.admit_grace_s = admit_grace_s
         self.rate = RateEstimate()
         self._queue: deque[Job] = deque()
-        self._probation: list[tuple[Job, float, RequestError]] = []  # (job, second look until, refusal)
+        self._probation: list[tuple[Job, float]] = []  # (job, second look until)
         self._running: list[Job] = []
         self._running_left = 0  # tokens of the running wave not computed yet
         self._lock = threading.Condition()
@@ -177,17 +179,16 @@ class EngineScheduler:
         second look within `admit_grace_s` before it is refused."""
         for job in jobs:
             now = self.clock()
-            reason = deadlines.drop_reason(job.ticket, self.board, now)
-            if reason is not None:
-                self._dropped(reason, job)
-                self._answer(job, RequestDropped(deadlines.drop_message(reason, job.ticket, now)))
+            gone = self._gone(job, now)
+            if gone is not None:
+                self._answer(job, gone)
                 continue
             with self._lock:
                 refusal = self._refusal(job, now)
                 if refusal is None:
                     self._queue.append(job)
                 elif self.admit_grace_s > 0 and not isinstance(refusal, _CountRefusal):
-                    self._probation.append((job, now + self.admit_grace_s, refusal))
+                    self._probation.append((job, now + self.admit_grace_s))
                 else:
                     self._refuse(job, refusal)
                 self._lock.notify()
@@ -234,19 +235,18 @@ class EngineScheduler:
         if not self._probation:
             return
         now, waiting = self.clock(), []
-        for job, until, refusal in self._probation:
-            reason = deadlines.drop_reason(job.ticket, self.board, now)
-            if reason is not None:
-                self._dropped(reason, job)
-                self._answer(job, RequestDropped(deadlines.drop_message(reason, job.ticket, now)))
+        for job, until in self._probation:
+            gone = self._gone(job, now)
+            if gone is not None:
+                self._answer(job, gone)
                 continue
-            again = self._refusal(job, now)
-            if again is None:
+            refusal = self._refusal(job, now)
+            if refusal is None:
                 self._queue.append(job)
             elif now >= until:
-                self._refuse(job, again)
+                self._refuse(job, refusal)
             else:
-                waiting.append((job, until, again))
+                waiting.append((job, until))
         self._probation = waiting
 
     def _refuse(self, job: Job, refusal: RequestError) -> None:
@@ -332,10 +332,9 @@ class EngineScheduler:
     def _refusal_at_start(self, job: Job) -> RequestError | None:
         """Why a queued job must not start now (gone, late, or waited past the queue timeout), or None."""
         now = self.clock()
-        reason = deadlines.drop_reason(job.ticket, self.board, now)
-        if reason is not None:
-            self._dropped(reason, job)
-            return RequestDropped(deadlines.drop_message(reason, job.ticket, now))
+        gone = self._gone(job, now)
+        if gone is not None:
+            return gone
         timeout = self.limits.queue_timeout_s
         waited = now - job.arrival
         if timeout is not None and waited > timeout:
@@ -345,7 +344,7 @@ class EngineScheduler:
         return None
 
     def _compute(self, wave: list[Job], tokens: int) -> int:
-        gone: dict[int, str] = {}
+        gone: dict[int, RequestDropped] = {}  # the answers of jobs found gone at a row boundary
         started = self.clock()
         base = mark = self.progress() if self.progress is not None else 0
         last = started
@@ -360,9 +359,9 @@ class EngineScheduler:
                 self._notify(self.on_rate, self.rate.tokens_per_s)
             for i, job in enumerate(wave):
                 if i not in gone:
-                    reason = deadlines.drop_reason(job.ticket, self.board, now)
-                    if reason is not None:
-                        gone[i] = reason
+                    answer = self._gone(job, now)
+                    if answer is not None:
+                        gone[i] = answer
             with self._lock:
                 self._running_left = max(0, tokens - (mark - base))
                 self._review()
@@ -380,10 +379,7 @@ class EngineScheduler:
             self.rate.observe(tokens, now - started)
         self._notify(self.on_rate, self.rate.tokens_per_s)
         for i, (job, result) in enumerate(zip(wave, results)):
-            if i in gone:
-                self._dropped(gone[i], job)
-                result = RequestDropped(deadlines.drop_message(gone[i], job.ticket, now))
-            self._answer(job, result)
+            self._answer(job, gone.get(i, result))
         with self._lock:
             self._running, self._running_left = [], 0
         self._notify(self.on_wave, wave, started, now - started)
@@ -400,6 +396,14 @@ class EngineScheduler:
     def _dropped(self, reason: str, job: Job) -> None:
         self._notify(self.on_drop, reason, 1, job.tokens)
 
+    def _gone(self, job: Job, now: float) -> RequestDropped | None:
+        """The answer of a job nobody waits for any more (counted), or None."""
+        reason = deadlines.drop_reason(job.ticket, self.board, now)
+        if reason is None:
+            return None
+        self._dropped(reason, job)
+        return RequestDropped(deadlines.drop_message(reason, job.ticket, now))
+
     @staticmethod
     def _notify(hook: Callable[..., Any] | None, *args: Any) -> None:
         if hook is None:
@@ -412,5 +416,5 @@ class EngineScheduler:
     def queued(self) -> tuple[int, int]:
         """(requests, tokens) waiting now (admitted or on a second look)."""
         with self._lock:
-            jobs = [*self._queue, *(job for job, _, _ in self._probation)]
+            jobs = [*self._queue, *(job for job, _ in self._probation)]
             return len(jobs), sum(job.tokens for job in jobs)

@@ -59,7 +59,7 @@ def _checkpoint(params: dict[str, str]) -> str:
     return path
 
 
-def _int_or_none(params: dict[str, str], key: str, kind=int) -> int | None:
+def _number(params: dict[str, str], key: str, kind=int) -> int | float | None:
     """A numeric parameter (`kind` int or float), or None when empty."""
     value = params.get(key, "").strip()
     try:
@@ -78,7 +78,7 @@ def encoder_from_parameters(params: dict[str, str]):
     """The preprocessing model's `ChatEncoder`."""
     from reward_server.pipeline.chat import ChatEncoder
 
-    return ChatEncoder.from_checkpoint(_checkpoint(params), max_length=_int_or_none(params, MAX_LENGTH),
+    return ChatEncoder.from_checkpoint(_checkpoint(params), max_length=_number(params, MAX_LENGTH),
                                        truncation=params.get(TRUNCATION) or "reject",
                                        chat_template=params.get(CHAT_TEMPLATE) or None,
                                        step_tag=params.get(STEP_TAG) or None)
@@ -89,15 +89,21 @@ def limits_from_parameters(params: dict[str, str]):
     from reward_server.pipeline.conversations import (DEFAULT_MAX_CONVERSATION_BYTES, DEFAULT_MAX_REQUEST_BYTES,
                                                       InputLimits)
 
-    return InputLimits(_int_or_none(params, MAX_CONVERSATION_BYTES) or DEFAULT_MAX_CONVERSATION_BYTES,
-                       _int_or_none(params, MAX_REQUEST_BYTES) or DEFAULT_MAX_REQUEST_BYTES)
+    return InputLimits(_number(params, MAX_CONVERSATION_BYTES) or DEFAULT_MAX_CONVERSATION_BYTES,
+                       _number(params, MAX_REQUEST_BYTES) or DEFAULT_MAX_REQUEST_BYTES)
+
+
+def run_dir(params: dict[str, str]) -> str | None:
+    """The run directory `reward-server serve` shares with the stubs (`drain_dir`: the drain's
+    counters, the cancel board, the engine's load report), or None on the checked-in configs."""
+    return params.get(DRAIN_DIR, "").strip() or None
 
 
 def drain_from_parameters(params: dict[str, str]):
     """The `DrainState` shared with the launcher, or None when `drain_dir` is empty."""
     from reward_server.pipeline.drain import DrainState
 
-    directory = params.get(DRAIN_DIR, "").strip()
+    directory = run_dir(params)
     return DrainState(directory) if directory else None
 
 
@@ -105,7 +111,7 @@ def board_from_parameters(params: dict[str, str]):
     """The `CancelBoard` entry points mark gone clients on, or None when `drain_dir` is empty."""
     from reward_server.pipeline.deadlines import board_from_drain_dir
 
-    return board_from_drain_dir(params.get(DRAIN_DIR, "").strip() or None)
+    return board_from_drain_dir(run_dir(params))
 
 
 def load_publisher_from_parameters(params: dict[str, str], limits):
@@ -113,7 +119,7 @@ def load_publisher_from_parameters(params: dict[str, str], limits):
     when `drain_dir` is empty."""
     from reward_server.pipeline.admission import LoadPublisher
 
-    directory = params.get(DRAIN_DIR, "").strip()
+    directory = run_dir(params)
     return LoadPublisher(directory, limits.max_queue_s) if directory else None
 
 
@@ -122,11 +128,12 @@ def queue_limits_from_parameters(params: dict[str, str]):
     five times that; 0 turns it off) and `max_queue_size` (requests; default none)."""
     from reward_server.pipeline.scheduler import DEFAULT_MAX_QUEUE_S, QUEUE_TIMEOUT_FACTOR, QueueLimits
 
-    seconds = _int_or_none(params, MAX_QUEUE_SECONDS, float) or DEFAULT_MAX_QUEUE_S
-    timeout_ms = _int_or_none(params, QUEUE_TIMEOUT_MS)
-    timeout_s = QUEUE_TIMEOUT_FACTOR * seconds if timeout_ms is None else (timeout_ms / 1000 if timeout_ms > 0 else None)
+    seconds = _number(params, MAX_QUEUE_SECONDS, float) or DEFAULT_MAX_QUEUE_S
+    timeout_ms = _number(params, QUEUE_TIMEOUT_MS)
+    timeout_s = (QUEUE_TIMEOUT_FACTOR * seconds if timeout_ms is None else
+                 timeout_ms / 1000 if timeout_ms > 0 else None)
     return QueueLimits(max_queue_s=seconds, queue_timeout_s=timeout_s,
-                       max_queue_requests=_int_or_none(params, MAX_QUEUE_SIZE))
+                       max_queue_requests=_number(params, MAX_QUEUE_SIZE))
 
 
 def engine_from_parameters(params: dict[str, str]):
@@ -134,13 +141,13 @@ def engine_from_parameters(params: dict[str, str]):
     from reward_server.pipeline.batching import DEFAULT_MIN_SHARED, DEFAULT_TOKEN_BUDGET
     from reward_server.pipeline.torch_engine.engine import RewardEngine
 
-    min_shared = _int_or_none(params, MIN_SHARED_PREFIX)
+    min_shared = _number(params, MIN_SHARED_PREFIX)
 
     return RewardEngine.from_checkpoint(_checkpoint(params), head_type=params.get(HEAD_TYPE) or "auto",
                                         reward_indices=params.get(REWARD_INDICES) or None,
                                         device=params.get(DEVICE) or "auto",
-                                        threads=_int_or_none(params, TORCH_THREADS),
-                                        token_budget=_int_or_none(params, TOKEN_BUDGET) or DEFAULT_TOKEN_BUDGET,
+                                        threads=_number(params, TORCH_THREADS),
+                                        token_budget=_number(params, TOKEN_BUDGET) or DEFAULT_TOKEN_BUDGET,
                                         min_shared=DEFAULT_MIN_SHARED if min_shared is None else min_shared,
                                         dtype=params.get(DTYPE) or "auto",
                                         compile=_flag(params, COMPILE),
@@ -167,7 +174,7 @@ def fanout_from_parameters(params: dict[str, str]):
     if not engine_dir:
         raise ValueError(f"parameter {ENGINE_DIR} is empty: start the server with `reward-server serve --engine "
                          "tensorrt_llm --engine-dir DIR`, or set it in config.pbtxt")
-    prompt_first = _int_or_none(params, PROMPT_FIRST)
+    prompt_first = _number(params, PROMPT_FIRST)
     return FanOut.from_spec(EngineLayout(Path(engine_dir)).head_spec(),
                             DEFAULT_PROMPT_FIRST if prompt_first is None else prompt_first,
                             perf_metrics=_flag(params, PERF_METRICS))

@@ -236,19 +236,14 @@ class DropMetrics:
 def split_dropped(requests, board, drops: DropMetrics | None = None) -> tuple[list[int], list]:
     """(indices of the requests to work on, responses for all: None where work goes on, else the
     CANCELLED answer of a request nobody waits for). A step calls it before its work."""
-    from reward_server.pipeline import deadlines
-    from reward_server.pipeline.stages import RequestDropped
-
+    gone = gone_checker(requests, board, drops)
     keep, responses = [], [None] * len(requests)
-    for i, request in enumerate(requests):
-        ticket = ticket_of(request)
-        reason = deadlines.drop_reason(ticket, board)
-        if reason is None:
+    for i in range(len(requests)):
+        answer = gone(i)
+        if answer is None:
             keep.append(i)
         else:
-            responses[i] = respond(RequestDropped(deadlines.drop_message(reason, ticket)))
-            if drops is not None:
-                drops.drop(reason)
+            responses[i] = respond(answer)
     return keep, responses
 
 
