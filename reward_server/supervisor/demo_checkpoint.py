@@ -58,6 +58,9 @@ class ModelSize:
     vocab: int
     positions: int = 4096  # max_position_embeddings: the longest conversation it accepts
     window: int = 4096     # sliding window of the families that have one
+    head_dim: int | None = None  # None: hidden // heads
+    arch: str | None = None      # the family this size is the shape of (None: any)
+    dtype: str = "float32"       # the dtype the weights are saved in (and `--dtype auto` reads)
 
 
 SIZES = {
@@ -68,7 +71,14 @@ SIZES = {
     # long-context reward models do (Skywork-Reward-V2, Qwen3-based): the `long` benchmark
     "small-long": ModelSize(hidden=512, layers=8, heads=8, kv_heads=8, intermediate=1408, vocab=32000,
                             positions=32768),
+    # Skywork-Reward-V2-Qwen3-0.6B's exact shape (Qwen3ForSequenceClassification, bf16 weights), random
+    # weights: a real reward model's arithmetic for benchmarks (bench/), without a download.
+    "qwen3-0.6b": ModelSize(hidden=1024, layers=28, heads=16, kv_heads=8, intermediate=3072, vocab=151936,
+                            positions=40960, window=40960, head_dim=128, arch="qwen3", dtype="bfloat16"),
 }
+# The tokenizer trained for a size has at most this many entries (the embedding may be larger, as
+# real checkpoints' are): a larger vocabulary would not be filled by the corpus, only slow the build.
+TOKENIZER_VOCAB = 32000
 
 # Each family's config class and class-name prefix (what sets each apart: `_family_settings`).
 FAMILIES = {"llama": ("LlamaConfig", "Llama"), "qwen2": ("Qwen2Config", "Qwen2"), "qwen3": ("Qwen3Config", "Qwen3"),
@@ -160,10 +170,14 @@ def build_checkpoint(out_dir: str | Path, size: str = "tiny", arch: str = "llama
         raise ValueError(f"unknown size/arch/head {size!r}/{arch!r}/{head!r}; "
                          f"choose from {sorted(SIZES)}, {ARCHITECTURES}, {HEADS}")
     dims = SIZES[size]
+    if dims.arch is not None and arch == "llama":  # the default family: take the size's own
+        arch = dims.arch
+    elif dims.arch is not None and arch != dims.arch:
+        raise ValueError(f"size {size!r} is the shape of a {dims.arch} model, not {arch}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = build_tokenizer(arch, dims.vocab, seed, pad_token)
+    tokenizer = build_tokenizer(arch, min(dims.vocab, TOKENIZER_VOCAB), seed, pad_token)
     if head == "process":
         tokenizer.add_special_tokens({"additional_special_tokens": [DEFAULT_STEP_TAG]})
     vocab = max(dims.vocab, len(tokenizer))
@@ -190,7 +204,7 @@ def build_checkpoint(out_dir: str | Path, size: str = "tiny", arch: str = "llama
             # Default init gives rewards near 0.01; a wider head makes scores easier to read.
             head_module = model.score if head == "sequence_classification" else model.lm_head
             head_module.weight.normal_(0.0, 1.0 / dims.hidden ** 0.5)
-        model.save_pretrained(out, safe_serialization=True)
+        model.to(getattr(torch, dims.dtype)).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     _LOGGER.info("wrote %s %s %s checkpoint (%d params) to %s", size, arch, head,
                  sum(p.numel() for p in model.parameters()), out)
@@ -202,7 +216,7 @@ def _family_settings(arch: str, dims: ModelSize) -> dict:
     its head size; Mistral's window over every layer; Gemma-2's alternating sliding and global
     layers, attention logit softcapping, its own query scaling and final-logit softcapping; Gemma-3's
     window pattern. Windows are short in `tiny` (32 tokens) so tests cross them."""
-    head_dim = dims.hidden // dims.heads
+    head_dim = dims.head_dim or dims.hidden // dims.heads
     alternate = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(dims.layers)]
     gemma = {"head_dim": head_dim, "sliding_window": dims.window, "query_pre_attn_scalar": int(head_dim * 1.5),
              "layer_types": alternate}

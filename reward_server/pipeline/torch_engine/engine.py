@@ -210,7 +210,10 @@ class RewardEngine:
 
             # inductor cannot lower a product on an eagerly prepacked weight: compiled layers keep
             # plain weights (inductor's own freezing would prepack them, at a much longer compile)
-            _LOGGER.info("%s", fuse_layers(backbone, attention, device, dtype, prepack=not compile))
+            # the native element-wise steps come with the native attention kernel; compiled layers fuse
+            # their own (the compiler cannot trace into the extension)
+            _LOGGER.info("%s", fuse_layers(backbone, attention, device, dtype, prepack=not compile,
+                                           native=None if compile else kernel))
         outputs = 2 if process is not None else head.module.weight.shape[0]
         _LOGGER.info("loaded %s (%s, %d outputs) on %s %s, %s attention, in %.1fs", checkpoint, head_type, outputs,
                      device, dtype, "native" if kernel is not None else "SDPA", time.perf_counter() - start)

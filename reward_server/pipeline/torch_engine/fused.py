@@ -6,6 +6,9 @@ A transformers decoder layer of a known family (`FAMILIES`) is replaced, at load
 - q, k and v projections as one matrix (one product instead of three), gate and up as one;
 - rotary embedding applied to the queries and keys in one pass over the fused projection;
 - residual additions and SiLU x up in place;
+- with the native kernels (kernels/layers.cpp, on CPU), each element-wise step one pass in place:
+  RMSNorm with the residual addition before it, per-head norms and rotary embedding on the fused
+  q/k/v product, SiLU x up; same arithmetic, less than a quarter of torch's time for them;
 - on CPU, every weight prepacked for oneDNN (`PackedLinear`) where torch and the CPU allow it:
   MKL's sgemm takes a slow path on some CPUs (DESIGN.md: 172 against 440 GFLOP/s on an AVX-512
   AMD EPYC; 72 against 68 on an AVX2 one), and oneDNN gives each row the same bits whatever the
@@ -139,8 +142,9 @@ class FusedDecoderLayer(torch.nn.Module):
     build it on the device and in the dtype the engine runs in.
     """
 
-    def __init__(self, layer, attention, prepack: bool):
+    def __init__(self, layer, attention, prepack: bool, native: Any = None):
         super().__init__()
+        self.native = native  # the native kernels module (element-wise steps), or None: torch's operations
         attn, mlp = layer.self_attn, layer.mlp
         config = attn.config
         self.layer_idx = attn.layer_idx
@@ -168,6 +172,8 @@ class FusedDecoderLayer(torch.nn.Module):
                                                      (k_norm.weight.detach(), k_norm.variance_epsilon))
 
     def forward(self, hidden_states, *args, position_embeddings=None, **kwargs):
+        if self.native is not None:
+            return self._forward_native(hidden_states, position_embeddings)
         x = hidden_states
         batch, length, _ = x.shape
         heads_qk = self.heads + self.kv_heads
@@ -190,22 +196,53 @@ class FusedDecoderLayer(torch.nn.Module):
         gate_up = self.gate_up(rms_norm(x, *self.norm_post))
         return x.add_(self.down(F.silu(gate_up[..., : self.intermediate]).mul_(gate_up[..., self.intermediate:])))
 
+    def _forward_native(self, x, position_embeddings):
+        """`forward` with the element-wise steps in the native kernels. The residual stream `x`
+        [batch, length, hidden] is updated in place (transformers' models only hand a layer's
+        output to the next layer)."""
+        (batch, length, hidden), step = x.shape, self._native_step
+        rows = x.view(batch * length, hidden)
+        normed = torch.empty_like(rows)
+        step("rms_norm", rows, None, self.norm_in[0], self.norm_in[1], normed)
+        qkv = self.qkv(normed)
+        cos, sin = (t.reshape(batch * length, self.head_dim) for t in position_embeddings)
+        q_norm, k_norm = self.qk_norms or ((None, 1e-6), (None, 1e-6))
+        step("rotary", qkv, cos, sin, self.heads, self.kv_heads, self.head_dim, q_norm[0], k_norm[0], q_norm[1])
+        heads = qkv.view(batch, length, self.heads + 2 * self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = heads.split([self.heads, self.kv_heads, self.kv_heads], dim=1)
+        out, _ = self.attention(self, q, k, v, None, scaling=self.scaling, sliding_window=self.sliding_window)
+        step("rms_norm", rows, self.o(out.reshape(batch * length, -1)), self.norm_post[0], self.norm_post[1], normed)
+        gate_up = self.gate_up(normed)
+        act = torch.empty(batch * length, self.intermediate, dtype=x.dtype, device=x.device)
+        step("silu_mul", gate_up, act)
+        rows.add_(self.down(act))
+        return x
+
+    def _native_step(self, name: str, *args) -> None:
+        with torch.profiler.record_function(f"reward_server::{name}"):  # named in profiles (bench.engine_profile)
+            getattr(self.native, name)(*args)
+
 
 class FusedLayers:
     """What `fuse_layers` did, for the log and for benchmarks."""
 
-    def __init__(self, fused: int, total: int, prepacked: bool, reason: str | None, seconds: float):
+    def __init__(self, fused: int, total: int, prepacked: bool, reason: str | None, seconds: float,
+                 native: bool = False):
         self.fused, self.total, self.prepacked, self.reason, self.seconds = fused, total, prepacked, reason, seconds
+        self.native = native
 
     def __repr__(self) -> str:
         text = f"{self.fused}/{self.total} decoder layers fused"
+        text += " (element-wise steps in the native kernels)" if self.native and self.fused else ""
         text += ", weights prepacked for oneDNN (every layer's)" if self.prepacked else ""
         return text + (f" (others: {self.reason})" if self.reason else "") + f" in {self.seconds:.1f}s"
 
 
-def fuse_layers(backbone, attention, device, dtype, prepack: bool = True) -> FusedLayers:
+def fuse_layers(backbone, attention, device, dtype, prepack: bool = True, native: Any = None) -> FusedLayers:
     """Replace every fusable decoder layer of the backbone (`decoder_layers`) by a `FusedDecoderLayer` calling
     `attention` (the engine's packed attention); prepack the linear layers of the others.
+
+    `native`: the native kernels module (`torch_engine.kernels`) for the element-wise steps, or None.
 
     `prepack`: prepack wherever oneDNN can (`prepack_available`). Not chosen by timing: a
     choice that could flip between starts would change scores' bits, and oneDNN's product gives a
@@ -222,10 +259,10 @@ def fuse_layers(backbone, attention, device, dtype, prepack: bool = True) -> Fus
         if why is not None:
             reason = reason or why
             continue
-        layers[i] = FusedDecoderLayer(layer, attention, prepack)
+        layers[i] = FusedDecoderLayer(layer, attention, prepack, native)
         fused += 1
     if prepack:  # the layers left as they are: their products on prepacked weights too
         for layer in layers:
             if not isinstance(layer, FusedDecoderLayer):
                 prepack_linears(layer)
-    return FusedLayers(fused, len(layers), prepack, reason, time.perf_counter() - started)
+    return FusedLayers(fused, len(layers), prepack, reason, time.perf_counter() - started, native is not None)

@@ -1,7 +1,8 @@
-"""Native CPU kernels of the engine, compiled for the machine they run on.
+"""Native CPU kernels of the engine, compiled for the machine they run on, as one extension module.
 
 `attention.cpp` is the engine's causal attention over packed rows (see its header comment: batch
-invariant, causal block skipping, shared-prefix keys read in place). It is built with
+invariant, causal block skipping, shared-prefix keys read in place); `layers.cpp` the element-wise
+work of a decoder layer (RMSNorm with the residual, rotary embedding in place, SiLU x up). It is built with
 torch.utils.cpp_extension and `-march=native`, so the build is keyed by the source, the torch
 version and this CPU's instruction-set flags: a copy of the cache moved to another CPU model is
 rebuilt there instead of crashing on an instruction it lacks. `make setup` builds it ahead
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 _LOGGER = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("attention.cpp")
+SOURCES = (Path(__file__).with_name("attention.cpp"), Path(__file__).with_name("layers.cpp"))
 CACHE = Path(os.environ.get("REWARD_SERVER_CACHE", Path.home() / ".cache" / "reward-server")) / "kernels"
 # the flags that change what -march=native emits for these loops
 _ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "amx_bf16")
@@ -48,7 +49,8 @@ def build_name() -> str:
     import torch
 
     flags = sorted(_cpu_flags() & set(_ISA_FLAGS))
-    digest = hashlib.sha256(SOURCE.read_bytes() + Path(__file__).read_bytes() + torch.__version__.encode()
+    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES) + Path(__file__).read_bytes()
+                            + torch.__version__.encode()
                             + " ".join(flags).encode())
     return f"reward_attention_{digest.hexdigest()[:12]}"
 
@@ -68,7 +70,7 @@ def _ninja_on_path() -> None:
 
 
 def attention(build: bool = True) -> Any:
-    """The compiled attention module (`packed_attention`, `lanes`, `key_block`).
+    """The compiled module: `packed_attention`, `rms_norm`, `rotary`, `silu_mul`, `lanes`, `key_block`.
 
     Loads a previous build from `CACHE` if there is one, else builds it when `build` is true.
 
@@ -97,7 +99,7 @@ def attention(build: bool = True) -> Any:
             directory.mkdir(parents=True, exist_ok=True)
             _LOGGER.info("building the attention kernel for this CPU in %s (once; about a minute)", directory)
             try:
-                module = cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(directory),
+                module = cpp_extension.load(name=name, sources=[str(source) for source in SOURCES], build_directory=str(directory),
                                             extra_cflags=["-O3", "-march=native", "-fopenmp"],
                                             extra_ldflags=["-fopenmp"], verbose=False)
             except Exception as exc:  # compiler missing, unsupported platform: the engine falls back
@@ -108,6 +110,11 @@ def attention(build: bool = True) -> Any:
         return module
 
 
+def describe(module: Any) -> str:
+    """One line naming what the loaded kernel computes with (for logs and benchmarks)."""
+    return f"{module.lanes} fp32 lanes, key blocks of {module.key_block}"
+
+
 def main() -> int:
     """`python -m reward_server.pipeline.torch_engine.kernels`: build (or find) the kernels for this machine."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -116,5 +123,5 @@ def main() -> int:
     except KernelUnavailable as exc:
         print(f"warning: {exc}; the engine will use torch's attention", file=sys.stderr)
         return 0
-    print(f"attention kernel ready: {CACHE / build_name()} ({module.lanes} lanes, key blocks of {module.key_block})")
+    print(f"attention kernel ready: {CACHE / build_name()} ({describe(module)})")
     return 0

@@ -377,7 +377,10 @@ void packed_attention(const at::Tensor& query, const at::Tensor& key, const at::
 
 }  // namespace
 
+void register_layers(pybind11::module& m);  // layers.cpp: the element-wise work of a decoder layer
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  register_layers(m);
   m.def("packed_attention", &packed_attention, "Batch-invariant causal attention over a packed row (CPU)",
         py::arg("query"), py::arg("key"), py::arg("value"), py::arg("out"), py::arg("segments"), py::arg("prefix_keys"),
         py::arg("prefix_values"), py::arg("scale"), py::arg("window") = 0, py::arg("softcap") = 0.0);
