@@ -73,17 +73,31 @@ def test_long_sequences_match_the_reference(kernel, length):
     q, k, v = _row([length], 2, 1, 64, seed=length)
     out = _call(kernel, q, k, v, [[0, length, 0, -1]])
     torch.testing.assert_close(out.double(), _reference(q, k, v, 0.125), rtol=0, atol=2e-6)
+    qb, kb, vb = (x.bfloat16() for x in (q, k, v))
+    expected = _reference(qb, kb, vb, 0.125)
+    assert (_call(kernel, qb, kb, vb, [[0, length, 0, -1]]).double() - expected).abs().max() <= 2 ** -7 * expected.abs().max()
 
 
-def test_bfloat16_is_within_bf16_rounding_of_the_exact_answer(kernel):
-    q, k, v = _row([300, 45], 4, 2, 64, dtype=torch.bfloat16)
-    out = _call(kernel, q, k, v, [[0, 300, 0, -1], [300, 45, 0, -1]])
+@pytest.mark.parametrize("dim,window,softcap", [(64, 0, 0.0), (128, 0, 0.0), (16, 40, 0.0), (32, 0, 2.0), (10, 7, 0.0)])
+def test_bfloat16_is_within_bf16_rounding_of_the_exact_answer(kernel, dim, window, softcap):
+    """bf16 (on AVX-512 BF16 CPUs both products in bf16 pairs: `kernel.bf16_pairs`), with shared
+    prefixes, windows and softcapping, against the float64 answer."""
+    lengths = [300, 45, 33]
+    q, k, v = _row(lengths, 4, 2, dim, dtype=torch.bfloat16)
+    prefix = tuple(torch.randn(77, 2, dim, generator=torch.Generator().manual_seed(3)).bfloat16() for _ in range(2))
+    segments = [[0, 300, 0, -1], [300, 45, 77, 0], [345, 33, 0, -1]]
+    out = _call(kernel, q, k, v, segments, [prefix], window=window, softcap=softcap)
     assert out.dtype == torch.bfloat16
-    for start, length in ((0, 300), (300, 45)):
+    for start, length, offset, p in segments:
         s = slice(start, start + length)
-        expected = _reference(q[s], k[s], v[s], 0.125)
+        expected = _reference(q[s], k[s], v[s], dim ** -0.5, offset, prefix if p == 0 else None, window, softcap)
         error = (out[s].double() - expected).abs().max().item()
         assert error <= 2 ** -7 * expected.abs().max().item()  # about one bf16 step at the largest output
+
+
+def test_bf16_pairs_wherever_the_cpu_has_avx512_bf16(kernel):
+    """The build takes the bf16-pair products exactly where the CPU has them (-march=native)."""
+    assert bool(kernel.bf16_pairs) == ("avx512_bf16" in kernels._cpu_flags() and kernel.lanes == 16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -132,14 +146,15 @@ def test_sliding_windows_and_softcapping_match_the_reference(kernel, window, sof
         assert (unbounded[-100:] - out[-100:]).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [16, 40])
-def test_a_query_gets_the_same_bits_whatever_the_row_under_a_window(kernel, window):
+def test_a_query_gets_the_same_bits_whatever_the_row_under_a_window(kernel, window, dtype):
     """Blocks before a tile's window are skipped, blocks partly in it masked per lane: neither may
     make a query's bits depend on its tile mates, its place in the row, or a shared prefix."""
     heads, kv_heads, dim, length = 4, 2, 32, 300
-    q, k, v = _row([length], heads, kv_heads, dim, seed=9)
+    q, k, v = _row([length], heads, kv_heads, dim, dtype=dtype, seed=9)
     alone = _call(kernel, q, k, v, [[0, length, 0, -1]], window=window, softcap=30.0)
-    nq, nk, nv = _row([13, 50], heads, kv_heads, dim, seed=10)
+    nq, nk, nv = _row([13, 50], heads, kv_heads, dim, dtype=dtype, seed=10)
     row = [torch.cat([n[:13], x, n[13:]]) for n, x in ((nq, q), (nk, k), (nv, v))]
     out = _call(kernel, *row, [[0, 13, 0, -1], [13, length, 0, -1], [13 + length, 50, 0, -1]], window=window,
                 softcap=30.0)
@@ -151,10 +166,11 @@ def test_a_query_gets_the_same_bits_whatever_the_row_under_a_window(kernel, wind
         assert torch.equal(out, alone[split:]), split
 
 
-def test_strided_views_are_read_in_place(kernel):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strided_views_are_read_in_place(kernel, dtype):
     """The engine passes q, k and v as views of one fused projection [T, heads + 2 kv, dim]."""
     heads, kv_heads, dim = 4, 2, 32
-    fused = torch.randn(90, heads + 2 * kv_heads, dim)
+    fused = torch.randn(90, heads + 2 * kv_heads, dim).to(dtype)
     q, k, v = fused[:, :heads], fused[:, heads:heads + kv_heads], fused[:, heads + kv_heads:]
     out = _call(kernel, q, k, v, [[0, 90, 0, -1]])
     assert torch.equal(out, _call(kernel, q.contiguous(), k.contiguous(), v.contiguous(), [[0, 90, 0, -1]]))

@@ -162,6 +162,82 @@ inline void accumulate(const float* V, const float* P, float* Ot, int dim) {
   for (; d0 + 2 <= dim; d0 += 2) accumulate_rows<2>(V, P, Ot, dim, d0);
 }
 
+#if defined(__AVX512BF16__) && RS_LANES == 16 && !defined(RS_NO_PAIRS)
+// bf16 on a CPU with AVX-512 BF16: both products of the block in bf16 pairs, `vdpbf16ps` (each lane
+// adds two exact bf16 products to its fp32 sum, in a fixed order): half the instructions of fp32
+// FMA on the same values. Queries and keys are read unscaled (the scores are scaled in fp32 after
+// the dot product, as torch's flash attention does); the probabilities are rounded to bf16 to meet
+// the values, as in the fp32 path of bf16.
+#define RS_PAIRS 1
+inline vf dot_pairs(vf acc, const uint32_t* a, uint32_t b) {
+  __m512bh x, y;
+  std::memcpy(&x, a, 64);
+  const __m512i bb = _mm512_set1_epi32(int(b));
+  std::memcpy(&y, &bb, 64);
+  return (vf)_mm512_dpbf16_ps((__m512)acc, x, y);
+}
+
+// St[i][lanes] = scale * sum_e (K[i] . Q)[pair e] for keys i0 .. i0 + R - 1; K [KEY_BLOCK][half]
+// and Qp [half][TILE] hold (dim 2e, dim 2e + 1) pairs.
+template <int R>
+inline void scores_pairs_rows(const uint32_t* K, const uint32_t* Qp, float* St, int half, vf* top, int i0,
+                              vf scale) {
+  vf acc[R][VECS] = {};
+  for (int e = 0; e < half; ++e)
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      const uint32_t k = K[(i0 + i) * half + e];
+      for (int v = 0; v < VECS; ++v) acc[i][v] = dot_pairs(acc[i][v], Qp + e * TILE + v * LANES, k);
+    }
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < VECS; ++v) {
+      const vf s = acc[i][v] * scale;
+      store(St + (i0 + i) * TILE + v * LANES, s);
+      if (top) top[v] = vmax(top[v], s);
+    }
+}
+
+inline void scores_pairs(const uint32_t* K, const uint32_t* Qp, float* St, int half, vf* top, vf scale) {
+  int i0 = 0;
+  for (; i0 + ROWS <= KEY_BLOCK; i0 += ROWS) scores_pairs_rows<ROWS>(K, Qp, St, half, top, i0, scale);
+  for (; i0 + 2 <= KEY_BLOCK; i0 += 2) scores_pairs_rows<2>(K, Qp, St, half, top, i0, scale);
+}
+
+// Ot[d][lanes] += sum_e (Vp[e][d] . Pp[e][lanes]) over the block's key pairs e (keys 2e, 2e + 1).
+template <int R>
+inline void accumulate_pairs_rows(const uint32_t* Vp, const uint32_t* Pp, float* Ot, int dim, int d0) {
+  vf acc[R][VECS];
+  for (int j = 0; j < R; ++j)
+    for (int v = 0; v < VECS; ++v) acc[j][v] = load(Ot + (d0 + j) * TILE + v * LANES);
+  for (int e = 0; e < KEY_BLOCK / 2; ++e)
+#pragma GCC unroll 8
+    for (int j = 0; j < R; ++j) {
+      const uint32_t x = Vp[e * dim + d0 + j];
+      for (int v = 0; v < VECS; ++v) acc[j][v] = dot_pairs(acc[j][v], Pp + e * TILE + v * LANES, x);
+    }
+  for (int j = 0; j < R; ++j)
+    for (int v = 0; v < VECS; ++v) store(Ot + (d0 + j) * TILE + v * LANES, acc[j][v]);
+}
+
+inline void accumulate_pairs(const uint32_t* Vp, const uint32_t* Pp, float* Ot, int dim) {
+  int d0 = 0;
+  for (; d0 + ROWS <= dim; d0 += ROWS) accumulate_pairs_rows<ROWS>(Vp, Pp, Ot, dim, d0);
+  for (; d0 + 2 <= dim; d0 += 2) accumulate_pairs_rows<2>(Vp, Pp, Ot, dim, d0);
+}
+
+// Two lanes' probabilities as one bf16 pair per lane: (round(even), round(odd)).
+inline void store_pair(uint32_t* Pp, vf even, vf odd) {
+  typedef uint32_t vu __attribute__((vector_size(LANES * 4)));
+  const vu a = (vu)even, b = (vu)odd;  // finite, >= 0: round to nearest even by bits
+  const vu lo = (a + 0x7FFFu + ((a >> 16) & 1u)) >> 16;
+  const vu hi = (b + 0x7FFFu + ((b >> 16) & 1u)) & 0xFFFF0000u;
+  const vu pair = lo | hi;
+  std::memcpy(Pp, &pair, sizeof pair);
+}
+#else
+#define RS_PAIRS 0
+#endif
+
 // A [tokens, heads, dim] view (any strides on the first two, dim contiguous).
 template <typename T>
 struct View {
@@ -185,12 +261,14 @@ struct Tile {
   int64_t head, first, count, position0;  // position0: the first query's position in its sequence
   int64_t first_block, blocks;             // key blocks it needs: from its first query's window to its last query
   std::vector<float> Qt, Ot;               // [dim][TILE]: queries (scaled) and the unnormalised output
+  std::vector<uint32_t> Qp;                // pairs: [dim / 2][TILE] unscaled bf16 query pairs (Qt unused)
   vf m[VECS], l[VECS], position[VECS];
 
-  Tile(int64_t head, int64_t first, int64_t count, int64_t position0, int64_t dim, int64_t window)
+  Tile(int64_t head, int64_t first, int64_t count, int64_t position0, int64_t dim, int64_t window, bool pairs)
       : head(head), first(first), count(count), position0(position0),
         first_block(window > 0 ? std::max<int64_t>(0, position0 - window + 1) / KEY_BLOCK : 0),
-        blocks((position0 + count - 1) / KEY_BLOCK + 1), Qt(dim * TILE, 0.0f), Ot(dim * TILE, 0.0f) {
+        blocks((position0 + count - 1) / KEY_BLOCK + 1), Qt(pairs ? 0 : dim * TILE, 0.0f), Ot(dim * TILE, 0.0f),
+        Qp(pairs ? dim / 2 * TILE : 0, 0u) {
     for (int v = 0; v < VECS; ++v) {
       m[v] = splat(-std::numeric_limits<float>::infinity());
       l[v] = splat(0.0f);
@@ -199,11 +277,14 @@ struct Tile {
     }
   }
 
-  // Fold key block b (K, V: [KEY_BLOCK][dim]) into the softmax; St is scratch [KEY_BLOCK][TILE].
+  // Fold key block b into the softmax. K, V: [KEY_BLOCK][dim] floats; with PAIRS, K [KEY_BLOCK][dim / 2]
+  // and V [KEY_BLOCK / 2][dim] bf16 pairs (see scores_pairs, accumulate_pairs), Pp scratch
+  // [KEY_BLOCK / 2][TILE]. St is scratch [KEY_BLOCK][TILE].
   // round: the probabilities meet the values rounded to bf16, as torch's kernel does in bf16
   // (the sum is of the unrounded ones, as there), so bf16 scores stay within an ulp of transformers'.
-  void step(int64_t b, const float* K, const float* V, float* St, int dim, bool round, int64_t window,
-            float softcap) {
+  template <bool PAIRS>
+  void step(int64_t b, const void* K, const void* V, float* St, uint32_t* Pp, int dim, bool round, int64_t window,
+            float softcap, float scale) {
     const vf minus_inf = splat(-std::numeric_limits<float>::infinity());
     const int64_t j0 = b * KEY_BLOCK;
     const bool diagonal = j0 + KEY_BLOCK - 1 > position0;  // some key after some lane's query
@@ -212,7 +293,13 @@ struct Tile {
     const bool masked = diagonal || behind;
     vf top[VECS];
     for (int v = 0; v < VECS; ++v) top[v] = m[v];
-    scores(K, Qt.data(), St, dim, masked || softcap > 0 ? nullptr : top);
+    vf* running_top = masked || softcap > 0 ? nullptr : top;
+#if RS_PAIRS
+    if constexpr (PAIRS)
+      scores_pairs(static_cast<const uint32_t*>(K), Qp.data(), St, dim / 2, running_top, splat(scale));
+    else
+#endif
+      scores(static_cast<const float*>(K), Qt.data(), St, dim, running_top);
     if (masked || softcap > 0) {  // capped; masked keys -inf, and out of the lane's maximum
       const vf cap = splat(softcap), inverse_cap = splat(softcap > 0 ? 1.0f / softcap : 0.0f);
       const vf span = splat(float(window));
@@ -237,14 +324,29 @@ struct Tile {
       for (int lane = 0; lane < LANES; ++lane) rescale |= alpha[v][lane] != 1.0f;
       sum[v] = splat(0.0f);
     }
-    for (int i = 0; i < KEY_BLOCK; ++i) {
-      for (int v = 0; v < VECS; ++v) {
-        vf s = load(St + i * TILE + v * LANES);
-        vf p = vexp(s - top[v]);
-        if (masked) p = s == minus_inf ? splat(0.0f) : p;
-        sum[v] += p;
-        store(St + i * TILE + v * LANES, round ? round_bf16(p) : p);
-      }
+    auto probability = [&](int i, int v) {
+      const vf s = load(St + i * TILE + v * LANES);
+      vf p = vexp(s - top[v]);
+      if (masked) p = s == minus_inf ? splat(0.0f) : p;
+      return p;
+    };
+    if constexpr (PAIRS) {  // summed in key order as below; stored as bf16 pairs of keys
+#if RS_PAIRS
+      for (int i = 0; i < KEY_BLOCK; i += 2)
+        for (int v = 0; v < VECS; ++v) {
+          const vf even = probability(i, v), odd = probability(i + 1, v);
+          sum[v] += even;
+          sum[v] += odd;
+          store_pair(Pp + (i / 2) * TILE + v * LANES, even, odd);
+        }
+#endif
+    } else {
+      for (int i = 0; i < KEY_BLOCK; ++i)
+        for (int v = 0; v < VECS; ++v) {
+          const vf p = probability(i, v);
+          sum[v] += p;
+          store(St + i * TILE + v * LANES, round ? round_bf16(p) : p);
+        }
     }
     for (int v = 0; v < VECS; ++v) {
       l[v] = l[v] * alpha[v] + sum[v];
@@ -256,7 +358,13 @@ struct Tile {
           float* row = Ot.data() + d * TILE + v * LANES;
           store(row, load(row) * alpha[v]);
         }
-    accumulate(V, St, Ot.data(), dim);
+#if RS_PAIRS
+    if constexpr (PAIRS) {
+      accumulate_pairs(static_cast<const uint32_t*>(V), Pp, Ot.data(), dim);
+      return;
+    }
+#endif
+    accumulate(static_cast<const float*>(V), St, Ot.data(), dim);
   }
 };
 
@@ -286,19 +394,32 @@ void run(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value
         items.push_back({int64_t(s), g, first, std::min(segments[s].length, first + chunk)});
 
   const float fscale = float(scale);
+  constexpr bool PAIRS = RS_PAIRS && std::is_same<T, at::BFloat16>::value;
   at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> K(KEY_BLOCK * dim), V(KEY_BLOCK * dim), St(KEY_BLOCK * TILE);
+    std::vector<float> K(PAIRS ? 0 : KEY_BLOCK * dim), V(PAIRS ? 0 : KEY_BLOCK * dim), St(KEY_BLOCK * TILE);
+    // pairs: the block's keys as stored ([KEY_BLOCK][dim] bf16 = [KEY_BLOCK][dim / 2] pairs), its values
+    // as pairs of keys ([KEY_BLOCK / 2][dim]: (value of key 2e, of key 2e + 1) at each dim)
+    std::vector<uint32_t> Kp(PAIRS ? KEY_BLOCK * dim / 2 : 0), Vp(PAIRS ? KEY_BLOCK / 2 * dim : 0),
+        Pp(PAIRS ? KEY_BLOCK / 2 * TILE : 0);
+    auto bits = [](const T* x, int64_t d) -> uint32_t {
+      uint16_t b;
+      std::memcpy(&b, x + d, 2);
+      return b;
+    };
     for (int64_t n = begin; n < end; ++n) {
       const Item& item = items[n];
       const Segment& seg = segments[item.segment];
       std::vector<Tile> tiles;
       for (int64_t h = item.kv_head * group; h < (item.kv_head + 1) * group; ++h)
         for (int64_t t0 = item.first; t0 < item.last; t0 += TILE) {
-          tiles.emplace_back(h, t0, std::min<int64_t>(TILE, item.last - t0), seg.offset + t0, dim, window);
+          tiles.emplace_back(h, t0, std::min<int64_t>(TILE, item.last - t0), seg.offset + t0, dim, window, PAIRS);
           Tile& tile = tiles.back();
           for (int64_t lane = 0; lane < tile.count; ++lane) {
             const T* qr = q.at(seg.start + t0 + lane, h);
-            for (int64_t d = 0; d < dim; ++d) tile.Qt[d * TILE + lane] = to_float(qr[d]) * fscale;
+            if constexpr (PAIRS)
+              for (int64_t e = 0; e < dim / 2; ++e) tile.Qp[e * TILE + lane] = bits(qr, 2 * e) | bits(qr, 2 * e + 1) << 16;
+            else
+              for (int64_t d = 0; d < dim; ++d) tile.Qt[d * TILE + lane] = to_float(qr[d]) * fscale;
           }
         }
       // keys at positions [0, visible): the prefix's, then the segment's own; a block's keys past
@@ -307,25 +428,40 @@ void run(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value
       const int64_t visible = seg.offset + item.last;
       const int64_t blocks = (visible - 1) / KEY_BLOCK + 1;
       const int64_t first_block = tiles.front().first_block;  // the item's first query is its first tile's
+      const T zeros[1] = {T(0.0f)};
       for (int64_t b = first_block; b < blocks; ++b) {
         for (int64_t i = 0; i < KEY_BLOCK; ++i) {
           const int64_t j = b * KEY_BLOCK + i;
-          if (j >= visible) {
-            std::fill(K.begin() + i * dim, K.begin() + (i + 1) * dim, 0.0f);
-            std::fill(V.begin() + i * dim, V.begin() + (i + 1) * dim, 0.0f);
-            continue;
-          }
-          const T* kr = j < seg.offset ? pk[seg.prefix].at(j, item.kv_head) : k.at(seg.start + j - seg.offset, item.kv_head);
-          const T* vr = j < seg.offset ? pv[seg.prefix].at(j, item.kv_head) : v.at(seg.start + j - seg.offset, item.kv_head);
-          for (int64_t d = 0; d < dim; ++d) {
-            K[i * dim + d] = to_float(kr[d]);
-            V[i * dim + d] = to_float(vr[d]);
+          const bool past = j >= visible;
+          const T* kr = past ? zeros : j < seg.offset ? pk[seg.prefix].at(j, item.kv_head)
+                                                      : k.at(seg.start + j - seg.offset, item.kv_head);
+          const T* vr = past ? zeros : j < seg.offset ? pv[seg.prefix].at(j, item.kv_head)
+                                                      : v.at(seg.start + j - seg.offset, item.kv_head);
+          const int64_t stride = past ? 0 : 1;  // past the keys: every element reads the one zero
+          if constexpr (PAIRS) {
+            for (int64_t e = 0; e < dim / 2; ++e)
+              Kp[i * (dim / 2) + e] = bits(kr, 2 * e * stride) | bits(kr, (2 * e + 1) * stride) << 16;
+            const int shift = (i % 2) * 16;  // key 2e in the low half of pair e, key 2e + 1 in the high
+            for (int64_t d = 0; d < dim; ++d) {
+              uint32_t& pair = Vp[(i / 2) * dim + d];
+              pair = (shift ? pair & 0xFFFFu : 0u) | bits(vr, d * stride) << shift;
+            }
+          } else {
+            for (int64_t d = 0; d < dim; ++d) {
+              K[i * dim + d] = to_float(kr[d * stride]);
+              V[i * dim + d] = to_float(vr[d * stride]);
+            }
           }
         }
         for (Tile& tile : tiles)
-          if (b >= tile.first_block && b < tile.blocks)
-            tile.step(b, K.data(), V.data(), St.data(), int(dim), std::is_same<T, at::BFloat16>::value, window,
-                      float(softcap));
+          if (b >= tile.first_block && b < tile.blocks) {
+            if constexpr (PAIRS)
+              tile.step<true>(b, Kp.data(), Vp.data(), St.data(), Pp.data(), int(dim), true, window, float(softcap),
+                              fscale);
+            else
+              tile.step<false>(b, K.data(), V.data(), St.data(), nullptr, int(dim), std::is_same<T, at::BFloat16>::value,
+                               window, float(softcap), fscale);
+          }
       }
       for (const Tile& tile : tiles)
         for (int64_t lane = 0; lane < tile.count; ++lane) {
@@ -385,5 +521,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("query"), py::arg("key"), py::arg("value"), py::arg("out"), py::arg("segments"), py::arg("prefix_keys"),
         py::arg("prefix_values"), py::arg("scale"), py::arg("window") = 0, py::arg("softcap") = 0.0);
   m.attr("lanes") = LANES;
+  m.attr("bf16_pairs") = bool(RS_PAIRS);  // bf16 products in AVX-512 BF16 pairs (vdpbf16ps)
   m.attr("key_block") = KEY_BLOCK;
 }

@@ -248,10 +248,14 @@ void rotary(at::Tensor qkv, const at::Tensor& cos, const at::Tensor& sin, int64_
     TORCH_CHECK(false, "rotary: float32 or bfloat16 only");
 }
 
-// exp on every lane within a few ulp: 2^n * p(r), r = x - n ln 2, degree-6 polynomial (as the attention kernel's).
+// exp on every lane within a few ulp: 2^n * p(r), r = x - n ln 2, degree-6 polynomial (as the attention
+// kernel's), over fp32's whole range: inf above ln(FLT_MAX), as torch's exp (SiLU of a very negative
+// gate is then -0, as torch's), and 2^n applied in two halves so that 2^128 x p(r) < FLT_MAX stays finite.
 inline vf vexp(vf x) {
+  const vf top = splat(88.72283935546875f);  // ln(FLT_MAX), rounded down
+  const vi over = x > top;
   x = x > splat(-87.0f) ? x : splat(-87.0f);
-  x = x < splat(88.0f) ? x : splat(88.0f);
+  x = x < top ? x : top;
   const vf shifter = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
   const vf t = x * splat(1.44269504088896341f) + shifter;
   const vf n = t - shifter;
@@ -264,8 +268,9 @@ inline vf vexp(vf x) {
   p = p * r + splat(1.6666665459e-1f);
   p = p * r + splat(5.0000001201e-1f);
   p = p * (r * r) + r + splat(1.0f);
-  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
-  return p * (vf)bits;
+  const vi whole = __builtin_convertvector(n, vi), low = whole >> 1, high = whole - low;
+  const vf y = p * (vf)((low + 127) << 23) * (vf)((high + 127) << 23);
+  return over ? splat(__builtin_inff()) : y;
 }
 
 template <typename T>
