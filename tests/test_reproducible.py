@@ -59,24 +59,39 @@ def test_group_members_are_bit_identical_whatever_else_is_in_the_batch(demo_chec
             assert _bits(engine.score(batch)[position:position + len(GROUP)]) == alone, (position, budget)
 
 
-def test_bf16_scores_are_bit_identical_whatever_the_batch(demo_checkpoint, monkeypatch):
-    """The same guarantees in bf16, where the CPU can prepack bf16 products (the attention kernel's
-    bf16 invariance is checked on every machine in tests/test_attention_kernel.py)."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_every_placement_gives_the_same_bits(demo_checkpoint, monkeypatch, dtype):
+    """The placements a user meets, in fp32 and in bf16 (where the CPU computes bf16: there the attention
+    kernel's products run in bf16 pairs and the layers' element-wise steps in bf16): alone, repeated
+    (64 copies share their whole prompt), among 4 to 39 neighbours, second in a request of two, inside its
+    GRPO group (shared prompt, 8 members) and in its group among 30 other conversations."""
     import torch
 
     from reward_server.pipeline.torch_engine import engine as engine_module
     from reward_server.pipeline.torch_engine.fused import prepack_available
 
-    if not prepack_available(torch.device("cpu"), torch.bfloat16):
-        pytest.skip("this CPU cannot prepack bf16 products for oneDNN (AVX-512 BW/VL/DQ or AVX-NE-CONVERT): "
-                    "bf16 scores are not claimed batch-invariant here")
-    monkeypatch.setattr(engine_module, "cpu_has_fast_bf16", lambda: True)
-    engine = RewardEngine.from_checkpoint(demo_checkpoint, device="cpu", dtype="bfloat16", min_shared=32)
-    alone = _bits(engine.score([TARGET])[0])
-    for position, count in ((0, 6), (5, 24), (12, 1)):
-        batch = NEIGHBOURS[:position] + [TARGET] + NEIGHBOURS[position:position + count]
-        assert _bits(engine.score(batch)[position]) == alone, (position, count)
-    assert _bits(engine.score(NEIGHBOURS[:3] + GROUP)[3:]) == b"".join(_bits(engine.score([m])) for m in GROUP)
+    if dtype == "bfloat16":
+        if not prepack_available(torch.device("cpu"), torch.bfloat16):
+            pytest.skip("this CPU cannot prepack bf16 products for oneDNN (AVX-512 BW/VL/DQ or AVX-NE-CONVERT): "
+                        "bf16 scores are not claimed batch-invariant here")
+        monkeypatch.setattr(engine_module, "cpu_has_fast_bf16", lambda: True)
+    engine = RewardEngine.from_checkpoint(demo_checkpoint, device="cpu", dtype=dtype, min_shared=32)
+    rng = np.random.default_rng(5)
+    group = [PROMPT + rng.integers(300, 2000, int(n)).tolist() for n in rng.integers(5, 200, 8)]
+    others = [rng.integers(300, 2000, int(n)).tolist() for n in rng.integers(5, 500, 39)]
+    target, member = group[3], 3
+    alone = _bits(engine.score([target])[0])
+    seen = {"repeated x64": _bits(engine.score([target] * 64)[17]),
+            "second of two": _bits(engine.score([others[0], target])[1]),
+            "first of two": _bits(engine.score([target, others[0]])[0]),
+            "in its group": _bits(engine.score(group)[member]),
+            "in its group among 30": _bits(engine.score(others[:15] + group + others[15:30])[15 + member])}
+    for count in (4, 11, 39):
+        seen[f"among {count}"] = _bits(engine.score(others[:count // 2] + [target] + others[count // 2:count])[count // 2])
+    assert engine.stats.shared_tokens > 0  # the group and the copies went through the shared-prompt path
+    assert {name: bits for name, bits in seen.items() if bits != alone} == {}
+    members = b"".join(_bits(engine.score([m])) for m in group)
+    assert _bits(engine.score(others[:3] + group)[3:]) == members
 
 
 def test_served_scores_are_bit_identical_across_requests_and_dynamic_batches(server):
