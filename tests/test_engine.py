@@ -141,6 +141,8 @@ def test_shared_prefixes_are_computed_once_and_scores_stay_exact(demo_checkpoint
         # at least the three prompts' prefixes were computed once per group, not six times
         assert shared.stats.shared_tokens > 3 * 5 * 20
         assert shared.stats.tokens + shared.stats.shared_tokens == alone.stats.tokens
+        if budget == 8192:  # everything fits one row: the prompts are segments of it, no pass of their own
+            assert shared.stats.microbatches == alone.stats.microbatches == 1
 
 
 def test_dtype_resolution(monkeypatch):

@@ -136,8 +136,9 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     # [T, heads, dim] views: the layout the native kernel reads and the prefix store keeps
     query, key, value = (t[0].transpose(0, 1) for t in (query, key, value))
     for (start, end), segment in zip(pack.bounds, pack.segments):
-        if segment.record is not None:
-            pack.store.setdefault(segment.record, {})[layer] = (key[start:end], value[start:end])
+        if segment.record is not None:  # copies: a view would keep the whole row's projections alive
+            pack.store.setdefault(segment.record, {})[layer] = (key[start:end].contiguous(),
+                                                                value[start:end].contiguous())
     if pack.kernel is not None:
         return _native_attention(pack, layer, query, key, value, scaling, window, softcap), None
     return _sdpa_attention(pack, layer, query, key, value, scaling, window, softcap), None

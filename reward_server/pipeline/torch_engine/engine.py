@@ -308,37 +308,67 @@ class RewardEngine:
         """Final hidden states of each row at the positions `reads[i]`, one [len(reads[i]), H]
         tensor per row (None for a row `keep` left out). Rows sharing a prefix of at least
         `min_shared` tokens within their first `shareable[i]` tokens compute it once (a row always
-        keeps one token of its own)."""
-        import torch
+        keeps one token of its own).
 
-        def wanted(pack: list[int], members) -> list[int]:
-            # asked before each packed row: work whose client is gone is dropped at row boundaries
-            if keep is None:
-                return pack
-            alive = keep()
-            return [i for i in pack if any(alive[m] for m in members(i))]
+        A group whose prompt and members' own tokens fit one packed row together is computed in one
+        forward pass: the prompt is a segment of the row, its keys and values recorded at each layer
+        before the members' attention reads them (the same bits as in a pass of its own: every step
+        is batch invariant). A larger group's prompt runs first, in rows of prompts."""
+        import torch
 
         limited = [row[:n] for row, n in zip(rows, shareable)]
         groups = group_shared_prefixes(limited, self.min_shared)[0] if self.min_shared > 0 else []
         store: dict[int, dict[int, tuple[Any, Any]]] = {}
         segments = [Segment(row, reads=read) for row, read in zip(rows, reads)]
+        # units packed into rows: a unit is a list of segment indices, a prompt as -1 - its group key
+        units: list[list[int]] = []
+        alone_prompts: list[int] = []  # groups too large for one row: prompts in a pass of their own
+        grouped: set[int] = set()
+        for key, group in enumerate(groups):
+            for i in group.members:
+                segments[i] = Segment(rows[i][group.prefix_length:], prefix=key, offset=group.prefix_length,
+                                      reads=[r - group.prefix_length for r in reads[i]])
+            self.stats.shared_tokens += (len(group.members) - 1) * group.prefix_length
+            grouped.update(group.members)
+            together = group.prefix_length + sum(len(segments[i].ids) for i in group.members)
+            if together <= self.token_budget:
+                units.append([-1 - key, *group.members])
+            else:
+                alone_prompts.append(key)
+                units.extend([i] for i in group.members)
+        units.extend([i] for i in range(len(rows)) if i not in grouped)
+
+        def size(index: int) -> int:
+            return groups[-1 - index].prefix_length if index < 0 else len(segments[index].ids)
+
+        def prompt(key: int) -> Segment:
+            return Segment(rows[groups[key].members[0]][: groups[key].prefix_length], record=key)
+
+        def alive_members(indices: list[int], alive) -> list[int]:
+            # work whose client is gone is dropped at row boundaries; a prompt stays while a member does
+            members = [i for i in indices if i >= 0 and alive[i]]
+            return ([i for i in indices if i < 0] + members) if members else []
+
         result: list[Any] = [None] * len(rows)
         with torch.inference_mode():
-            prefixes = [Segment(rows[g.members[0]][: g.prefix_length], record=key) for key, g in enumerate(groups)]
-            for pack in pack_sequences([len(p.ids) for p in prefixes], self.token_budget):
-                pack = wanted(pack, lambda key: groups[key].members)
-                if pack:
-                    self._run([prefixes[i] for i in pack], store)
-            for key, group in enumerate(groups):
-                for i in group.members:
-                    segments[i] = Segment(rows[i][group.prefix_length:], prefix=key, offset=group.prefix_length,
-                                          reads=[r - group.prefix_length for r in reads[i]])
-                self.stats.shared_tokens += (len(group.members) - 1) * group.prefix_length
-            for pack in pack_sequences([len(s.ids) for s in segments], self.token_budget):
-                pack = wanted(pack, lambda i: (i,))
-                if pack:
-                    for i, hidden in zip(pack, self._run([segments[i] for i in pack], store)):
-                        result[i] = hidden
+            if alone_prompts:
+                for pack in pack_sequences([groups[key].prefix_length for key in alone_prompts], self.token_budget):
+                    alive = keep() if keep is not None else None
+                    wanted = [alone_prompts[j] for j in pack
+                              if alive is None or any(alive[m] for m in groups[alone_prompts[j]].members)]
+                    if wanted:
+                        self._run([prompt(key) for key in wanted], store)
+            for pack in pack_sequences([sum(map(size, unit)) for unit in units], self.token_budget):
+                indices = [i for u in pack for i in units[u]]
+                if keep is not None:
+                    alive = keep()
+                    indices = [i for u in pack for i in alive_members(units[u], alive)]
+                if not indices:
+                    continue
+                hidden = self._run([prompt(-1 - i) if i < 0 else segments[i] for i in indices], store)
+                for i, h in zip(indices, hidden):
+                    if i >= 0:
+                        result[i] = h
         return result
 
     def _run(self, segments: list[Segment], store: dict) -> Any:
