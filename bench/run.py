@@ -59,6 +59,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--systems", default=",".join(SYSTEMS),
                         help=f"comma-separated subset of {','.join(SYSTEMS + OPTIONAL_SYSTEMS)}; "
                         "perf_analyzer (CSV per workload, same server) runs only when named")
+    parser.add_argument("--max-queue-seconds", type=float, default=300.0,
+                        help="the server's --max-queue-seconds: closed-loop clients measure throughput, not the "
+                             "overload policy (bench.overload does); with a slow model (a 0.6B model on 2 cores: "
+                             "~3.5 s per 8-conversation request) the default 2 s refuses concurrent requests")
     parser.add_argument("--vllm-python", type=Path, default=vllm_bridge.DEFAULT_PYTHON,
                         help="python of the separate vLLM venv (skipped when absent)")
     parser.add_argument("--log-level", default="INFO")
@@ -210,7 +214,8 @@ class Bench:
             _LOGGER.warning("server not available: %s", err)
             return
         levels = [int(c) for c in self.args.concurrency.split(",") if c.strip()]
-        options = ServeOptions(checkpoint=str(self.checkpoint), dtype=self.args.dtype, compile=self.args.compile)
+        options = ServeOptions(checkpoint=str(self.checkpoint), dtype=self.args.dtype, compile=self.args.compile,
+                               max_queue_seconds=self.args.max_queue_seconds)
         with TritonServer(options) as server:
             url = server.grpc_url
             metrics_url = getattr(server, "metrics_url", None)
