@@ -33,6 +33,7 @@ from reward_server.pipeline.heads import (ProcessHead, RewardHead, decoder_layer
                                           process_head, process_layout, resolve_step_tag, split_model, tag_positions)
 from reward_server.pipeline.torch_engine.attention import (ATTENTION, Segment, attention_kernel, packed_row,
                                                            register_attention)
+from reward_server.pipeline.torch_engine import kernels
 from reward_server.pipeline.torch_engine.checkpoint import check_checkpoint
 
 _LOGGER = logging.getLogger(__name__)
@@ -216,7 +217,8 @@ class RewardEngine:
                                            native=None if compile else kernel))
         outputs = 2 if process is not None else head.module.weight.shape[0]
         _LOGGER.info("loaded %s (%s, %d outputs) on %s %s, %s attention, in %.1fs", checkpoint, head_type, outputs,
-                     device, dtype, "native" if kernel is not None else "SDPA", time.perf_counter() - start)
+                     device, dtype, "SDPA" if kernel is None else f"native ({kernels.describe(kernel)})",
+                     time.perf_counter() - start)
         engine = cls(backbone, head, device, outputs, token_budget, min_shared, kernel, process)
         with torch.inference_mode():  # one token through every layer: unsupported attention features fail here
             engine._run([Segment([0])], {})

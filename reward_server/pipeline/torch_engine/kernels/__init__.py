@@ -112,7 +112,8 @@ def attention(build: bool = True) -> Any:
 
 def describe(module: Any) -> str:
     """One line naming what the loaded kernel computes with (for logs and benchmarks)."""
-    return f"{module.lanes} fp32 lanes, key blocks of {module.key_block}"
+    pairs = ", bf16 products in AVX-512 BF16 pairs" if getattr(module, "bf16_pairs", False) else ""
+    return f"{module.lanes} fp32 lanes, key blocks of {module.key_block}{pairs}"
 
 
 def main() -> int:
