@@ -55,16 +55,16 @@ inline vf load<float>(const float* p, int64_t n) {
     std::memcpy(&v, p, 4 * n);
   return v;
 }
+typedef uint16_t vh __attribute__((vector_size(W * 2)));  // W bf16 values as bits
+
 template <>
 inline vf load<at::BFloat16>(const at::BFloat16* p, int64_t n) {
-  uint16_t half[W] = {};
+  vh half = {};
   if (n >= W)
-    std::memcpy(half, p, 2 * W);
+    std::memcpy(&half, p, 2 * W);
   else
-    std::memcpy(half, p, 2 * n);
-  vu bits;
-  for (int j = 0; j < W; ++j) bits[j] = uint32_t(half[j]) << 16;
-  return (vf)bits;
+    std::memcpy(&half, p, 2 * n);
+  return (vf)(__builtin_convertvector(half, vu) << 16);  // one widening move, not W scalar ones
 }
 
 inline vu bf16_bits(vf x) {  // the bf16 nearest to each lane, in the low half of the lane
@@ -85,13 +85,11 @@ inline void store<float>(float* p, vf x, int64_t n) {
 }
 template <>
 inline void store<at::BFloat16>(at::BFloat16* p, vf x, int64_t n) {
-  const vu bits = bf16_bits(x);
-  uint16_t half[W];
-  for (int j = 0; j < W; ++j) half[j] = uint16_t(bits[j]);
+  const vh half = __builtin_convertvector(bf16_bits(x), vh);  // one narrowing move
   if (n >= W)
-    std::memcpy(p, half, 2 * W);
+    std::memcpy(p, &half, 2 * W);
   else
-    std::memcpy(p, half, 2 * n);
+    std::memcpy(p, &half, 2 * n);
 }
 
 // Each lane rounded to T, kept as fp32 (what torch holds between two operations in T).
