@@ -234,6 +234,26 @@ inline void store_pair(uint32_t* Pp, vf even, vf odd) {
   const vu pair = lo | hi;
   std::memcpy(Pp, &pair, sizeof pair);
 }
+// out[d] = (a[d], b[d]) as one bf16 pair (a in the low half) for d < dim; a null row reads as zeros.
+template <typename T>
+inline void interleave(uint32_t* out, const T* a, const T* b, int64_t dim) {
+  typedef uint16_t vh __attribute__((vector_size(LANES * 2)));
+  typedef uint32_t vu __attribute__((vector_size(LANES * 4)));
+  int64_t d = 0;
+  for (; d + LANES <= dim; d += LANES) {
+    vh x = {}, y = {};
+    if (a) std::memcpy(&x, a + d, sizeof x);
+    if (b) std::memcpy(&y, b + d, sizeof y);
+    const vu pair = __builtin_convertvector(x, vu) | __builtin_convertvector(y, vu) << 16;
+    std::memcpy(out + d, &pair, sizeof pair);
+  }
+  for (; d < dim; ++d) {
+    uint16_t x = 0, y = 0;
+    if (a) std::memcpy(&x, a + d, 2);
+    if (b) std::memcpy(&y, b + d, 2);
+    out[d] = uint32_t(x) | uint32_t(y) << 16;
+  }
+}
 #else
 #define RS_PAIRS 0
 #endif
@@ -429,6 +449,7 @@ void run(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value
       const int64_t blocks = (visible - 1) / KEY_BLOCK + 1;
       const int64_t first_block = tiles.front().first_block;  // the item's first query is its first tile's
       const T zeros[1] = {T(0.0f)};
+      const T* previous_value = nullptr;  // pairs: the even key's value row, or null past the keys
       for (int64_t b = first_block; b < blocks; ++b) {
         for (int64_t i = 0; i < KEY_BLOCK; ++i) {
           const int64_t j = b * KEY_BLOCK + i;
@@ -439,13 +460,15 @@ void run(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value
                                                       : v.at(seg.start + j - seg.offset, item.kv_head);
           const int64_t stride = past ? 0 : 1;  // past the keys: every element reads the one zero
           if constexpr (PAIRS) {
-            for (int64_t e = 0; e < dim / 2; ++e)
-              Kp[i * (dim / 2) + e] = bits(kr, 2 * e * stride) | bits(kr, (2 * e + 1) * stride) << 16;
-            const int shift = (i % 2) * 16;  // key 2e in the low half of pair e, key 2e + 1 in the high
-            for (int64_t d = 0; d < dim; ++d) {
-              uint32_t& pair = Vp[(i / 2) * dim + d];
-              pair = (shift ? pair & 0xFFFFu : 0u) | bits(vr, d * stride) << shift;
-            }
+            // a key row's bf16 values are already its (2e, 2e + 1) pairs: copied as they are
+            if (past)
+              std::memset(Kp.data() + i * (dim / 2), 0, 2 * dim);
+            else
+              std::memcpy(Kp.data() + i * (dim / 2), kr, 2 * dim);
+            if (i % 2 == 1)  // values of keys i - 1 and i interleaved: pair (key i - 1, key i) at each dim
+              interleave(Vp.data() + (i / 2) * dim, previous_value, past ? nullptr : vr, dim);
+            else
+              previous_value = past ? nullptr : vr;
           } else {
             for (int64_t d = 0; d < dim; ++d) {
               K[i * dim + d] = to_float(kr[d * stride]);
