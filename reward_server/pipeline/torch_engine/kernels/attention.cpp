@@ -469,6 +469,9 @@ void run(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value
               interleave(Vp.data() + (i / 2) * dim, previous_value, past ? nullptr : vr, dim);
             else
               previous_value = past ? nullptr : vr;
+          } else if (std::is_same<T, float>::value && !past) {  // fp32 rows copied as they are
+            std::memcpy(K.data() + i * dim, kr, 4 * dim);
+            std::memcpy(V.data() + i * dim, vr, 4 * dim);
           } else {
             for (int64_t d = 0; d < dim; ++d) {
               K[i * dim + d] = to_float(kr[d * stride]);
