@@ -214,3 +214,31 @@ def test_a_failed_build_names_the_compiler_error(monkeypatch, tmp_path):
         kernels.attention()
     with pytest.raises(kernels.KernelUnavailable, match="not built"):
         kernels.attention(build=False)
+
+
+def test_kernels_run_without_the_gil(kernel):
+    """The engine's worker computes while the Python backend's main thread takes requests: a kernel
+    call must let other Python threads run (one that held the GIL stalled the stub, and Triton's
+    queue grew behind it)."""
+    import threading
+    import time
+
+    q, k, v = _row([8192], 8, 8, 64, dtype=torch.bfloat16)
+    stamps, stop = [], threading.Event()
+
+    def tick():
+        while not stop.is_set():
+            stamps.append(time.perf_counter())
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=tick)
+    thread.start()
+    try:
+        start = time.perf_counter()
+        _call(kernel, q, k, v, [[0, 8192, 0, -1]])
+        end = time.perf_counter()
+    finally:
+        stop.set()
+        thread.join()
+    assert end - start > 0.05  # long enough for the check to mean something
+    assert any(start + 0.01 < t < end - 0.01 for t in stamps), "no other thread ran during the call"

@@ -543,7 +543,10 @@ void register_layers(pybind11::module& m);  // layers.cpp: the element-wise work
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_layers(m);
+  // every function runs without the GIL (tensors only): the process's other Python threads (Triton's stub
+  // taking requests while the engine's worker computes) go on meanwhile
   m.def("packed_attention", &packed_attention, "Batch-invariant causal attention over a packed row (CPU)",
+        py::call_guard<py::gil_scoped_release>(),
         py::arg("query"), py::arg("key"), py::arg("value"), py::arg("out"), py::arg("segments"), py::arg("prefix_keys"),
         py::arg("prefix_values"), py::arg("scale"), py::arg("window") = 0, py::arg("softcap") = 0.0);
   m.attr("lanes") = LANES;

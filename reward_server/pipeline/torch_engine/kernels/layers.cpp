@@ -306,9 +306,11 @@ void silu_mul(const at::Tensor& gate_up, at::Tensor out) {
 
 void register_layers(pybind11::module& m) {
   m.def("rms_norm", &rms_norm, "RMSNorm of each row (after x += delta when delta is given), transformers' arithmetic",
+        py::call_guard<py::gil_scoped_release>(),
         py::arg("x"), py::arg("delta"), py::arg("weight"), py::arg("eps"), py::arg("out"));
   m.def("rotary", &rotary, "Per-head RMSNorm (optional) and rotary embedding of q and k, in place",
+        py::call_guard<py::gil_scoped_release>(),
         py::arg("qkv"), py::arg("cos"), py::arg("sin"), py::arg("heads"), py::arg("kv_heads"), py::arg("dim"),
         py::arg("q_weight"), py::arg("k_weight"), py::arg("eps"));
-  m.def("silu_mul", &silu_mul, "SiLU(gate) x up", py::arg("gate_up"), py::arg("out"));
+  m.def("silu_mul", &silu_mul, "SiLU(gate) x up", py::call_guard<py::gil_scoped_release>(), py::arg("gate_up"), py::arg("out"));
 }
