@@ -11,7 +11,8 @@ PYTEST_ARGS ?=
 setup: $(STAMP)
 
 $(STAMP): requirements.lock bench/requirements.txt deploy/requirements.txt pyproject.toml client/pyproject.toml \
-		reward_server/pipeline/torch_engine/kernels/attention.cpp reward_server/pipeline/torch_engine/kernels/layers.cpp
+		reward_server/pipeline/torch_engine/kernels/attention.cpp reward_server/pipeline/torch_engine/kernels/layers.cpp \
+		reward_server/pipeline/torch_engine/kernels/vexp.h
 	@# perf_analyzer (shipped in the tritonclient wheel) needs Debian's libb64, the tensor-parallel
 	@# launch (one tritonserver per rank) is tested under Open MPI's mpirun, and the gateway's page in
 	@# a headless Chromium through its chromedriver; root can install them.

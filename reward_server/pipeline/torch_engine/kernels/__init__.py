@@ -23,6 +23,7 @@ from typing import Any
 
 _LOGGER = logging.getLogger(__name__)
 SOURCES = (Path(__file__).with_name("attention.cpp"), Path(__file__).with_name("layers.cpp"))
+HEADERS = (Path(__file__).with_name("vexp.h"),)  # included by the sources: part of the build's key
 CACHE = Path(os.environ.get("REWARD_SERVER_CACHE", Path.home() / ".cache" / "reward-server")) / "kernels"
 # the flags that change what -march=native emits for these loops
 _ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "amx_bf16")
@@ -49,7 +50,7 @@ def build_name() -> str:
     import torch
 
     flags = sorted(_cpu_flags() & set(_ISA_FLAGS))
-    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES) + Path(__file__).read_bytes()
+    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES + HEADERS) + Path(__file__).read_bytes()
                             + torch.__version__.encode()
                             + " ".join(flags).encode())
     return f"reward_attention_{digest.hexdigest()[:12]}"

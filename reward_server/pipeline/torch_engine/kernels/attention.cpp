@@ -73,26 +73,7 @@ inline vf splat(float x) {
 #endif
 inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 
-// exp on every lane: 2^n * p(r), r = x - n ln 2 in [-ln2/2, ln2/2], degree-6 polynomial (a few ulp).
-// The same operations on every lane, so a value's exp never depends on its neighbours.
-inline vf vexp(vf x) {
-  x = vmax(x, splat(-87.0f));
-  x = x < splat(88.0f) ? x : splat(88.0f);
-  const vf shifter = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  vf t = x * splat(1.44269504088896341f) + shifter;
-  vf n = t - shifter;
-  vf r = x - n * splat(0.693359375f);
-  r = r - n * splat(-2.12194440e-4f);
-  vf p = splat(1.9875691500e-4f);
-  p = p * r + splat(1.3981999507e-3f);
-  p = p * r + splat(8.3334519073e-3f);
-  p = p * r + splat(4.1665795894e-2f);
-  p = p * r + splat(1.6666665459e-1f);
-  p = p * r + splat(5.0000001201e-1f);
-  p = p * (r * r) + r + splat(1.0f);
-  vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
-  return p * (vf)bits;
-}
+#include "vexp.h"  // exp on every lane (shared with layers.cpp)
 
 // tanh on every lane as 1 - 2 / (exp(2x) + 1): within ~1e-7 of tanh in absolute terms, which is
 // what a softcapped score (C * tanh(s / C)) needs; exp's clamping makes the tails exactly +-1.

@@ -246,30 +246,7 @@ void rotary(at::Tensor qkv, const at::Tensor& cos, const at::Tensor& sin, int64_
     TORCH_CHECK(false, "rotary: float32 or bfloat16 only");
 }
 
-// exp on every lane within a few ulp: 2^n * p(r), r = x - n ln 2, degree-6 polynomial (as the attention
-// kernel's), over fp32's whole range: inf above ln(FLT_MAX), as torch's exp (SiLU of a very negative
-// gate is then -0, as torch's), and 2^n applied in two halves so that 2^128 x p(r) < FLT_MAX stays finite.
-inline vf vexp(vf x) {
-  const vf top = splat(88.72283935546875f);  // ln(FLT_MAX), rounded down
-  const vi over = x > top;
-  x = x > splat(-87.0f) ? x : splat(-87.0f);
-  x = x < top ? x : top;
-  const vf shifter = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  const vf t = x * splat(1.44269504088896341f) + shifter;
-  const vf n = t - shifter;
-  vf r = x - n * splat(0.693359375f);
-  r = r - n * splat(-2.12194440e-4f);
-  vf p = splat(1.9875691500e-4f);
-  p = p * r + splat(1.3981999507e-3f);
-  p = p * r + splat(8.3334519073e-3f);
-  p = p * r + splat(4.1665795894e-2f);
-  p = p * r + splat(1.6666665459e-1f);
-  p = p * r + splat(5.0000001201e-1f);
-  p = p * (r * r) + r + splat(1.0f);
-  const vi whole = __builtin_convertvector(n, vi), low = whole >> 1, high = whole - low;
-  const vf y = p * (vf)((low + 127) << 23) * (vf)((high + 127) << 23);
-  return over ? splat(__builtin_inff()) : y;
-}
+#include "vexp.h"  // exp on every lane (shared with attention.cpp)
 
 template <typename T>
 void silu_mul_impl(const at::Tensor& gate_up, at::Tensor& out) {
