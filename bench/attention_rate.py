@@ -15,13 +15,12 @@ ratio is native / SDPA. It names the CPU's flags and the kernel's instruction se
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
 
 from bench import metrics
-from bench.engine_profile import cpu_flags
+from bench.engine_profile import cpu_flags, publish
 
 SHAPES = {"small": (8, 8, 64), "qwen3-0.6b": (16, 8, 128)}  # query heads, key/value heads, head size
 
@@ -104,12 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, help="also write the report as JSON here")
     args = parser.parse_args(argv)
-    report = run(args)
-    print(render(report))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-    return report
+    return publish(run(args), render, args.out)
 
 
 if __name__ == "__main__":

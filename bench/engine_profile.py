@@ -180,11 +180,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="also write the report as JSON here")
     args = parser.parse_args(argv)
-    report = run(args)
+    return publish(run(args), render, args.out)
+
+
+def publish(report: dict, render, out: Path | None) -> dict:
+    """Print `render(report)` and, when `out` is given, write the report there as JSON; returns it."""
     print(render(report))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
