@@ -353,13 +353,12 @@ class RewardEngine:
 
         result: list[Any] = [None] * len(rows)
         with torch.inference_mode():
-            if alone_prompts:
-                for pack in pack_sequences([groups[key].prefix_length for key in alone_prompts], self.token_budget):
-                    alive = keep() if keep is not None else None
-                    wanted = [alone_prompts[j] for j in pack
-                              if alive is None or any(alive[m] for m in groups[alone_prompts[j]].members)]
-                    if wanted:
-                        self._run([prompt(key) for key in wanted], store)
+            for pack in pack_sequences([groups[key].prefix_length for key in alone_prompts], self.token_budget):
+                alive = keep() if keep is not None else None
+                wanted = [alone_prompts[j] for j in pack
+                          if alive is None or any(alive[m] for m in groups[alone_prompts[j]].members)]
+                if wanted:
+                    self._run([prompt(key) for key in wanted], store)
             for pack in pack_sequences([sum(map(size, unit)) for unit in units], self.token_budget):
                 indices = [i for u in pack for i in units[u]]
                 if keep is not None:
