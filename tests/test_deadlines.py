@@ -140,6 +140,18 @@ def test_admission_is_bounded_by_the_measured_rate():
     assert sched.queued() == (4, 400)
 
 
+def test_the_queue_gauge_follows_admissions_waves_and_refusals():
+    clock, answers, seen = Clock(), {}, []
+    engine = FakeEngine(clock, seconds_per_row=1.0, rows=1)
+    sched = EngineScheduler(engine, 100, QueueLimits(max_queue_requests=2), clock=clock, admit_grace_s=0,
+                            on_queue=lambda requests, tokens: seen.append((requests, tokens)))
+    sched.submit([_job(30, answers, "a"), _job(40, answers, "b"), _job(50, answers, "c")])
+    assert seen[-1] == (2, 70) and "c" in answers  # c refused by the count: never in the gauge
+    sched.step()  # a and b form one wave: the queue empties as it starts
+    assert seen[-1] == (0, 0) and set(answers) == {"a", "b", "c"}
+    assert max(requests for requests, _ in seen) == 2
+
+
 def test_before_any_measurement_the_queue_holds_a_few_rows():
     clock, answers = Clock(), {}
     sched = _scheduler(clock, FakeEngine(clock), budget=10)

@@ -32,6 +32,8 @@ from tests.conversations import make_conversations
 from tests.test_observability import scrape, value
 
 MAX_QUEUE = 2
+SENDERS = 24
+PENDING_BOUND = SENDERS // 3
 SOAK_S = float(os.environ.get("REWARD_SOAK_SECONDS", "20"))
 # RSS may grow while allocators warm up; after the first quarter of the soak it must stay within this.
 RSS_TOLERANCE = 0.10
@@ -68,17 +70,18 @@ def _raw_request(url, conversations):
 
 
 def test_overload_is_rejected_with_unavailable_and_the_queue_stays_bounded(bounded):
-    pending, stop = [], threading.Event()
+    pending, queued, stop = [], [], threading.Event()
 
     def watch():
         while not stop.is_set():
-            pending.append(value(scrape(bounded), "nv_inference_pending_request_count", model="reward_engine",
-                                 version="1"))
+            metrics = scrape(bounded)
+            pending.append(value(metrics, "nv_inference_pending_request_count", model="reward_engine", version="1"))
+            queued.append(metrics[("reward_engine_queued_requests", (("model", "reward_engine"),))])
             time.sleep(0.05)
 
     watcher = threading.Thread(target=watch)
     watcher.start()
-    with ThreadPoolExecutor(24) as pool:
+    with ThreadPoolExecutor(SENDERS) as pool:
         outcomes = list(pool.map(lambda i: _raw_request(bounded.grpc_url, WORKLOAD[i * 8:(i + 1) * 8]), range(32)))
     stop.set()
     watcher.join()
@@ -88,8 +91,13 @@ def test_overload_is_rejected_with_unavailable_and_the_queue_stays_bounded(bound
     # refused by the engine's queue (count, timeout) or at the entry point before tokenising: all say so
     assert all(m.startswith(OVERLOADED_PREFIX) and ("queue size" in m or "timeout" in m or "over the limit" in m)
                for s, m in outcomes if s != "ok"), outcomes
-    # Triton counts the batch being formed as pending too: measured at most MAX_QUEUE + 1.
-    assert max(pending) <= MAX_QUEUE + 1, pending
+    # The engine's own queue (admitted, waiting) never holds more than its count limit...
+    assert max(queued) <= MAX_QUEUE, queued
+    # ...and Triton's queue in front of it stays short, since `execute` only hands requests over. Not
+    # MAX_QUEUE + 1: Triton counts a request pending from its arrival until `execute` takes it, and
+    # on 2 busy cores the stub's main thread waits for a core and the GIL (4 seen in CI). Were the
+    # wave computed inside `execute`, as before the engine kept its own queue, most senders would wait there.
+    assert max(pending) <= PENDING_BOUND, pending
 
 
 def test_sdk_clients_back_off_and_score_everything_under_overload(bounded, undisturbed):

@@ -137,8 +137,8 @@ class EngineScheduler:
             at every row boundary to measure the rate; None: measured from whole waves only.
         on_drop: told (reason, requests, tokens) for each request dropped or refused, reason one of
             `deadlines.DROP_REASONS`; `on_wave` told (jobs, start, seconds) after each wave; `on_rate` the
-            measured tokens/s after each row (`admission.LoadPublisher`); their failures are logged,
-            never raised.
+            measured tokens/s after each row (`admission.LoadPublisher`); `on_queue` (requests, tokens)
+            admitted and waiting, whenever that may have changed; their failures are logged, never raised.
         clock: wall-clock seconds (tickets use the same clock).
         admit_grace_s: how long a request over the limit waits for a second look before it is
             refused: a client's cancellation reaches the board a poll later (the entry points poll
@@ -152,6 +152,7 @@ class EngineScheduler:
                  on_drop: Callable[[str, int, int], None] | None = None,
                  on_wave: Callable[[list[Job], float, float], None] | None = None,
                  on_rate: Callable[[float | None], None] | None = None,
+                 on_queue: Callable[[int, int], None] | None = None,
                  clock: Callable[[], float] = time.time, admit_grace_s: float = ADMIT_GRACE_S):
         self.compute = compute
         self.token_budget = token_budget
@@ -161,6 +162,7 @@ class EngineScheduler:
         self.on_drop = on_drop
         self.on_wave = on_wave
         self.on_rate = on_rate
+        self.on_queue = on_queue
         self.clock = clock
         self.admit_grace_s = admit_grace_s
         self.rate = RateEstimate()
@@ -192,6 +194,7 @@ class EngineScheduler:
                 else:
                     self._refuse(job, refusal)
                 self._lock.notify()
+        self._publish_queue()
 
     def _refusal(self, job: Job, now: float) -> RequestError | None:
         """Why `job` cannot be admitted now (the queue's limit, or its deadline), or None (the lock is held)."""
@@ -297,6 +300,7 @@ class EngineScheduler:
                 while not self._queue and not self._stopping:
                     self._lock.wait(REVIEW_TICK_S if self._probation else None)
                     self._review()
+                    self._publish_queue()
                 if self._stopping:
                     return
             self.step()
@@ -325,6 +329,7 @@ class EngineScheduler:
                 wave.append(job)
                 tokens += job.tokens
             self._running, self._running_left = wave, tokens
+        self._publish_queue()
         if wave:
             answered += self._compute(wave, tokens)
         return answered
@@ -365,6 +370,7 @@ class EngineScheduler:
             with self._lock:
                 self._running_left = max(0, tokens - (mark - base))
                 self._review()
+            self._publish_queue()
             return [i not in gone for i in range(len(wave))]
 
         try:
@@ -412,6 +418,14 @@ class EngineScheduler:
             hook(*args)
         except Exception:  # noqa: BLE001 - metrics never fail requests
             _LOGGER.exception("a scheduler hook failed")
+
+    def _publish_queue(self) -> None:
+        """Tell `on_queue` what is admitted and waiting now. Under the lock (re-entrant: callers may
+        hold it already), so that two threads' counts reach it in the order they were taken."""
+        if self.on_queue is None:
+            return
+        with self._lock:
+            self._notify(self.on_queue, len(self._queue), sum(job.tokens for job in self._queue))
 
     def queued(self) -> tuple[int, int]:
         """(requests, tokens) waiting now (admitted or on a second look)."""

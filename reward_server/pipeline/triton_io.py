@@ -279,16 +279,24 @@ class QueueMetrics:
 
         reward_engine_queue_duration_us_total{model}     from arrival at the server to its wave's start
         reward_engine_compute_duration_us_total{model}   its wave's computing time
+        reward_engine_queued_requests{model}             gauges: requests admitted and waiting now
+        reward_engine_queued_tokens{model}               (not the running wave), and their tokens
 
-    Same meaning as Triton's counters of those names without `reward_engine_`, so the autoscaling
-    rule adds them up with the TensorRT-LLM model's (deploy/k8s/base/prometheusrule.yaml).
+    The counters mean what Triton's counters of those names without `reward_engine_` mean, so the
+    autoscaling rule adds them up with the TensorRT-LLM model's (deploy/k8s/base/prometheusrule.yaml).
     """
 
     def __init__(self, model_name: str):
         self._families = [pb_utils.MetricFamily(name=f"reward_engine_{what}_duration_us_total",
                                                 description=f"Cumulative {what} microseconds of the engine's requests",
                                                 kind=pb_utils.MetricFamily.COUNTER) for what in ("queue", "compute")]
-        self._queue, self._compute = (family.Metric(labels={"model": model_name}) for family in self._families)
+        self._families += [pb_utils.MetricFamily(name=f"reward_engine_queued_{what}",
+                                                 description=f"{what.capitalize()} admitted to the engine's queue and "
+                                                             "waiting now", kind=pb_utils.MetricFamily.GAUGE)
+                           for what in ("requests", "tokens")]
+        (self._queue, self._compute, self._queued_requests,
+         self._queued_tokens) = (family.Metric(labels={"model": model_name}) for family in self._families)
+        self._last_queued = None  # a gauge is set only when it changes: each set is a message to Triton
 
     def wave(self, jobs, start: float, seconds: float) -> None:
         """Count a wave of `jobs` that started at `start` (epoch seconds) and took `seconds`."""
@@ -297,6 +305,14 @@ class QueueMetrics:
             self._compute.increment(len(jobs) * seconds * 1e6)
         except Exception:  # noqa: BLE001
             _LOGGER.exception("could not update queue metrics")
+
+    def queued(self, requests: int, tokens: int) -> None:
+        """Set the queue gauges (`EngineScheduler`'s `on_queue`)."""
+        if (requests, tokens) == self._last_queued:
+            return
+        self._last_queued = (requests, tokens)
+        self._queued_requests.set(requests)
+        self._queued_tokens.set(tokens)
 
 
 # The entry points' tasks run on the stub's event-loop thread, which waits for the GIL while the

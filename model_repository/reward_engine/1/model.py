@@ -28,7 +28,8 @@ class TritonPythonModel:
             lambda inputs, alive: stages.score_requests(self.engine, inputs, alive), None,
             limits, settings.board_from_parameters(params),
             progress=lambda: self.engine.stats.tokens + self.engine.stats.shared_tokens, on_drop=self.drops.drop,
-            on_wave=self._after_wave, on_rate=settings.load_publisher_from_parameters(params, limits))
+            on_wave=self._after_wave, on_rate=settings.load_publisher_from_parameters(params, limits),
+            on_queue=self.queue_metrics.queued)
         # loaded on the scheduler's thread, which computes every wave (see EngineScheduler.start)
         self.engine = self.scheduler.start(setup=lambda: settings.engine_from_parameters(params))
         self.scheduler.token_budget = self.engine.token_budget
