@@ -122,6 +122,22 @@ def test_wave_budget_and_order():
     assert sched.step() == 0
 
 
+def test_a_slow_model_s_waves_hold_at_most_the_queue_limit_of_work():
+    clock, answers = Clock(), {}
+    engine = FakeEngine(clock, seconds_per_row=1.0, rows=1)
+    sched = _scheduler(clock, engine, budget=100, max_queue_s=1.5, queue_timeout_s=10.0)
+    assert sched.wave_tokens() == WAVE_ROWS * 100  # nothing measured yet: two rows
+    sched.submit([_job(50, answers, "warm")])
+    sched.step()  # 50 tokens in 1 s: 75 tokens are 1.5 s of work
+    assert sched.wave_tokens() == 75
+    sched.submit([_job(40, answers, "q0"), _job(40, answers, "q1")])  # 0.8 s ahead of q1: admitted
+    assert sched.step() == 1 and sched.step() == 1  # 40 + 40 would be 1.6 s: a request a wave
+    sched.submit([_job(120, answers, "big")])
+    assert sched.step() == 1  # larger than a wave: a wave of its own
+    assert engine.waves == [[50], [40], [40], [120]]
+    assert all(isinstance(answers[name], dict) for name in ("q0", "q1", "big"))
+
+
 def test_admission_is_bounded_by_the_measured_rate():
     clock, answers = Clock(), {}
     engine = FakeEngine(clock, seconds_per_row=1.0, rows=1)

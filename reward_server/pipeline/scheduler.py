@@ -16,8 +16,8 @@ thread then
   the engine never idles between two requests, however large. The queue's memory is therefore
   bounded by what the engine computes in `max_queue_s`, plus one request, plus what arrives during
   the second looks;
-- computes waves in arrival order: requests of about `WAVE_ROWS` packed rows together, each
-  answered as soon as its wave ends;
+- computes waves in arrival order: requests of about `WAVE_ROWS` packed rows together (fewer where
+  those rows would take longer than `max_queue_s`), each answered as soon as its wave ends;
 - drops, before a wave and before every packed row in it, a request whose client went (the
   `CancelBoard`), whose deadline passed, or which waited longer than the queue timeout.
 
@@ -314,7 +314,7 @@ class EngineScheduler:
         wave, answered = [], 0
         with self._lock:
             self._review()
-            budget = WAVE_ROWS * self.token_budget
+            budget = self.wave_tokens()
             tokens = 0
             while self._queue:
                 job = self._queue[0]
@@ -333,6 +333,16 @@ class EngineScheduler:
         if wave:
             answered += self._compute(wave, tokens)
         return answered
+
+    def wave_tokens(self) -> int:
+        """How many tokens a wave gathers (its first request always joins, however large):
+        `WAVE_ROWS` packed rows, but no more than `QueueLimits.max_queue_s` of work at the measured
+        rate. A slow model's two rows can take longer than the queue timeout allows the request
+        admitted behind them to wait (a 0.6B model on 2 cores: ~9 s against 10 s); with waves of at
+        most the admitted queue's length, an admitted request starts within twice that."""
+        rows = WAVE_ROWS * self.token_budget
+        per_s = self.rate.tokens_per_s
+        return rows if per_s is None else max(1, min(rows, int(per_s * self.limits.max_queue_s)))
 
     def _refusal_at_start(self, job: Job) -> RequestError | None:
         """Why a queued job must not start now (gone, late, or waited past the queue timeout), or None."""
