@@ -82,6 +82,10 @@ def _serve_parser(sub) -> None:
     p.add_argument("--token-budget", type=int, help="tokens per packed engine row, one forward pass (default 4096)")
     p.add_argument("--min-shared-prefix", type=int,
                    help="shortest shared token prefix computed once per group (default 32; 0 disables)")
+    p.add_argument("--prefix-cache-mb", type=float,
+                   help="torch engine: memory for keys and values of sequences scored before, reused by later "
+                        "requests that continue them (default: 10%% of the memory available at start, at most "
+                        "2048; 0 turns it off)")
     p.add_argument("--max-queue-seconds", type=float,
                    help="torch engine: admit requests while the queued work takes at most this long at the measured "
                         "rate; beyond it they get UNAVAILABLE, which clients retry (default 2)")
@@ -178,7 +182,8 @@ def _options(args: argparse.Namespace) -> ServeOptions:
         attribute_weights=args.attribute_weights, score_mean=args.score_mean, score_std=args.score_std,
         device=args.device, dtype=args.dtype, compile=args.compile, attention=args.attention,
         torch_threads=args.threads,
-        token_budget=args.token_budget, min_shared_prefix=args.min_shared_prefix, max_queue_size=args.max_queue_size,
+        token_budget=args.token_budget, min_shared_prefix=args.min_shared_prefix,
+        prefix_cache_mb=args.prefix_cache_mb, max_queue_size=args.max_queue_size,
         queue_timeout_us=args.queue_timeout_ms * 1000 if args.queue_timeout_ms is not None else None,
         max_queue_seconds=args.max_queue_seconds,
         max_conversation_bytes=args.max_conversation_bytes, max_request_bytes=args.max_request_bytes,

@@ -59,12 +59,15 @@ def test_group_members_are_bit_identical_whatever_else_is_in_the_batch(demo_chec
             assert _bits(engine.score(batch)[position:position + len(GROUP)]) == alone, (position, budget)
 
 
+@pytest.mark.parametrize("cache_mb", [0, 64], ids=["shared-in-call", "prefix-cache"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_every_placement_gives_the_same_bits(demo_checkpoint, monkeypatch, dtype):
+def test_every_placement_gives_the_same_bits(demo_checkpoint, monkeypatch, dtype, cache_mb):
     """The placements a user meets, in fp32 and in bf16 (where the CPU computes bf16: there the attention
     kernel's products run in bf16 pairs and the layers' element-wise steps in bf16): alone, repeated
     (64 copies share their whole prompt), among 4 to 39 neighbours, second in a request of two, inside its
-    GRPO group (shared prompt, 8 members) and in its group among 30 other conversations."""
+    GRPO group (shared prompt, 8 members) and in its group among 30 other conversations; with prefixes
+    shared within each call only, and through the prefix cache (every call after the first continues
+    keys computed by an earlier one)."""
     import torch
 
     from reward_server.pipeline.torch_engine import engine as engine_module
@@ -75,7 +78,8 @@ def test_every_placement_gives_the_same_bits(demo_checkpoint, monkeypatch, dtype
             pytest.skip("this CPU cannot prepack bf16 products for oneDNN (AVX-512 BW/VL/DQ or AVX-NE-CONVERT): "
                         "bf16 scores are not claimed batch-invariant here")
         monkeypatch.setattr(engine_module, "cpu_has_fast_bf16", lambda: True)
-    engine = RewardEngine.from_checkpoint(demo_checkpoint, device="cpu", dtype=dtype, min_shared=32)
+    engine = RewardEngine.from_checkpoint(demo_checkpoint, device="cpu", dtype=dtype, min_shared=32,
+                                          prefix_cache_mb=cache_mb)
     rng = np.random.default_rng(5)
     group = [PROMPT + rng.integers(300, 2000, int(n)).tolist() for n in rng.integers(5, 200, 8)]
     others = [rng.integers(300, 2000, int(n)).tolist() for n in rng.integers(5, 500, 39)]
@@ -88,7 +92,10 @@ def test_every_placement_gives_the_same_bits(demo_checkpoint, monkeypatch, dtype
             "in its group among 30": _bits(engine.score(others[:15] + group + others[15:30])[15 + member])}
     for count in (4, 11, 39):
         seen[f"among {count}"] = _bits(engine.score(others[:count // 2] + [target] + others[count // 2:count])[count // 2])
-    assert engine.stats.shared_tokens > 0  # the group and the copies went through the shared-prompt path
+    if cache_mb:  # later calls continued cached keys
+        assert engine.cache.stats.hits >= 8 and engine.cache.stats.reused_tokens > 0
+    else:  # the group and the copies went through the shared-prompt path
+        assert engine.stats.shared_tokens > 0
     assert {name: bits for name, bits in seen.items() if bits != alone} == {}
     members = b"".join(_bits(engine.score([m])) for m in group)
     assert _bits(engine.score(others[:3] + group)[3:]) == members

@@ -25,6 +25,7 @@ DEVICE = "device"
 TORCH_THREADS = "torch_threads"
 TOKEN_BUDGET = "token_budget"
 MIN_SHARED_PREFIX = "min_shared_prefix"
+PREFIX_CACHE_MB = "prefix_cache_mb"
 DTYPE = "dtype"
 COMPILE = "compile"
 ATTENTION = "attention"
@@ -153,7 +154,8 @@ def engine_from_parameters(params: dict[str, str]):
                                         compile=_flag(params, COMPILE),
                                         attention=params.get(ATTENTION) or "auto",
                                         step_tag=params.get(STEP_TAG) or None,
-                                        step_labels=params.get(STEP_LABELS) or None)
+                                        step_labels=params.get(STEP_LABELS) or None,
+                                        prefix_cache_mb=_number(params, PREFIX_CACHE_MB, float))
 
 
 def score_spec_from_parameters(params: dict[str, str]):

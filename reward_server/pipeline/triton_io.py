@@ -148,12 +148,18 @@ class EngineMetrics:
     reward_engine_<prefix><field>_total for each counter of `fields`: by default the PyTorch engine's
     `EngineStats` (sequences, tokens computed, tokens saved by shared prefixes, padded tokens, so
     padding ratio = 1 - tokens / padded); `KV_CACHE_FIELDS` for the TensorRT-LLM fan-out's
-    `KvCacheStats` with prefix "kv_cache_" (blocks reused / used: prompt reuse = reused / total).
+    `KvCacheStats` with prefix "kv_cache_" (blocks reused / used: prompt reuse = reused / total);
+    `PREFIX_CACHE_FIELDS` for the torch engine's `PrefixCacheStats` with prefix "prefix_cache_", whose
+    `bytes` held it also sets as the gauge reward_engine_prefix_cache_bytes.
     """
 
     FIELDS = {"sequences": "conversations scored", "tokens": "tokens run through the model",
               "shared_tokens": "tokens not computed thanks to shared prefixes",
               "padded_tokens": "tokens computed including padding"}
+    PREFIX_CACHE_FIELDS = {"hits": "sequences that continued keys held by the prefix cache",
+                           "misses": "sequences that found no prefix in the prefix cache",
+                           "reused_tokens": "tokens not computed thanks to the prefix cache",
+                           "evictions": "prefix cache entries dropped to stay within its bound"}
     KV_CACHE_FIELDS = {"requests": "TensorRT-LLM requests that returned KV-cache counters",
                        "reused_blocks": "KV-cache blocks found cached (shared prompts)",
                        "total_blocks": "KV-cache blocks used"}
@@ -166,6 +172,12 @@ class EngineMetrics:
             self._families.append(family)
             self._counters[field] = family.Metric(labels={"model": model_name})
         self._seen = dict.fromkeys(self._counters, 0)
+        self._bytes = None
+        if fields is self.PREFIX_CACHE_FIELDS:
+            self._families.append(pb_utils.MetricFamily(name=f"reward_engine_{prefix}bytes",
+                                                        description="Bytes held by the prefix cache",
+                                                        kind=pb_utils.MetricFamily.GAUGE))
+            self._bytes = self._families[-1].Metric(labels={"model": model_name})
 
     def update(self, stats) -> None:
         """Add what `stats` counted since the last update; a metrics failure never fails requests."""
@@ -174,6 +186,8 @@ class EngineMetrics:
                 value = getattr(stats, field)
                 counter.increment(value - self._seen[field])
                 self._seen[field] = value
+            if self._bytes is not None:
+                self._bytes.set(stats.bytes)
         except Exception:  # noqa: BLE001
             _LOGGER.exception("could not update engine metrics")
 

@@ -77,6 +77,7 @@ class ServeOptions:
     torch_threads: int | None = None
     token_budget: int | None = None
     min_shared_prefix: int | None = None
+    prefix_cache_mb: float | None = None     # torch engine: bound of the cross-request prefix cache; 0: off
     max_queue_size: int | None = None
     max_queue_delay_us: int | None = None
     queue_timeout_us: int | None = None      # engine queue: refuse (UNAVAILABLE) requests waiting longer; 0: never

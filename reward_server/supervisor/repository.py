@@ -90,6 +90,8 @@ def model_parameters(options: ServeOptions, checkpoint: Path,
         params[ENGINE_MODEL][settings.TOKEN_BUDGET] = str(options.token_budget)
     if options.min_shared_prefix is not None:
         params[ENGINE_MODEL][settings.MIN_SHARED_PREFIX] = str(options.min_shared_prefix)
+    if options.prefix_cache_mb is not None:
+        params[ENGINE_MODEL][settings.PREFIX_CACHE_MB] = f"{options.prefix_cache_mb:g}"
     # the engine's own queue (pipeline/scheduler.py); empty values keep its defaults
     params[ENGINE_MODEL].update({settings.MAX_QUEUE_SECONDS: optional(options.max_queue_seconds),
                                  settings.QUEUE_TIMEOUT_MS: optional(None if options.queue_timeout_us is None

@@ -27,12 +27,14 @@ class TritonPythonModel:
         self.scheduler = EngineScheduler(
             lambda inputs, alive: stages.score_requests(self.engine, inputs, alive), None,
             limits, settings.board_from_parameters(params),
-            progress=lambda: self.engine.stats.tokens + self.engine.stats.shared_tokens, on_drop=self.drops.drop,
+            progress=lambda: self.engine.tokens_done(), on_drop=self.drops.drop,
             on_wave=self._after_wave, on_rate=settings.load_publisher_from_parameters(params, limits),
             on_queue=self.queue_metrics.queued)
         # loaded on the scheduler's thread, which computes every wave (see EngineScheduler.start)
         self.engine = self.scheduler.start(setup=lambda: settings.engine_from_parameters(params))
         self.scheduler.token_budget = self.engine.token_budget
+        self.cache_metrics = (None if self.engine.cache is None else
+                              EngineMetrics(args["model_name"], EngineMetrics.PREFIX_CACHE_FIELDS, "prefix_cache_"))
 
     def execute(self, requests):
         # a request the engine fails never reaches postprocessing: the drain counts it finished here
@@ -44,6 +46,8 @@ class TritonPythonModel:
 
     def _after_wave(self, jobs, start, seconds):
         self.metrics.update(self.engine.stats)
+        if self.cache_metrics is not None:
+            self.cache_metrics.update(self.engine.cache.stats)
         self.queue_metrics.wave(jobs, start, seconds)
 
     def finalize(self):

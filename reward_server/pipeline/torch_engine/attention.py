@@ -12,7 +12,7 @@ import contextlib
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Hashable
 
 _LOGGER = logging.getLogger(__name__)
 ATTENTION = "reward_packed"
@@ -61,9 +61,9 @@ class Segment:
     """One sequence inside a packed row: its ids and, if any, the shared prefix it continues."""
 
     ids: list[int]
-    prefix: int | None = None   # key of a recorded prefix this segment attends to first
-    offset: int = 0             # its first position (the prefix length)
-    record: int | None = None   # key under which to record this segment's keys and values
+    prefix: Hashable | None = None  # key of a recorded prefix this segment attends to first
+    offset: int = 0                 # its first position (the prefix length)
+    record: Hashable | None = None  # key under which to record its keys and values (its prefix's first)
     reads: list[int] | None = None  # its tokens whose hidden states are wanted (None: the last)
 
 
@@ -73,7 +73,7 @@ class _Pack:
 
     segments: list[Segment]
     bounds: list[tuple[int, int]]
-    store: dict[int, dict[int, tuple[Any, Any]]]  # prefix key -> layer -> (keys, values) [length, heads, dim]
+    store: dict[Hashable, dict[int, tuple[Any, Any]]]  # prefix key -> layer -> (keys, values) [length, heads, dim]
     kernel: Any = None  # the native attention module (torch_engine.kernels), or None: torch's SDPA
     masks: dict[tuple, Any] = field(default_factory=dict)  # (segment, first query, window) -> mask
     table: Any = None  # the native kernel's segment table, made at the first layer
@@ -136,12 +136,23 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     # [T, heads, dim] views: the layout the native kernel reads and the prefix store keeps
     query, key, value = (t[0].transpose(0, 1) for t in (query, key, value))
     for (start, end), segment in zip(pack.bounds, pack.segments):
-        if segment.record is not None:  # copies: a view would keep the whole row's projections alive
-            pack.store.setdefault(segment.record, {})[layer] = (key[start:end].contiguous(),
-                                                                value[start:end].contiguous())
+        if segment.record is not None:
+            pack.store.setdefault(segment.record, {})[layer] = _recorded(pack, segment, layer, key[start:end],
+                                                                         value[start:end])
     if pack.kernel is not None:
         return _native_attention(pack, layer, query, key, value, scaling, window, softcap), None
     return _sdpa_attention(pack, layer, query, key, value, scaling, window, softcap), None
+
+
+def _recorded(pack: _Pack, segment: Segment, layer: int, key, value) -> tuple[Any, Any]:
+    """What a segment records: its keys and values, after its prefix's when it continues one (so a
+    record always starts at position 0). Copies: a view would keep the whole row's projections alive."""
+    if segment.prefix is None:
+        return key.contiguous(), value.contiguous()
+    import torch
+
+    prefix_key, prefix_value = pack.store[segment.prefix][layer]
+    return torch.cat([prefix_key, key]), torch.cat([prefix_value, value])
 
 
 def _native_attention(pack: _Pack, layer: int, query, key, value, scaling, window, softcap):

@@ -33,7 +33,7 @@ from reward_server.pipeline.heads import (ProcessHead, RewardHead, decoder_layer
                                           process_head, process_layout, resolve_step_tag, split_model, tag_positions)
 from reward_server.pipeline.torch_engine.attention import (ATTENTION, Segment, attention_kernel, packed_row,
                                                            register_attention)
-from reward_server.pipeline.torch_engine import kernels
+from reward_server.pipeline.torch_engine import kernels, prefix_cache
 from reward_server.pipeline.torch_engine.checkpoint import check_checkpoint
 
 _LOGGER = logging.getLogger(__name__)
@@ -90,6 +90,22 @@ def _utf8_text_files() -> None:
             _LOGGER.warning("no UTF-8 locale: compilation may fail reading non-ASCII files")
 
 
+def _prefix_cache(mb: float | None, kernel: Any) -> prefix_cache.PrefixCache | None:
+    """The engine's prefix cache for a bound of `mb` megabytes (None: the default, 0: none)."""
+    if mb is not None and mb < 0:
+        raise ValueError(f"prefix_cache_mb must be >= 0, got {mb}")
+    if mb == 0:
+        return None
+    if kernel is None:
+        if mb is not None:
+            _LOGGER.warning("prefix cache off: it needs the native attention kernel, whose fixed summation order "
+                            "keeps a reused prefix's scores bit-identical")
+        return None
+    max_bytes = prefix_cache.default_max_bytes() if mb is None else int(mb * (1 << 20))
+    _LOGGER.info("prefix cache: up to %.0f MB", max_bytes / (1 << 20))
+    return prefix_cache.PrefixCache(max_bytes)
+
+
 def _per_position(module, hidden) -> Any:
     """`module` applied to each row of `hidden` [S, H] alone: a product's result for a row must not
     depend on how many rows it was computed with (the heads are tiny: no measurable cost)."""
@@ -130,6 +146,7 @@ class RewardEngine:
     min_shared: int = DEFAULT_MIN_SHARED  # 0 turns prefix sharing off
     kernel: Any = None  # the native attention module, or None: torch's SDPA (`attention_kernel`)
     process: ProcessHead | None = None  # set for process reward models (`score_steps`)
+    cache: prefix_cache.PrefixCache | None = None  # sequences scored before (`prefix_cache_mb`); None: off
     stats: EngineStats = field(default_factory=EngineStats)
 
     @classmethod
@@ -139,7 +156,8 @@ class RewardEngine:
                         min_shared: int = DEFAULT_MIN_SHARED, dtype: str = "auto",
                         compile: bool = False, fused: bool = True, attention: str = "auto",
                         step_tag: str | int | None = None,
-                        step_labels: str | Sequence[int] | None = None) -> "RewardEngine":
+                        step_labels: str | Sequence[int] | None = None,
+                        prefix_cache_mb: float | None = None) -> "RewardEngine":
         """Load a local Hugging Face reward checkpoint.
 
         Args:
@@ -161,6 +179,11 @@ class RewardEngine:
             threads: torch intra-op threads (CPU); None leaves torch's default.
             token_budget: tokens per packed row (one forward pass).
             min_shared: shortest token prefix worth computing once for a group; 0 disables.
+            prefix_cache_mb: the most memory the prefix cache holds (keys and values of sequences
+                scored before, reused by later sequences that continue them: `prefix_cache`); None:
+                `prefix_cache.default_max_bytes()`; 0: off. It needs the native attention kernel
+                (whose fixed summation order keeps a reused prefix's scores bit-identical); with
+                SDPA it stays off.
 
         Raises:
             ValueError: the head cannot be determined or an index is out of range.
@@ -219,7 +242,8 @@ class RewardEngine:
         _LOGGER.info("loaded %s (%s, %d outputs) on %s %s, %s attention, in %.1fs", checkpoint, head_type, outputs,
                      device, dtype, "SDPA" if kernel is None else f"native ({kernels.describe(kernel)})",
                      time.perf_counter() - start)
-        engine = cls(backbone, head, device, outputs, token_budget, min_shared, kernel, process)
+        engine = cls(backbone, head, device, outputs, token_budget, min_shared, kernel, process,
+                     _prefix_cache(prefix_cache_mb, kernel))
         with torch.inference_mode():  # one token through every layer: unsupported attention features fail here
             engine._run([Segment([0])], {})
         engine.stats = EngineStats()
@@ -248,6 +272,12 @@ class RewardEngine:
         seconds = time.perf_counter() - started
         _LOGGER.info("compiled %d decoder layers in %.1fs", len(decoder_layers(self.backbone)), seconds)
         return seconds
+
+    def tokens_done(self) -> int:
+        """Tokens scored so far, computed or not (shared within a call, or held by the prefix cache):
+        the engine's progress, which its scheduler measures its rate by."""
+        reused = 0 if self.cache is None else self.cache.stats.reused_tokens
+        return self.stats.tokens + self.stats.shared_tokens + reused
 
     def score(self, sequences: Sequence[Sequence[int]], keep: Keep | None = None) -> np.ndarray:
         """Raw reward outputs, float32 [N, K], one row per sequence in input order.
@@ -307,44 +337,63 @@ class RewardEngine:
 
     def _hidden(self, rows: list[list[int]], reads: list[list[int]], shareable: list[int],
                 keep: Keep | None = None) -> list[Any]:
-        """Final hidden states of each row at the positions `reads[i]`, one [len(reads[i]), H]
-        tensor per row (None for a row `keep` left out). Rows sharing a prefix of at least
-        `min_shared` tokens within their first `shareable[i]` tokens compute it once (a row always
-        keeps one token of its own).
+        """Final hidden states of each row at the positions `reads[i]` (ascending), one
+        [len(reads[i]), H] tensor per row (None for a row `keep` left out). Rows sharing a prefix of
+        at least `min_shared` tokens within their first `shareable[i]` tokens compute it once (a row
+        always keeps one token of its own); a row or a group's prompt continuing a sequence held by
+        the prefix cache starts where the cached keys end.
 
         A group whose prompt and members' own tokens fit one packed row together is computed in one
         forward pass: the prompt is a segment of the row, its keys and values recorded at each layer
         before the members' attention reads them (the same bits as in a pass of its own: every step
-        is batch invariant). A larger group's prompt runs first, in rows of prompts."""
+        is batch invariant). A larger group's prompt runs first, in rows of prompts. With the cache
+        on, every row records its keys and values, and the cache keeps them once its pass ends."""
         import torch
 
         limited = [row[:n] for row, n in zip(rows, shareable)]
         groups = group_shared_prefixes(limited, self.min_shared)[0] if self.min_shared > 0 else []
-        store: dict[int, dict[int, tuple[Any, Any]]] = {}
+        store: dict[Any, dict[int, tuple[Any, Any]]] = {}
         segments = [Segment(row, reads=read) for row, read in zip(rows, reads)]
+        cached = [self._from_cache(i, rows[i], reads[i], store) for i in range(len(rows))]
+        for i, hit in enumerate(cached):
+            if hit is not None:
+                segments[i] = Segment(rows[i][hit[0]:], prefix=("cache", i), offset=hit[0],
+                                      reads=[r - hit[0] for r in reads[i] if r >= hit[0]])
         # units packed into rows: a unit is a list of segment indices, a prompt as -1 - its group key
         units: list[list[int]] = []
         alone_prompts: list[int] = []  # groups too large for one row: prompts in a pass of their own
+        prompts: dict[int, Segment] = {}
         grouped: set[int] = set()
         for key, group in enumerate(groups):
-            for i in group.members:
+            # a member whose cached prefix reaches past the prompt's end is better served by the cache
+            members = [i for i in group.members if cached[i] is None or cached[i][0] < group.prefix_length]
+            if len(members) < 2:
+                continue
+            for i in members:
                 segments[i] = Segment(rows[i][group.prefix_length:], prefix=key, offset=group.prefix_length,
                                       reads=[r - group.prefix_length for r in reads[i]])
-            self.stats.shared_tokens += (len(group.members) - 1) * group.prefix_length
-            grouped.update(group.members)
-            together = group.prefix_length + sum(len(segments[i].ids) for i in group.members)
+                cached[i] = None
+            prompts[key] = self._prompt(key, rows[members[0]][:group.prefix_length], store)
+            self.stats.shared_tokens += (len(members) - 1) * group.prefix_length
+            grouped.update(members)
+            together = len(prompts[key].ids) + sum(len(segments[i].ids) for i in members)
             if together <= self.token_budget:
-                units.append([-1 - key, *group.members])
+                units.append([-1 - key, *members])
             else:
                 alone_prompts.append(key)
-                units.extend([i] for i in group.members)
+                units.extend([i] for i in members)
         units.extend([i] for i in range(len(rows)) if i not in grouped)
+        if self.cache is not None:
+            for i, segment in enumerate(segments):
+                segment.record = ("row", i)
+                # a hit: the row continues cached keys, itself or through its group's prompt
+                hit = cached[i] is not None or (i in grouped and prompts[segment.prefix].prefix is not None)
+                self.cache.stats.hits += hit
+                self.cache.stats.misses += not hit
+                self.cache.stats.reused_tokens += 0 if cached[i] is None else cached[i][0]
 
         def size(index: int) -> int:
-            return groups[-1 - index].prefix_length if index < 0 else len(segments[index].ids)
-
-        def prompt(key: int) -> Segment:
-            return Segment(rows[groups[key].members[0]][: groups[key].prefix_length], record=key)
+            return len(prompts[-1 - index].ids) if index < 0 else len(segments[index].ids)
 
         def alive_members(indices: list[int], alive) -> list[int]:
             # work whose client is gone is dropped at row boundaries; a prompt stays while a member does
@@ -353,12 +402,12 @@ class RewardEngine:
 
         result: list[Any] = [None] * len(rows)
         with torch.inference_mode():
-            for pack in pack_sequences([groups[key].prefix_length for key in alone_prompts], self.token_budget):
+            for pack in pack_sequences([len(prompts[key].ids) for key in alone_prompts], self.token_budget):
                 alive = keep() if keep is not None else None
                 wanted = [alone_prompts[j] for j in pack
                           if alive is None or any(alive[m] for m in groups[alone_prompts[j]].members)]
                 if wanted:
-                    self._run([prompt(key) for key in wanted], store)
+                    self._run([prompts[key] for key in wanted], store)
             for pack in pack_sequences([sum(map(size, unit)) for unit in units], self.token_budget):
                 indices = [i for u in pack for i in units[u]]
                 if keep is not None:
@@ -366,11 +415,52 @@ class RewardEngine:
                     indices = [i for u in pack for i in alive_members(units[u], alive)]
                 if not indices:
                     continue
-                hidden = self._run([prompt(-1 - i) if i < 0 else segments[i] for i in indices], store)
+                hidden = self._run([prompts[-1 - i] if i < 0 else segments[i] for i in indices], store)
                 for i, h in zip(indices, hidden):
                     if i >= 0:
-                        result[i] = h
+                        result[i] = self._keep_row(i, rows[i], reads[i], cached[i], h, store)
         return result
+
+    def _from_cache(self, i: int, row: list[int], read: list[int], store: dict) -> tuple[int, list] | None:
+        """(prefix length, hidden states read inside it) when the cache holds a prefix of row `i` worth
+        reusing, its keys and values put in `store` as ("cache", i); else None."""
+        if self.cache is None:
+            return None
+        entry, length = self.cache.lookup(row)
+        length = min(length, len(row) - 1)  # a row keeps one token of its own
+        for r in read:  # a read inside the prefix must be held too; else the prefix ends there
+            if r >= length:
+                break
+            if r not in entry.hidden:
+                length = r
+                break
+        if length < prefix_cache.BLOCK:
+            return None
+        store["cache", i] = {layer: (k[:length], v[:length]) for layer, (k, v) in entry.layers.items()}
+        return length, [entry.hidden[r] for r in read if r < length]
+
+    def _prompt(self, key: int, ids: list[int], store: dict) -> Segment:
+        """Group `key`'s prompt as a segment recording its keys under `key`: from where the cache's
+        keys end, when it holds a prefix of it worth reusing."""
+        found = self._from_cache(-1 - key, ids, [], store) if self.cache is not None else None
+        if found is None:
+            return Segment(ids, record=key)
+        length = found[0]
+        self.cache.stats.reused_tokens += length
+        return Segment(ids[length:], prefix=("cache", -1 - key), offset=length, record=key)
+
+    def _keep_row(self, i: int, row: list[int], read: list[int], cached: tuple[int, list] | None, hidden,
+                  store: dict) -> Any:
+        """Row `i`'s hidden states at its reads (those the cache held first); the cache keeps the row."""
+        import torch
+
+        if cached is not None and cached[1]:
+            hidden = torch.cat([torch.stack(cached[1]), hidden])
+        if self.cache is not None:
+            layers = store.pop(("row", i))
+            store.pop(("cache", i), None)
+            self.cache.insert(row, layers, dict(zip(read, hidden.unbind(0))))
+        return hidden
 
     def _run(self, segments: list[Segment], store: dict) -> Any:
         """One forward pass over `segments` packed into a row; each segment's hidden states at its
