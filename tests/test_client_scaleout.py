@@ -346,7 +346,8 @@ def replicas(demo_checkpoint):
 
 def counters(server) -> dict:
     values = engine_counters(server.metrics_url) or {}
-    return {name: values.get(name, 0.0) for name in ("sequences", "shared_tokens", "tokens")}
+    return {name: values.get(name, 0.0) for name in ("sequences", "shared_tokens", "tokens",
+                                                     "prefix_cache_reused_tokens")}
 
 
 def delta(after: dict, before: dict) -> dict:
@@ -385,6 +386,40 @@ def test_three_replicas_score_like_one_server_and_compute_each_prompt_once(repli
     assert single["shared_tokens"] > GROUPS * (GROUP_SIZE - 1) * 32
     assert sum(a["shared_tokens"] for a in after) == single["shared_tokens"]
     assert sum(a["tokens"] for a in after) == single["tokens"]
+
+
+def trajectories(conversations: int = 6, turns: int = 3) -> list:
+    """An agent's trajectories scored turn by turn: wave t holds each conversation up to turn t's answer."""
+    words = ["apples", "rivers", "engines", "violins", "glaciers", "tensors", "lanterns", "orbits"]
+    full = []
+    for c in range(conversations):
+        messages = [{"role": "system", "content": f"Agent {c} of {words[c % 8]}. " + LONG_CONTEXT}]
+        for t in range(turns):
+            messages += [{"role": "user", "content": f"Step {t} of task {c}: inspect the {words[(c + t) % 8]} log."},
+                         {"role": "assistant", "content": f"Observation {c}.{t}: " + "checked " * (t + 3)}]
+        full.append(messages)
+    return [[messages[:3 + 2 * t] for messages in full] for t in range(turns)]
+
+
+def test_later_turns_go_to_the_replica_that_holds_their_prefix(replicas, server):
+    """Prompt-affine routing keys a conversation by its opening, so turn t + 1 reaches the replica whose
+    prefix cache holds turn t: over three replicas, the cache reuses exactly what one server's does."""
+    waves = trajectories()
+
+    def run(servers):
+        before = [counters(s) for s in servers]
+        with RewardClient([s.grpc_url for s in servers], batch_size=4, max_in_flight=1) as client:
+            scores = [[r.score for r in client.score(wave)] for wave in waves]
+        return scores, [delta(counters(s), b) for s, b in zip(servers, before)]
+
+    one_scores, one = run([server])
+    spread_scores, spread = run(replicas)
+    assert spread_scores == one_scores  # the same bits, wherever and through whatever cache
+    reused = one[0]["prefix_cache_reused_tokens"]
+    assert reused >= len(waves[0]) * (len(waves) - 1) * 64  # every later turn continued its earlier one
+    assert sum(s["prefix_cache_reused_tokens"] for s in spread) == reused
+    assert sum(s["tokens"] for s in spread) == one[0]["tokens"]
+    assert sum(s["sequences"] > 0 for s in spread) >= 2  # the trajectories were spread, not all on one
 
 
 def test_async_client_over_real_replicas_scores_like_one_server(replicas, reference_run):

@@ -113,13 +113,13 @@ def keyed_conversations(conversations: Iterable[ConversationLike]) -> Iterator[r
 
 
 def keyed_conversation(conversation: ConversationLike, index: int) -> routing.Keyed:
-    """Normalise and encode one conversation, keyed by its prompt (all messages but the last).
+    """Normalise and encode one conversation, keyed by its opening (`routing.opening`).
 
     Raises:
         RewardInvalidInputError: if the conversation is malformed.
     """
     messages = to_messages(conversation, index)
-    return routing.Keyed(index, routing.prompt_key(encode(messages[:-1])), encode(messages))
+    return routing.Keyed(index, routing.prompt_key(encode(routing.opening(messages))), encode(messages))
 
 
 def keyed_id_rows(token_id_lists: Iterable[Sequence[int]]) -> Iterator[routing.Keyed]:

@@ -1,7 +1,10 @@
-"""Group-affine routing over replicas: the same prompt always goes to the same replica.
+"""Prompt-affine routing over replicas: conversations that start alike go to the same replica.
 
-Each conversation's *group key* is its prompt, i.e. every message but the last (the response
-being scored). Rendezvous hashing (highest random weight) ranks the replicas for each key:
+Each conversation's *group key* is its opening: its messages up to and including the first user
+message (system prompt and task), never the last one (the response being scored). All responses to
+one prompt (a GRPO group, a best-of-n candidate set) share it, and so do a conversation's later
+turns and a solution's later steps, so the replica that scored the start holds its keys in its
+prefix cache when the continuation comes. Rendezvous hashing (highest random weight) ranks the replicas for each key:
 the owner is the first healthy replica of that ranking. So all responses to one prompt (a GRPO
 group, a best-of-n candidate set) are scored by one replica, which computes the shared prompt
 once; adding or removing a replica moves only the keys it owned; and when the owner dies, each
@@ -204,8 +207,17 @@ def reroute(chunk: RoutedChunk[P], addresses: Sequence[str], healthy: Callable[[
     return plan(chunk.items, others, healthy, batch_size)
 
 
+def opening(messages: Sequence[dict]) -> Sequence[dict]:
+    """A conversation's messages up to and including its first user message, the last message
+    excluded (a lone message keys by itself)."""
+    if len(messages) <= 1:
+        return messages
+    first_user = next((i for i, m in enumerate(messages) if m.get("role") == "user"), 0)
+    return messages[:min(first_user + 1, len(messages) - 1)]
+
+
 def prompt_key(encoded_prompt: bytes) -> bytes:
-    """Return the group key of a conversation given its encoded prompt (all messages but the last)."""
+    """Return the group key of a conversation given its encoded opening (`opening`)."""
     return hashlib.blake2b(encoded_prompt, digest_size=16).digest()
 
 
