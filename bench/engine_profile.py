@@ -117,6 +117,7 @@ def run(args: argparse.Namespace) -> dict:
         started = time.perf_counter()
         engine = RewardEngine.from_checkpoint(checkpoint, device="cpu", threads=args.threads, dtype=args.dtype,
                                               token_budget=max(n * L for n, L in layouts), min_shared=0,
+                                              prefix_cache_mb=0,  # every repeat computes its rows
                                               fused=base == "fused", compile="compile" in extras,
                                               attention="sdpa" if "sdpa" in extras else "native")
         results = {"load_s": time.perf_counter() - started}

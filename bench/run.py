@@ -63,6 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the server's --max-queue-seconds: closed-loop clients measure throughput, not the "
                              "overload policy (bench.overload does); with a slow model (a 0.6B model on 2 cores: "
                              "~3.5 s per 8-conversation request) the default 2 s refuses concurrent requests")
+    parser.add_argument("--prefix-cache-mb", type=float, default=0.0,
+                        help="the server's --prefix-cache-mb (default 0: off): every repeat sends the same "
+                             "conversations, which a warm cache would serve from the first pass (vLLM's prefix "
+                             "cache is reset before each repeat); bench.prefix_cache measures the cache")
     parser.add_argument("--vllm-python", type=Path, default=vllm_bridge.DEFAULT_PYTHON,
                         help="python of the separate vLLM venv (skipped when absent)")
     parser.add_argument("--log-level", default="INFO")
@@ -183,7 +187,8 @@ class Bench:
             _LOGGER.warning("engine not available: %s", err)
             return
         engine = RewardEngine.from_checkpoint(self.checkpoint, device="cpu", threads=self.args.threads,
-                                              dtype=self.args.dtype, compile=self.args.compile)
+                                              dtype=self.args.dtype, compile=self.args.compile,
+                                              prefix_cache_mb=self.args.prefix_cache_mb)
         for name, ids in self.token_ids.items():
             engine.score([s[:64] for s in ids[:2]])
             last = {}
@@ -215,7 +220,8 @@ class Bench:
             return
         levels = [int(c) for c in self.args.concurrency.split(",") if c.strip()]
         options = ServeOptions(checkpoint=str(self.checkpoint), dtype=self.args.dtype, compile=self.args.compile,
-                               max_queue_seconds=self.args.max_queue_seconds)
+                               max_queue_seconds=self.args.max_queue_seconds,
+                               prefix_cache_mb=self.args.prefix_cache_mb)
         with TritonServer(options) as server:
             url = server.grpc_url
             metrics_url = getattr(server, "metrics_url", None)
