@@ -79,3 +79,57 @@ def _end_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGTERM)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def run_passes(python: str | Path, checkpoint: str | Path, passes: Mapping[str, Mapping], repeats: int,
+               work_dir: str | Path, threads: int = 2, timeout_s: float = 1800.0, dtype: str = "float32",
+               stem: str = "vllm_passes") -> dict:
+    """Time sequences of calls on one vLLM engine whose prefix cache is kept across the calls.
+
+    Args:
+        python: interpreter of the vLLM venv.
+        checkpoint: model directory.
+        passes: name -> {"calls": [[ids, ...] per call], "task": "classify" (default) or
+            "token_classify" (a process reward model)}; a pass's calls run one after another, the
+            prefix cache reset once before each repeat, never between calls.
+        repeats: timed repeats of every pass.
+        work_dir: where the request/answer JSON files and the log go.
+        threads: CPU threads for vLLM.
+        timeout_s: limit for the whole subprocess.
+        dtype: the model dtype vLLM runs.
+        stem: file name stem of the request, answer and log (several runs can share a folder).
+
+    Returns:
+        {"version": str, "workloads": {}, "passes": {name: {"seconds": [...], "call_seconds": [[...]],
+        "cached_tokens": [...], "tokens": int, "error": str | None}}} (see bench/vllm_runner.py).
+
+    Raises:
+        subprocess.CalledProcessError: the runner failed without an answer (its log is the error's output).
+        subprocess.TimeoutExpired: it ran past `timeout_s`.
+    """
+    work_dir = Path(work_dir).resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    request, answer, log = (work_dir / f"{stem}_request.json", work_dir / f"{stem}_answer.json",
+                            work_dir / f"{stem}.log")
+    request.write_text(json.dumps({
+        "checkpoint": str(Path(checkpoint).resolve()), "repeats": repeats, "threads": threads, "dtype": dtype,
+        "passes": {name: {"calls": [[list(map(int, s)) for s in call] for call in spec["calls"]],
+                          "task": spec.get("task", "classify")} for name, spec in passes.items()}}))
+    answer.unlink(missing_ok=True)
+    with open(log, "w", encoding="utf-8") as log_handle:
+        proc = subprocess.Popen([str(python), str(RUNNER), str(request), str(answer)], stdout=log_handle,
+                                stderr=subprocess.STDOUT, cwd=str(work_dir), start_new_session=True)
+        try:
+            proc.wait(timeout=timeout_s)
+        finally:
+            _end_group(proc.pid)
+    output = log.read_text(errors="replace")
+    if not answer.exists():
+        _LOGGER.error("vLLM runner failed (rc %s): %s", proc.returncode, output[-3000:])
+        raise subprocess.CalledProcessError(proc.returncode or 1, proc.args, None, output)
+    if proc.returncode != 0:
+        _LOGGER.warning("vLLM runner exited %d after writing its answer; using it", proc.returncode)
+    result = json.loads(answer.read_text())
+    request.unlink()
+    answer.unlink()
+    return result  # the log stays in work_dir: vLLM's own account of the run (cache hits, config)

@@ -244,3 +244,113 @@ def template_encoder(checkpoint: str | Path):
 def tokenize(conversations: Sequence[Conversation], encode) -> list[list[int]]:
     """Token ids of every conversation, in order, using `encode` (see `load_encoder`)."""
     return [list(encode(messages)) for messages in conversations]
+
+
+# --- prompt-cache workloads (issue 28): conversations that grow across requests -----------------------
+
+
+@dataclass(frozen=True)
+class MultiTurnSpec:
+    """Shape of the `multi-turn` workload: chats that grow a turn at a time.
+
+    Attributes:
+        conversations: number of chats.
+        turns: user/assistant turns per chat.
+        user_words: inclusive (low, high) of a user message's length in words (uniform).
+        assistant_words: inclusive (low, high) of an assistant message's length in words.
+        system_every: every `system_every`-th chat (index 0, 2, ... for 2) starts with a system
+            message, so exactly half have one with the default.
+        seed: seed of everything random here (the same word generator as `generate`'s).
+    """
+
+    conversations: int = 8
+    turns: int = 8
+    user_words: tuple[int, int] = (30, 80)
+    assistant_words: tuple[int, int] = (60, 150)
+    system_every: int = 2
+    seed: int = 0
+
+
+def generate_multi_turn(spec: MultiTurnSpec = MultiTurnSpec()) -> list[Conversation]:
+    """Every chat of `spec` with all its turns (system?, user, assistant, user, assistant, ...),
+    deterministically for its seed.
+
+    Raises:
+        ValueError: for non-positive conversations or turns.
+    """
+    if spec.conversations <= 0 or spec.turns <= 0:
+        raise ValueError(f"conversations and turns must be positive, got {spec}")
+    rng = np.random.default_rng(spec.seed)
+    sampler = _TextSampler(rng)
+    chats: list[Conversation] = []
+    for index in range(spec.conversations):
+        messages: Conversation = []
+        if spec.system_every and index % spec.system_every == 0:
+            messages.append({"role": "system", "content": _SYSTEM_PROMPTS[rng.integers(len(_SYSTEM_PROMPTS))]})
+        for _ in range(spec.turns):
+            for role, (low, high) in (("user", spec.user_words), ("assistant", spec.assistant_words)):
+                words = int(rng.integers(low, high, endpoint=True))
+                messages.append({"role": role, "content": sampler.text(words)})
+        chats.append(messages)
+    return chats
+
+
+def multi_turn_waves(chats: Sequence[Conversation], turns: int | None = None) -> list[list[Conversation]]:
+    """Wave t (t = 1..turns): every chat up to and including turn t's assistant message.
+
+    Wave t's conversation c is wave t-1's conversation c plus one user and one assistant message,
+    so a prompt cache holding wave t-1 has all but the last turn of wave t.
+    """
+    def cut(messages: Conversation, turn: int) -> Conversation:
+        head = 1 if messages and messages[0]["role"] == "system" else 0
+        return [dict(m) for m in messages[: head + 2 * turn]]
+
+    most = min((sum(m["role"] == "assistant" for m in chat) for chat in chats), default=0)
+    turns = most if turns is None else turns
+    if not 0 < turns <= most:
+        raise ValueError(f"turns must be in 1..{most}, got {turns}")
+    return [[cut(chat, turn) for chat in chats] for turn in range(1, turns + 1)]
+
+
+@dataclass(frozen=True)
+class PrmSpec:
+    """Shape of the `prm-steps` workload: a process reward model scoring a solution as it grows.
+
+    Attributes:
+        problems: number of problems, one solution each.
+        steps: reasoning steps per solution.
+        problem_words: inclusive (low, high) of the problem statement's length in words (uniform).
+        step_words: inclusive (low, high) of one step's length in words.
+        seed: seed of everything random here (the same word generator as `generate`'s).
+    """
+
+    problems: int = 8
+    steps: int = 12
+    problem_words: tuple[int, int] = (30, 80)
+    step_words: tuple[int, int] = (10, 40)
+    seed: int = 0
+
+
+def generate_prm(spec: PrmSpec = PrmSpec()) -> list[tuple[Conversation, list[str]]]:
+    """(prompt messages, solution steps) per problem, deterministically for the seed.
+
+    Raises:
+        ValueError: for non-positive problems or steps.
+    """
+    if spec.problems <= 0 or spec.steps <= 0:
+        raise ValueError(f"problems and steps must be positive, got {spec}")
+    rng = np.random.default_rng(spec.seed)
+    sampler = _TextSampler(rng)
+    out = []
+    for _ in range(spec.problems):
+        prompt = [{"role": "user", "content": sampler.text(int(rng.integers(*spec.problem_words, endpoint=True)))}]
+        steps = [sampler.text(int(rng.integers(*spec.step_words, endpoint=True))) for _ in range(spec.steps)]
+        out.append((prompt, steps))
+    return out
+
+
+def prm_calls(prompt: Conversation, steps: Sequence[str], step_tag: str) -> list[Conversation]:
+    """Call k (k = 1..len(steps)): the prompt and the first k steps, each followed by `step_tag`
+    (the layout the server's `join_steps` gives), as the assistant message."""
+    return [[dict(m) for m in prompt] + [{"role": "assistant", "content": "".join(s + step_tag for s in steps[:k])}]
+            for k in range(1, len(steps) + 1)]

@@ -286,7 +286,8 @@ def test_dropping_at_row_boundaries_leaves_the_other_scores_bit_for_bit(demo_che
     from reward_server.pipeline.torch_engine.engine import RewardEngine
     from tests.conversations import make_conversations
 
-    engine = RewardEngine.from_checkpoint(demo_checkpoint, token_budget=64, min_shared=8)
+    # the prefix cache off: each request computed alone first would otherwise serve the run being dropped
+    engine = RewardEngine.from_checkpoint(demo_checkpoint, token_budget=64, min_shared=8, prefix_cache_mb=0)
     encoder = ChatEncoder.from_checkpoint(demo_checkpoint)
     encoded = [e.token_ids for e in encoder.encode_batch(make_conversations(12, seed=3))]
     requests = [(np.array([ids], dtype=np.int32), np.array([[len(ids)]], dtype=np.int32)) for ids in encoded]

@@ -87,6 +87,24 @@ def test_reward_metrics_move_as_expected_and_request_ids_reach_the_log(server):
     assert _log_has(server, "request obs-bad: rejected (invalid_messages): conversation 1: messages must be a JSON array")
 
 
+def test_prefix_cache_metrics_count_a_later_turn_reusing_the_first(server):
+    turn1 = [{"role": "system", "content": "Metrics test. " + "Read every step with care. " * 12},
+             {"role": "user", "content": "Count the rivers."}, {"role": "assistant", "content": "There are three."}]
+    turn2 = turn1 + [{"role": "user", "content": "And the lakes?"}, {"role": "assistant", "content": "Two."}]
+    before = scrape(server)
+    first = infer(server.grpc_url, [turn1]).as_numpy("num_tokens").ravel()[0]
+    middle = scrape(server)
+    infer(server.grpc_url, [turn2])
+    after = scrape(server)
+    delta = lambda a, b, name: value(a, name, model="reward_engine") - value(b, name, model="reward_engine")  # noqa: E731
+    assert delta(middle, before, "reward_engine_prefix_cache_misses_total") == 1
+    assert delta(after, middle, "reward_engine_prefix_cache_hits_total") == 1
+    # the second turn continued all of the first but its end (the template's last tokens may differ)
+    assert first - 8 <= delta(after, middle, "reward_engine_prefix_cache_reused_tokens_total") <= first
+    assert value(after, "reward_engine_prefix_cache_bytes", model="reward_engine") > \
+        value(middle, "reward_engine_prefix_cache_bytes", model="reward_engine") > 0
+
+
 def test_truncations_are_counted(qwen_server):
     long = [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "short answer"}]
     before = scrape(qwen_server)

@@ -426,7 +426,11 @@ class RewardEngine:
         reusing, its keys and values put in `store` as ("cache", i); else None."""
         if self.cache is None:
             return None
-        entry, length = self.cache.lookup(row)
+        try:
+            entry, length = self.cache.lookup(row)
+        except Exception:  # noqa: BLE001 - the cache saves work; it must never fail a request
+            _LOGGER.exception("prefix cache lookup failed; computing the sequence whole")
+            return None
         length = min(length, len(row) - 1)  # a row keeps one token of its own
         for r in read:  # a read inside the prefix must be held too; else the prefix ends there
             if r >= length:
@@ -459,7 +463,10 @@ class RewardEngine:
         if self.cache is not None:
             layers = store.pop(("row", i))
             store.pop(("cache", i), None)
-            self.cache.insert(row, layers, dict(zip(read, hidden.unbind(0))))
+            try:
+                self.cache.insert(row, layers, dict(zip(read, hidden.unbind(0))))
+            except Exception:  # noqa: BLE001 - the cache saves work; it must never fail a request
+                _LOGGER.exception("prefix cache insert failed; the sequence is not kept")
         return hidden
 
     def _run(self, segments: list[Segment], store: dict) -> Any:
