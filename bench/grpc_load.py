@@ -95,54 +95,73 @@ def run_load(url: str, conversations: Sequence[list[dict]], concurrency: int, re
     scores = np.full(len(conversations), np.nan, dtype=np.float32)
     num_tokens = np.zeros(len(conversations), dtype=np.int64)
     truncated = np.zeros(len(conversations), dtype=bool)
-    next_request = iter(range(len(requests)))
+    clients = [grpcclient.InferenceServerClient(url=url) for _ in range(max(1, concurrency))]
+
+    def send(client, index: int) -> None:
+        rows = requests[index]
+        tensor = grpcclient.InferInput("messages", [len(rows), 1], "BYTES")
+        tensor.set_data_from_numpy(payloads[index])
+        outputs = [grpcclient.InferRequestedOutput(name) for name in OUTPUTS]
+        t0 = time.perf_counter()
+        try:
+            result = client.infer(model, [tensor], outputs=outputs, client_timeout=timeout_s)
+        except Exception as err:  # noqa: BLE001 - any client error ends the pass
+            raise LoadError(f"request {index} failed: {err}") from err
+        latencies[index] = time.perf_counter() - t0
+        score = result.as_numpy("score")
+        if score is None or score.shape[0] != len(rows):
+            raise LoadError(f"request {index}: expected {len(rows)} scores, got "
+                            f"{None if score is None else score.shape}")
+        scores[rows.start:rows.stop] = score.reshape(len(rows), -1)[:, 0]
+        num_tokens[rows.start:rows.stop] = result.as_numpy("num_tokens").reshape(-1)
+        truncated[rows.start:rows.stop] = result.as_numpy("truncated").reshape(-1)
+
+    try:
+        seconds = closed_loop(clients, len(requests), send)
+    finally:
+        for client in clients:
+            client.close()
+    _LOGGER.debug("c=%d: %d requests in %.2fs", concurrency, len(requests), seconds)
+    return LoadRun(seconds=seconds, latencies=latencies, scores=scores, num_tokens=num_tokens,
+                   truncated=truncated)
+
+
+def closed_loop(clients: Sequence, jobs: int, work) -> float:
+    """Run jobs 0 .. jobs - 1 from closed-loop senders, one thread per client, each taking the next job
+    when its last one is done (`work(client, index)`); returns the wall seconds from a common start.
+
+    Raises:
+        the first exception a job raised (the others stop taking jobs).
+    """
+    queue = iter(range(jobs))
     lock = threading.Lock()
     errors: list[BaseException] = []
-    clients = [grpcclient.InferenceServerClient(url=url) for _ in range(max(1, concurrency))]
-    start_gate = threading.Barrier(len(clients) + 1)
+    gate = threading.Barrier(len(clients) + 1)
 
     def worker(client) -> None:
-        start_gate.wait()
+        gate.wait()
         while not errors:
             with lock:
-                index = next(next_request, None)
+                index = next(queue, None)
             if index is None:
                 return
-            rows = requests[index]
-            tensor = grpcclient.InferInput("messages", [len(rows), 1], "BYTES")
-            tensor.set_data_from_numpy(payloads[index])
-            outputs = [grpcclient.InferRequestedOutput(name) for name in OUTPUTS]
-            t0 = time.perf_counter()
             try:
-                result = client.infer(model, [tensor], outputs=outputs, client_timeout=timeout_s)
-            except Exception as err:  # noqa: BLE001 - any client error ends the pass
-                errors.append(LoadError(f"request {index} failed: {err}"))
+                work(client, index)
+            except BaseException as err:  # noqa: BLE001 - the first failure ends the pass
+                errors.append(err)
                 return
-            latencies[index] = time.perf_counter() - t0
-            score = result.as_numpy("score")
-            if score is None or score.shape[0] != len(rows):
-                errors.append(LoadError(f"request {index}: expected {len(rows)} scores, got "
-                                        f"{None if score is None else score.shape}"))
-                return
-            scores[rows.start:rows.stop] = score.reshape(len(rows), -1)[:, 0]
-            num_tokens[rows.start:rows.stop] = result.as_numpy("num_tokens").reshape(-1)
-            truncated[rows.start:rows.stop] = result.as_numpy("truncated").reshape(-1)
 
     threads = [threading.Thread(target=worker, args=(c,), daemon=True) for c in clients]
     for thread in threads:
         thread.start()
-    start_gate.wait()
-    t_start = time.perf_counter()
+    gate.wait()
+    start = time.perf_counter()
     for thread in threads:
         thread.join()
-    seconds = time.perf_counter() - t_start
-    for client in clients:
-        client.close()
+    seconds = time.perf_counter() - start
     if errors:
         raise errors[0]
-    _LOGGER.debug("c=%d: %d requests in %.2fs", concurrency, len(requests), seconds)
-    return LoadRun(seconds=seconds, latencies=latencies, scores=scores, num_tokens=num_tokens,
-                   truncated=truncated)
+    return seconds
 
 
 _COUNTER = re.compile(r'^reward_engine_(\w+)_total\{[^}]*\} (\S+)$', re.M)

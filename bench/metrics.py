@@ -195,3 +195,14 @@ def summarize_repeats(system: str, workload: str, conversations: int, tokens: in
         latency_p99_s=median([percentile(r["latencies"], 99) for r in runs]),
         padding_ratio=median([r.get("padding_ratio", math.nan) for r in runs]),
         repeats=list(seconds), **kwargs)
+
+
+def without_nan(value):
+    """NaN (not valid JSON) becomes null, recursively."""
+    if isinstance(value, dict):
+        return {k: without_nan(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [without_nan(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value

@@ -37,7 +37,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from bench import grpc_load, vllm_bridge, workload
+from bench import grpc_load, metrics, vllm_bridge, workload
+from bench.engine_profile import cpu_flags
 
 _LOGGER = logging.getLogger("bench.prefix_cache")
 
@@ -182,40 +183,21 @@ class Senders:
 
     def run(self, jobs: Sequence[Sequence[Sequence[Sequence[int]]]]) -> PhaseRun:
         """Send every job; returns when all are answered. Raises the first failure."""
-        queue = iter(range(len(jobs)))
         lock = threading.Lock()
         latencies: list[float] = []
-        errors: list[BaseException] = []
         mismatched = [0]
-        gate = threading.Barrier(len(self.clients) + 1)
 
-        def worker(client) -> None:
-            gate.wait()
-            while not errors:
+        def work(client, index: int) -> None:
+            for request in jobs[index]:
+                try:
+                    seconds, bad = self._send(client, request)
+                except Exception as err:  # noqa: BLE001 - any failure ends the pass
+                    raise grpc_load.LoadError(f"job {index} failed: {err}") from err
                 with lock:
-                    index = next(queue, None)
-                if index is None:
-                    return
-                for request in jobs[index]:
-                    try:
-                        seconds, bad = self._send(client, request)
-                    except Exception as err:  # noqa: BLE001 - any failure ends the pass
-                        errors.append(grpc_load.LoadError(f"job {index} failed: {err}"))
-                        return
-                    with lock:
-                        latencies.append(seconds)
-                        mismatched[0] += bad
+                    latencies.append(seconds)
+                    mismatched[0] += bad
 
-        threads = [threading.Thread(target=worker, args=(c,), daemon=True) for c in self.clients]
-        for thread in threads:
-            thread.start()
-        gate.wait()
-        start = time.perf_counter()
-        for thread in threads:
-            thread.join()
-        seconds = time.perf_counter() - start
-        if errors:
-            raise errors[0]
+        seconds = grpc_load.closed_loop(self.clients, len(jobs), work)
         return PhaseRun(seconds, latencies, mismatched[0])
 
 
@@ -516,7 +498,7 @@ class Run:
     def write(self) -> dict:
         doc = self.document()
         self.args.out.mkdir(parents=True, exist_ok=True)
-        (self.args.out / "results.json").write_text(json.dumps(_without_nan(doc), indent=2, default=str))
+        (self.args.out / "results.json").write_text(json.dumps(metrics.without_nan(doc), indent=2, default=str))
         (self.args.out / "results.md").write_text(markdown(doc))
         return doc
 
@@ -529,7 +511,7 @@ def machine() -> dict:
     except OSError:
         return info
     models = [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")]
-    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    flags = set(cpu_flags())
     info["cpu"] = models[0] if models else None
     info["logical_cpus"] = len(models)
     info["flags"] = {flag: flag in flags for flag in CPU_FLAGS}
@@ -603,16 +585,6 @@ def markdown(doc: dict) -> str:
     if doc["notes"]:
         lines += ["", "Notes:", ""] + [f"- {note}" for note in doc["notes"]]
     return "\n".join(lines) + "\n"
-
-
-def _without_nan(value):
-    if isinstance(value, dict):
-        return {k: _without_nan(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_without_nan(v) for v in value]
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
 
 
 def main(argv: list[str] | None = None) -> dict:

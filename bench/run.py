@@ -372,22 +372,11 @@ def write_outputs(bench: Bench, context: dict, plot: bool) -> dict:
         "notes": bench.notes,
     }
     document["summary"] = report.summarize(document)
-    (args.out / "results.json").write_text(json.dumps(_without_nan(document), indent=2, default=_json_default))
+    (args.out / "results.json").write_text(json.dumps(metrics.without_nan(document), indent=2, default=_json_default))
     (args.out / "results.md").write_text(report.markdown(document))
     plotted = plot and report.plot(document, args.out / "results.png")
     _LOGGER.info("wrote %s/results.json, results.md%s", args.out, ", results.png" if plotted else "")
     return document
-
-
-def _without_nan(value):
-    """NaN (not valid JSON) becomes null, recursively."""
-    if isinstance(value, dict):
-        return {k: _without_nan(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_without_nan(v) for v in value]
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
 
 
 def _json_default(value):

@@ -49,28 +49,31 @@ def run(python: str | Path, checkpoint: str | Path, workloads: Mapping[str, Sequ
     request.write_text(json.dumps({"checkpoint": str(Path(checkpoint).resolve()), "repeats": repeats,
                                    "threads": threads, "dtype": dtype, "workloads": {name: [list(map(int, s)) for s in sequences]
                                                  for name, sequences in workloads.items()}}))
+    result = _call_runner(python, request, answer, work_dir / "vllm_runner.log", timeout_s)
+    for path in (request, answer, work_dir / "vllm_runner.log"):
+        path.unlink()
+    return result
+
+
+def _call_runner(python: str | Path, request: Path, answer: Path, log: Path, timeout_s: float) -> dict:
+    """Run the runner on a written `request` and return its answer (raises as `run` says)."""
     answer.unlink(missing_ok=True)
-    log = work_dir / "vllm_runner.log"
     # Own session, output to a file: vLLM's engine processes can outlive the runner, and they
     # would otherwise hold our pipes open; the whole group is ended once the runner is done.
     with open(log, "w", encoding="utf-8") as log_handle:
         proc = subprocess.Popen([str(python), str(RUNNER), str(request), str(answer)], stdout=log_handle,
-                                stderr=subprocess.STDOUT, cwd=str(work_dir), start_new_session=True)
+                                stderr=subprocess.STDOUT, cwd=str(request.parent), start_new_session=True)
         try:
             proc.wait(timeout=timeout_s)
         finally:
             _end_group(proc.pid)
-    output = log.read_text(errors="replace")
-    if proc.returncode != 0:
-        if answer.exists():  # it measured everything and then crashed on the way out
-            _LOGGER.warning("vLLM runner exited %d after writing its answer; using it", proc.returncode)
-        else:
-            _LOGGER.error("vLLM runner failed (rc %d): %s", proc.returncode, output[-3000:])
-            raise subprocess.CalledProcessError(proc.returncode, proc.args, None, output)
-    result = json.loads(answer.read_text())
-    for path in (request, answer, log):
-        path.unlink()
-    return result
+    if not answer.exists():
+        output = log.read_text(errors="replace")
+        _LOGGER.error("vLLM runner failed (rc %s): %s", proc.returncode, output[-3000:])
+        raise subprocess.CalledProcessError(proc.returncode or 1, proc.args, None, output)
+    if proc.returncode != 0:  # it measured everything and then crashed on the way out
+        _LOGGER.warning("vLLM runner exited %d after writing its answer; using it", proc.returncode)
+    return json.loads(answer.read_text())
 
 
 def _end_group(pgid: int) -> None:
@@ -115,21 +118,7 @@ def run_passes(python: str | Path, checkpoint: str | Path, passes: Mapping[str, 
         "checkpoint": str(Path(checkpoint).resolve()), "repeats": repeats, "threads": threads, "dtype": dtype,
         "passes": {name: {"calls": [[list(map(int, s)) for s in call] for call in spec["calls"]],
                           "task": spec.get("task", "classify")} for name, spec in passes.items()}}))
-    answer.unlink(missing_ok=True)
-    with open(log, "w", encoding="utf-8") as log_handle:
-        proc = subprocess.Popen([str(python), str(RUNNER), str(request), str(answer)], stdout=log_handle,
-                                stderr=subprocess.STDOUT, cwd=str(work_dir), start_new_session=True)
-        try:
-            proc.wait(timeout=timeout_s)
-        finally:
-            _end_group(proc.pid)
-    output = log.read_text(errors="replace")
-    if not answer.exists():
-        _LOGGER.error("vLLM runner failed (rc %s): %s", proc.returncode, output[-3000:])
-        raise subprocess.CalledProcessError(proc.returncode or 1, proc.args, None, output)
-    if proc.returncode != 0:
-        _LOGGER.warning("vLLM runner exited %d after writing its answer; using it", proc.returncode)
-    result = json.loads(answer.read_text())
+    result = _call_runner(python, request, answer, log, timeout_s)
     request.unlink()
     answer.unlink()
     return result  # the log stays in work_dir: vLLM's own account of the run (cache hits, config)
