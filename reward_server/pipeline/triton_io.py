@@ -149,8 +149,9 @@ class EngineMetrics:
     `EngineStats` (sequences, tokens computed, tokens saved by shared prefixes, padded tokens, so
     padding ratio = 1 - tokens / padded); `KV_CACHE_FIELDS` for the TensorRT-LLM fan-out's
     `KvCacheStats` with prefix "kv_cache_" (blocks reused / used: prompt reuse = reused / total);
-    `PREFIX_CACHE_FIELDS` for the torch engine's `PrefixCacheStats` with prefix "prefix_cache_", whose
-    `bytes` held it also sets as the gauge reward_engine_prefix_cache_bytes.
+    `PREFIX_CACHE_FIELDS` for the torch engine's `PrefixCacheStats` with prefix "prefix_cache_", and
+    its `PREFIX_CACHE_GAUGES` (bytes held) as the gauge reward_engine_prefix_cache_bytes.
+    reward_engine_<prefix><name> for each gauge of `gauges`: set to the stats' value at each update.
     """
 
     FIELDS = {"sequences": "conversations scored", "tokens": "tokens run through the model",
@@ -163,8 +164,10 @@ class EngineMetrics:
     KV_CACHE_FIELDS = {"requests": "TensorRT-LLM requests that returned KV-cache counters",
                        "reused_blocks": "KV-cache blocks found cached (shared prompts)",
                        "total_blocks": "KV-cache blocks used"}
+    PREFIX_CACHE_GAUGES = {"bytes": "Bytes held by the prefix cache"}
 
-    def __init__(self, model_name: str, fields: dict[str, str] | None = None, prefix: str = ""):
+    def __init__(self, model_name: str, fields: dict[str, str] | None = None, prefix: str = "",
+                 gauges: dict[str, str] | None = None):
         self._families, self._counters = [], {}  # a family must outlive its metrics
         for field, what in (fields or self.FIELDS).items():
             family = pb_utils.MetricFamily(name=f"reward_engine_{prefix}{field}_total", description=f"Number of {what}",
@@ -172,12 +175,12 @@ class EngineMetrics:
             self._families.append(family)
             self._counters[field] = family.Metric(labels={"model": model_name})
         self._seen = dict.fromkeys(self._counters, 0)
-        self._bytes = None
-        if fields is self.PREFIX_CACHE_FIELDS:
-            self._families.append(pb_utils.MetricFamily(name=f"reward_engine_{prefix}bytes",
-                                                        description="Bytes held by the prefix cache",
-                                                        kind=pb_utils.MetricFamily.GAUGE))
-            self._bytes = self._families[-1].Metric(labels={"model": model_name})
+        self._gauges = {}
+        for field, what in (gauges or {}).items():
+            family = pb_utils.MetricFamily(name=f"reward_engine_{prefix}{field}", description=what,
+                                           kind=pb_utils.MetricFamily.GAUGE)
+            self._families.append(family)
+            self._gauges[field] = family.Metric(labels={"model": model_name})
 
     def update(self, stats) -> None:
         """Add what `stats` counted since the last update; a metrics failure never fails requests."""
@@ -186,8 +189,8 @@ class EngineMetrics:
                 value = getattr(stats, field)
                 counter.increment(value - self._seen[field])
                 self._seen[field] = value
-            if self._bytes is not None:
-                self._bytes.set(stats.bytes)
+            for field, gauge in self._gauges.items():
+                gauge.set(getattr(stats, field))
         except Exception:  # noqa: BLE001
             _LOGGER.exception("could not update engine metrics")
 

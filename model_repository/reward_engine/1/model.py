@@ -34,7 +34,8 @@ class TritonPythonModel:
         self.engine = self.scheduler.start(setup=lambda: settings.engine_from_parameters(params))
         self.scheduler.token_budget = self.engine.token_budget
         self.cache_metrics = (None if self.engine.cache is None else
-                              EngineMetrics(args["model_name"], EngineMetrics.PREFIX_CACHE_FIELDS, "prefix_cache_"))
+                              EngineMetrics(args["model_name"], EngineMetrics.PREFIX_CACHE_FIELDS, "prefix_cache_",
+                                            EngineMetrics.PREFIX_CACHE_GAUGES))
 
     def execute(self, requests):
         # a request the engine fails never reaches postprocessing: the drain counts it finished here

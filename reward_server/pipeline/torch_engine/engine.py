@@ -446,7 +446,7 @@ class RewardEngine:
     def _prompt(self, key: int, ids: list[int], store: dict) -> Segment:
         """Group `key`'s prompt as a segment recording its keys under `key`: from where the cache's
         keys end, when it holds a prefix of it worth reusing."""
-        found = self._from_cache(-1 - key, ids, [], store) if self.cache is not None else None
+        found = self._from_cache(-1 - key, ids, [], store)
         if found is None:
             return Segment(ids, record=key)
         length = found[0]

@@ -101,9 +101,13 @@ class PrefixCache:
         """The entry sharing the longest prefix with `ids`, and that prefix's length (None, 0 when no
         entry shares a full block). `touch` marks the entry used (least-recently-used order)."""
         ids = np.asarray(ids, dtype=np.int64)
+        return self._match(ids, block_hashes(ids), touch)
+
+    def _match(self, ids: np.ndarray, hashes: list[int], touch: bool) -> tuple[Entry | None, int]:
+        """`lookup` with the ids' block hashes already computed."""
         candidates: dict[int, Entry] = {}
         blocks = 0
-        for h in block_hashes(ids):
+        for h in hashes:
             found = self._index.get(h)
             if not found:
                 break
@@ -130,7 +134,8 @@ class PrefixCache:
         kv_bytes = sum(_nbytes(k) + _nbytes(v) for k, v in layers.values())
         if kv_bytes > self.max_bytes:
             return None
-        covering, length = self.lookup(ids)
+        hashes = block_hashes(ids)
+        covering, length = self._match(ids, hashes, touch=True)
         if covering is not None and length == len(ids):  # held already: keep the new reads only
             for position, state in hidden.items():
                 if position not in covering.hidden:
@@ -140,7 +145,7 @@ class PrefixCache:
             return covering
         hidden = dict(hidden)
         while True:  # entries this one extends are dropped: it holds all they hold
-            older, length = self.lookup(ids, touch=False)
+            older, length = self._match(ids, hashes, touch=False)
             if older is None or length < len(older.ids):
                 break
             for position, state in older.hidden.items():
@@ -152,7 +157,7 @@ class PrefixCache:
             self.stats.evictions += 1
         if self.stats.bytes + nbytes > self.max_bytes:
             return None
-        entry = Entry(ids, layers, hidden, block_hashes(ids), nbytes)
+        entry = Entry(ids, layers, hidden, hashes, nbytes)
         self._entries[id(entry)] = entry
         for h in entry.hashes:
             self._index.setdefault(h, {})[id(entry)] = entry
