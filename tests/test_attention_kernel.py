@@ -96,8 +96,8 @@ def test_bfloat16_is_within_bf16_rounding_of_the_exact_answer(kernel, dim, windo
 
 
 def test_bf16_pairs_wherever_the_cpu_has_avx512_bf16(kernel):
-    """The build takes the bf16-pair products exactly where the CPU has them (-march=native)."""
-    assert bool(kernel.bf16_pairs) == ("avx512_bf16" in kernels._cpu_flags() and kernel.lanes == 16)
+    """The loader picks the build with bf16-pair products exactly where the CPU has them."""
+    assert bool(kernel.bf16_pairs) == ("avx512_bf16" in kernels.cpu_flags()) == (kernel.variant == "avx512_bf16")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -190,28 +190,104 @@ def test_bad_arguments_are_refused_with_the_reason(kernel):
         _call(kernel, q, k, v, [[0, 10, 0, -1]], window=-1)
 
 
-def test_the_build_is_keyed_by_this_cpu(monkeypatch):
-    """A cache copied to a CPU with other instructions is rebuilt, not run (it could crash there)."""
-    here = kernels.build_name()
-    monkeypatch.setattr(kernels, "_cpu_flags", lambda: {"avx2", "fma", "avx512f"})
-    assert kernels.build_name() != here
+def _runnable():
+    return [v.name for v in kernels.VARIANTS if set(v.requires) <= kernels.cpu_flags()]
 
 
-def test_a_failed_build_names_the_compiler_error(monkeypatch, tmp_path):
-    """Where the kernel cannot be built the engine falls back to SDPA and logs this reason: the
-    compiler's own error line, not ninja's "build stopped"."""
+def test_every_build_this_cpu_runs_computes_the_same_bits_in_float32(monkeypatch):
+    """The builds differ in vector width (8 or 16 queries across lanes) and instructions, never in
+    any query's arithmetic: in float32 each gives the same bits (and the right answer), so a
+    server's scores do not depend on which build its machine picked. bf16 differs only where
+    AVX-512 BF16 pairs its products (a different, documented rounding)."""
+    runnable = _runnable()
+    assert "avx2" in runnable  # every machine the project supports
+    lengths = [1, 31, 33, 100, 257]
+    q, k, v = _row(lengths, 4, 2, 64, seed=5)
+    segments, at = [], 0
+    for length in lengths:
+        segments.append([at, length, 0, -1])
+        at += length
+    outputs, lanes = {}, {}
+    for name in runnable:
+        monkeypatch.setenv(kernels.ENV, name)
+        module = kernels.attention()
+        assert (module.variant, module.origin) == (name, "prebuilt")  # `make setup` built every variant
+        outputs[name], lanes[name] = _call(module, q, k, v, segments), module.lanes
+        qb, kb, vb = (x.bfloat16() for x in (q, k, v))
+        outputs[name + "/bf16"] = _call(module, qb, kb, vb, segments)
+    assert lanes["avx2"] == 8 and all(lanes[n] == 16 for n in runnable if n != "avx2")
+    for name in runnable:
+        assert torch.equal(outputs[name], outputs["avx2"]), name
+    for name in runnable:
+        if not getattr(kernels.attention.__globals__["_LOADED"][name], "bf16_pairs", False):
+            assert torch.equal(outputs[name + "/bf16"], outputs["avx2/bf16"]), name
+    torch.testing.assert_close(outputs["avx2"][:1].double(), _reference(q[:1], k[:1], v[:1], 0.125), rtol=0, atol=2e-6)
+
+
+def test_the_best_build_the_cpu_runs_is_chosen_and_a_forced_one_it_lacks_is_refused():
+    avx2, avx512, bf16 = {"avx2", "fma", "f16c"}, {"avx512f", "avx512bw", "avx512vl", "avx512dq"}, {"avx512_bf16"}
+    assert kernels.choose(avx2).name == "avx2"
+    assert kernels.choose(avx2 | avx512).name == "avx512"
+    assert kernels.choose(avx2 | avx512 | bf16 | {"amx_bf16", "amx_tile"}).name == "avx512_bf16"
+    assert kernels.choose({"avx2", "fma"}) is None  # no f16c: no build runs (the engine uses SDPA)
+    assert kernels.choose({"avx", "sse4_2"}) is None
+    assert kernels.choose(avx2 | avx512 | bf16, "avx2").name == "avx2"
+    with pytest.raises(kernels.KernelRefused, match=r"REWARD_SERVER_KERNELS=avx512_bf16: this CPU lacks avx512_bf16; "
+                                                    r"it runs avx512, avx2 \(or unset REWARD_SERVER_KERNELS\)"):
+        kernels.choose(avx2 | avx512, "avx512_bf16")
+    with pytest.raises(kernels.KernelRefused, match="no such kernel build; use one of auto, avx512_bf16, avx512, avx2"):
+        kernels.choose(avx2, "sse")
+
+
+def test_a_cpu_without_avx2_gets_sdpa_with_the_reason(monkeypatch, caplog):
+    from reward_server.pipeline.torch_engine import attention
+
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: {"sse4_2", "avx"})
+    monkeypatch.setattr(kernels, "_LOADED", {})
+    with caplog.at_level("WARNING"):
+        assert attention.attention_kernel("auto", "cpu", "float32", 64) is None
+    assert "this CPU lacks avx2, fma or f16c, which every native kernel build needs" in caplog.text
+    with pytest.raises(ValueError, match="attention 'native': this CPU lacks avx2"):
+        attention.attention_kernel("native", "cpu", "float32", 64)
+
+
+def test_kernels_built_against_another_torch_are_refused_in_one_line(monkeypatch):
+    """An ABI mismatch would crash the process (or worse, compute garbage): the loader compares the
+    torch the kernels were compiled against with the one running, and says what to install."""
+    import json
+
+    manifest = json.loads((kernels.LIBRARY / "manifest.json").read_text())
+    monkeypatch.setattr(kernels, "_LOADED", {})
+    monkeypatch.setattr(kernels, "torch_build", lambda: {"torch": "2.99.0", "cxx11_abi": True})
+    with pytest.raises(kernels.KernelRefused) as refused:
+        kernels.attention()
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message.endswith(f"compiled against torch {manifest['build']['torch']}, this environment has torch "
+                            f"2.99.0: install torch=={manifest['build']['torch']} (the version reward-server pins)")
+
+
+def test_a_checkout_with_edited_sources_compiles_a_development_build(monkeypatch, tmp_path):
+    """lib/ built from other sources is not used; the chosen variant is compiled just in time (here
+    the compiler fails, and the reason is the compiler's own error line, not ninja's "build stopped")."""
     from torch.utils import cpp_extension
 
+    calls = []
+
     def failing(**kwargs):
+        calls.append(kwargs)
         raise RuntimeError("Error building extension 'x': [1/2] c++ ...\n"
                            "attention.cpp:12:3: error: 'vf' was not declared in this scope\n"
                            "ninja: build stopped: subcommand failed.")
 
     monkeypatch.setattr(kernels, "CACHE", tmp_path)
     monkeypatch.setattr(kernels, "_LOADED", {})
+    monkeypatch.setattr(kernels, "digest", lambda: "edited")
     monkeypatch.setattr(cpp_extension, "load", failing)
+    monkeypatch.setenv(kernels.ENV, "avx2")
     with pytest.raises(kernels.KernelUnavailable, match="attention.cpp:12:3: error: 'vf' was not declared"):
         kernels.attention()
+    assert "-mavx2" in calls[0]["extra_cflags"] and "reward_kernels_avx2_edited" in calls[0]["name"]
     with pytest.raises(kernels.KernelUnavailable, match="not built"):
         kernels.attention(build=False)
 

@@ -26,7 +26,7 @@ def attention_kernel(choice: str, device_type: str, dtype: str, head_dim: int) -
     """The native attention module for `choice` ("auto", "native" or "sdpa"), or None for torch's SDPA.
 
     "auto" takes the native kernel wherever it runs (CPU, fp32 or bf16, even head size) and falls
-    back to SDPA with a warning when it cannot be built; "native" refuses to fall back.
+    back to SDPA with a warning where no build runs (see kernels.attention); "native" refuses to fall back.
 
     Raises:
         ValueError: an unknown choice, or "native" where the kernel cannot run (the reason says why).

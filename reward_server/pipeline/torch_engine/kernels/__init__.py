@@ -1,17 +1,19 @@
-"""Native CPU kernels of the engine, compiled for the machine they run on, as one extension module.
+"""Native CPU kernels of the engine, shipped compiled for each instruction set and chosen at load.
 
 `attention.cpp` is the engine's causal attention over packed rows (see its header comment: batch
 invariant, causal block skipping, shared-prefix keys read in place); `layers.cpp` the element-wise
-work of a decoder layer (RMSNorm with the residual, rotary embedding in place, SiLU x up). It is built with
-torch.utils.cpp_extension and `-march=native`, so the build is keyed by the source, the torch
-version and this CPU's instruction-set flags: a copy of the cache moved to another CPU model is
-rebuilt there instead of crashing on an instruction it lacks. `make setup` builds it ahead
-(`python -m reward_server.pipeline.torch_engine.kernels`); otherwise the first engine load does (about a minute).
+work of a decoder layer (RMSNorm with the residual, rotary embedding in place, SiLU x up).
+
+They are compiled ahead of time (`build.py`) once per instruction set, AVX2+FMA, AVX-512 and
+AVX-512 BF16, into `lib/` beside the sources: the wheel carries that folder (its build hook
+compiles it) and `make setup` builds it in a checkout. At load the best variant this CPU runs is
+taken from its cpuid flags (/proc/cpuinfo), or the one `REWARD_SERVER_KERNELS` names; no compiler
+is needed. Only where `lib/` was built from other sources (a developer edited them) is the chosen
+variant compiled just in time into the cache, as a development convenience.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
@@ -21,21 +23,31 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from reward_server.pipeline.torch_engine.kernels.build import (HEADERS, LIBRARY, SOURCES, VARIANTS, Variant,
+                                                               digest, read_manifest, torch_build)
+
+__all__ = ["ENV", "CACHE", "KernelUnavailable", "KernelRefused", "attention", "choose", "describe", "info",
+           "cpu_flags", "SOURCES", "HEADERS", "LIBRARY", "VARIANTS"]
+
 _LOGGER = logging.getLogger(__name__)
-SOURCES = (Path(__file__).with_name("attention.cpp"), Path(__file__).with_name("layers.cpp"))
-HEADERS = (Path(__file__).with_name("vexp.h"),)  # included by the sources: part of the build's key
+ENV = "REWARD_SERVER_KERNELS"  # "auto" (default) or a variant's name: avx512_bf16, avx512, avx2
 CACHE = Path(os.environ.get("REWARD_SERVER_CACHE", Path.home() / ".cache" / "reward-server")) / "kernels"
-# the flags that change what -march=native emits for these loops
-_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "amx_bf16")
 _LOCK = threading.Lock()
 _LOADED: dict[str, Any] = {}
 
 
 class KernelUnavailable(RuntimeError):
-    """The native kernel cannot be built or loaded here (no compiler, not x86-64 Linux, ...)."""
+    """No native kernel runs here (a CPU without AVX2 and FMA, not x86-64 Linux, a failed development
+    build): the engine uses torch's SDPA and logs this reason."""
 
 
-def _cpu_flags() -> set[str]:
+class KernelRefused(ValueError):
+    """A configuration the kernels refuse instead of running: a variant forced by `REWARD_SERVER_KERNELS`
+    that this CPU lacks, or shipped kernels compiled against another torch (an ABI mismatch would crash)."""
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags as /proc/cpuinfo names them (empty where there is none)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
@@ -45,15 +57,32 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def build_name() -> str:
-    """The extension's name: one per (source, torch version, instruction set)."""
-    import torch
+def choose(flags: set[str], forced: str | None = None) -> Variant | None:
+    """The variant to load: `forced` (a variant's name) if the CPU has what it needs, else the best
+    one it runs; None when it runs none (no AVX2 and FMA).
 
-    flags = sorted(_cpu_flags() & set(_ISA_FLAGS))
-    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES + HEADERS) + Path(__file__).read_bytes()
-                            + torch.__version__.encode()
-                            + " ".join(flags).encode())
-    return f"reward_attention_{digest.hexdigest()[:12]}"
+    Raises:
+        KernelRefused: `forced` is unknown or needs flags this CPU lacks.
+    """
+    names = [v.name for v in VARIANTS]
+    if forced in (None, "", "auto"):
+        return next((v for v in VARIANTS if set(v.requires) <= flags), None)
+    variant = next((v for v in VARIANTS if v.name == forced), None)
+    if variant is None:
+        raise KernelRefused(f"{ENV}={forced}: no such kernel build; use one of auto, {', '.join(names)}")
+    missing = [flag for flag in variant.requires if flag not in flags]
+    if missing:
+        runs = [v.name for v in VARIANTS if set(v.requires) <= flags]
+        raise KernelRefused(f"{ENV}={forced}: this CPU lacks {' '.join(missing)}; it runs "
+                            f"{', '.join(runs) if runs else 'none of the native kernels'} (or unset {ENV})")
+    return variant
+
+
+def _import(path: Path, name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _ninja_on_path() -> None:
@@ -66,64 +95,98 @@ def _ninja_on_path() -> None:
 
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     except ImportError:
-        candidate = Path(sys.prefix) / "bin"
-        os.environ["PATH"] = str(candidate) + os.pathsep + os.environ.get("PATH", "")
+        os.environ["PATH"] = str(Path(sys.prefix) / "bin") + os.pathsep + os.environ.get("PATH", "")
+
+
+def _development_build(variant: Variant, build: bool) -> Any:
+    """The variant compiled just in time from these sources into the cache (a development tree
+    whose `lib/` is missing or was built from other sources)."""
+    from torch.utils import cpp_extension
+
+    name = f"{variant.module}_{digest()}_{torch_build()['torch'].replace('.', '_')}"
+    directory = CACHE / name
+    library = directory / f"{name}.so"
+    if library.exists():
+        return _import(library, name)
+    if not build:
+        raise KernelUnavailable(f"native kernels not built ({LIBRARY} missing or stale; run "
+                                "`python -m reward_server.pipeline.torch_engine.kernels`)")
+    _ninja_on_path()
+    directory.mkdir(parents=True, exist_ok=True)
+    _LOGGER.info("compiling the %s kernels in %s (development: %s is missing or stale; about a minute)",
+                 variant.name, directory, LIBRARY)
+    try:
+        return cpp_extension.load(name=name, sources=[str(source) for source in SOURCES], build_directory=str(directory),
+                                  extra_cflags=["-O3", "-g0", "-fopenmp", *variant.cflags], extra_ldflags=["-fopenmp"],
+                                  verbose=False)
+    except Exception as exc:  # compiler missing, unsupported platform: the engine falls back
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        cause = next((line for line in lines if "error:" in line), lines[-1])  # the compiler's
+        raise KernelUnavailable(f"native kernel build failed: {cause.strip()}") from exc
 
 
 def attention(build: bool = True) -> Any:
-    """The compiled module: `packed_attention`, `rms_norm`, `rotary`, `silu_mul`, `lanes`, `key_block`.
+    """The native kernels module for this CPU: `packed_attention`, `rms_norm`, `rotary`, `silu_mul`,
+    and `lanes`, `key_block`, `bf16_pairs`, `variant`, `origin` describing it.
 
-    Loads a previous build from `CACHE` if there is one, else builds it when `build` is true.
+    The prebuilt build of the chosen variant (`lib/`); where that folder is missing or built from other
+    sources, a development build (compiled now when `build` is true).
 
     Raises:
-        KernelUnavailable: not built and `build` is false, or the build failed (the reason says why).
+        KernelUnavailable: no variant runs on this CPU, or a development build is missing or failed.
+        KernelRefused: a forced variant this CPU lacks, or shipped kernels built for another torch.
     """
-    import torch  # the extension links against torch's libraries: load them first
+    import torch  # noqa: F401 - the modules link against torch's libraries: load them first
 
-    name = build_name()
+    forced = os.environ.get(ENV, "auto").strip() or "auto"
     with _LOCK:
-        if name in _LOADED:
-            return _LOADED[name]
-        directory = CACHE / name
-        library = directory / f"{name}.so"
-        if library.exists():
-            spec = importlib.util.spec_from_file_location(name, library)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-        elif not build:
-            raise KernelUnavailable(f"attention kernel not built ({library} missing; run "
-                                    "`python -m reward_server.pipeline.torch_engine.kernels`)")
+        variant = choose(cpu_flags(), forced)
+        if variant is None:
+            raise KernelUnavailable("this CPU lacks avx2, fma or f16c, which every native kernel build needs")
+        if variant.name in _LOADED:
+            return _LOADED[variant.name]
+        manifest = read_manifest()
+        if manifest is not None and manifest.get("digest") == digest():
+            if manifest.get("build") != torch_build():
+                built = manifest.get("build", {}).get("torch", "?")
+                raise KernelRefused(f"the native kernels in {LIBRARY} were compiled against torch {built}, this "
+                                    f"environment has torch {torch_build()['torch']}: install torch=={built} "
+                                    "(the version reward-server pins)")
+            module, origin = _import(LIBRARY / manifest["modules"][variant.name], variant.module), "prebuilt"
         else:
-            from torch.utils import cpp_extension
-
-            _ninja_on_path()
-            directory.mkdir(parents=True, exist_ok=True)
-            _LOGGER.info("building the attention kernel for this CPU in %s (once; about a minute)", directory)
-            try:
-                module = cpp_extension.load(name=name, sources=[str(source) for source in SOURCES], build_directory=str(directory),
-                                            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                                            extra_ldflags=["-fopenmp"], verbose=False)
-            except Exception as exc:  # compiler missing, unsupported platform: the engine falls back
-                lines = str(exc).strip().splitlines() or [type(exc).__name__]
-                cause = next((line for line in lines if "error:" in line), lines[-1])  # the compiler's
-                raise KernelUnavailable(f"attention kernel build failed: {cause.strip()}") from exc
-        _LOADED[name] = module
+            module, origin = _development_build(variant, build), "development build"
+        module.variant, module.origin = variant.name, origin
+        _LOADED[variant.name] = module
         return module
 
 
+def info(module: Any) -> dict[str, str]:
+    """What attention runs, as labels: {"attention": native|sdpa, "isa": variant or none, "origin": ...}."""
+    if module is None:
+        return {"attention": "sdpa", "isa": "none", "origin": "none"}
+    return {"attention": "native", "isa": module.variant, "origin": module.origin}
+
+
 def describe(module: Any) -> str:
-    """One line naming what the loaded kernel computes with (for logs and benchmarks)."""
+    """One line naming what the loaded kernels compute with (for logs and benchmarks)."""
     pairs = ", bf16 products in AVX-512 BF16 pairs" if getattr(module, "bf16_pairs", False) else ""
-    return f"{module.lanes} fp32 lanes, key blocks of {module.key_block}{pairs}"
+    forced = os.environ.get(ENV, "auto").strip() not in ("", "auto")
+    how = f"forced by {ENV}" if forced else "chosen from this CPU's flags"
+    return (f"{module.variant} build ({module.origin}, {how}): {module.lanes} fp32 lanes, "
+            f"key blocks of {module.key_block}{pairs}")
 
 
-def main() -> int:
-    """`python -m reward_server.pipeline.torch_engine.kernels`: build (or find) the kernels for this machine."""
+def main(argv: list[str] | None = None) -> int:
+    """`python -m reward_server.pipeline.torch_engine.kernels`: build every variant into `lib/` (if it
+    is not up to date), then load the one this CPU runs."""
+    from reward_server.pipeline.torch_engine.kernels.build import build_all
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    build_all(LIBRARY)
     try:
         module = attention()
-    except KernelUnavailable as exc:
+    except (KernelUnavailable, KernelRefused) as exc:
         print(f"warning: {exc}; the engine will use torch's attention", file=sys.stderr)
         return 0
-    print(f"attention kernel ready: {CACHE / build_name()} ({describe(module)})")
+    print(f"native kernels ready in {LIBRARY}: {describe(module)}")
     return 0
