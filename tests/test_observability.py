@@ -105,6 +105,17 @@ def test_prefix_cache_metrics_count_a_later_turn_reusing_the_first(server):
         value(middle, "reward_engine_prefix_cache_bytes", model="reward_engine") > 0
 
 
+def test_the_kernel_the_engine_runs_is_on_metrics_and_in_the_log(server):
+    """Whoever debugs speed sees which build of the native kernels the engine chose for this CPU."""
+    from reward_server.pipeline.torch_engine import kernels
+
+    expected = kernels.choose(kernels.cpu_flags()).name
+    samples = scrape(server)
+    infos = {labels: v for (name, labels), v in samples.items() if name == "reward_engine_kernel_info"}
+    assert infos == {(("attention", "native"), ("isa", expected), ("model", "reward_engine"), ("origin", "prebuilt")): 1.0}
+    assert _log_has(server, f"reward_engine: attention: {expected} build (prebuilt, chosen from this CPU's flags)")
+
+
 def test_truncations_are_counted(qwen_server):
     long = [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "short answer"}]
     before = scrape(qwen_server)

@@ -290,6 +290,24 @@ def gone_checker(requests, board, drops: DropMetrics | None = None):
     return gone
 
 
+class KernelInfo:
+    """What the engine computes attention with, as one line in the log and one gauge set to 1 (users
+    debugging speed look there):
+
+        reward_engine_kernel_info{model,attention,isa,origin}   attention: native | sdpa; isa: the native
+                                                                kernels' build (avx512_bf16, avx512, avx2)
+                                                                or none; origin: prebuilt | development build
+    """
+
+    def __init__(self, model_name: str, labels: dict[str, str], description: str):
+        log_info(f"{model_name}: attention: {description}")  # once, in tritonserver's log
+        self._family = pb_utils.MetricFamily(name="reward_engine_kernel_info",
+                                             description="The engine's attention kernel and instruction set (value 1)",
+                                             kind=pb_utils.MetricFamily.GAUGE)
+        self._metric = self._family.Metric(labels={"model": model_name, **labels})  # a family must outlive it
+        self._metric.set(1)
+
+
 class QueueMetrics:
     """Where the engine's time goes, per request, now that its queue is its own (Triton's
     `nv_inference_queue_duration_us` no longer sees the wait):

@@ -12,8 +12,9 @@ except ImportError:  # a tritonserver whose own Python has the packages installe
 
 from reward_server.pipeline import settings, stages
 from reward_server.pipeline.scheduler import EngineScheduler, Job
-from reward_server.pipeline.triton_io import (DropMetrics, EngineMetrics, QueueMetrics, answer_later, input_array,
-                                              ticket_of)
+from reward_server.pipeline.torch_engine import kernels
+from reward_server.pipeline.triton_io import (DropMetrics, EngineMetrics, KernelInfo, QueueMetrics, answer_later,
+                                              input_array, ticket_of)
 
 
 class TritonPythonModel:
@@ -33,6 +34,8 @@ class TritonPythonModel:
         # loaded on the scheduler's thread, which computes every wave (see EngineScheduler.start)
         self.engine = self.scheduler.start(setup=lambda: settings.engine_from_parameters(params))
         self.scheduler.token_budget = self.engine.token_budget
+        self.kernel_info = KernelInfo(args["model_name"], kernels.info(self.engine.kernel),
+                                      kernels.describe(self.engine.kernel))
         self.cache_metrics = (None if self.engine.cache is None else
                               EngineMetrics(args["model_name"], EngineMetrics.PREFIX_CACHE_FIELDS, "prefix_cache_",
                                             EngineMetrics.PREFIX_CACHE_GAUGES))

@@ -168,7 +168,9 @@ def info(module: Any) -> dict[str, str]:
 
 
 def describe(module: Any) -> str:
-    """One line naming what the loaded kernels compute with (for logs and benchmarks)."""
+    """One line naming what the loaded kernels compute with (for logs and benchmarks); None: SDPA."""
+    if module is None:
+        return "torch SDPA (not the native kernels)"
     pairs = ", bf16 products in AVX-512 BF16 pairs" if getattr(module, "bf16_pairs", False) else ""
     forced = os.environ.get(ENV, "auto").strip() not in ("", "auto")
     how = f"forced by {ENV}" if forced else "chosen from this CPU's flags"
