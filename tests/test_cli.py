@@ -67,6 +67,14 @@ def test_serve_prints_endpoints_scores_and_stops_gracefully(demo_checkpoint, tmp
             time.sleep(0.5)
         banner = (tmp_path / "serve.log").read_text()
         assert f"gRPC     127.0.0.1:{ports[0]}" in banner and f"http://127.0.0.1:{ports[1]}" in banner
+        # A GPU build of tritonserver on a machine without a GPU: none of its CUDA start-up errors on
+        # the console, one line of ours instead (the server's log keeps them).
+        from reward_server.supervisor.trtllm_engine import gpu_count
+
+        if gpu_count() == 0:
+            for noise in ("CudaDriverHelper", "unable to create stream", "pinned system memory", "CUDA driver", "NVML", "DCGM"):
+                assert noise not in banner, noise
+            assert banner.count("reward-server: no GPU here, so tritonserver's CUDA start-up errors") == 1
         assert "curl -s" in banner and "/v2/models/reward/infer" in banner
         assert f"gateway  http://127.0.0.1:{ports[3]}" in banner
         assert _gateway_reward(ports[3], deadline) == 200  # the gateway started beside it answers
@@ -126,6 +134,15 @@ def test_serve_says_why_a_checkpoint_cannot_load_in_one_line_before_starting(dem
         assert result.returncode == 1
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and "cannot serve:" in lines[0] and reason in lines[0], result.stderr
+
+
+def test_serve_refuses_a_forced_kernel_build_in_one_line(tmp_path):
+    result = subprocess.run([*CLI, "serve", "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0"],
+                            capture_output=True, text=True, timeout=120, env=dict(os.environ, REWARD_SERVER_KERNELS="amx"))
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "cannot serve: REWARD_SERVER_KERNELS=amx: no such kernel build; use one of auto, avx512_bf16, avx512, avx2" \
+        in lines[-1], result.stderr
 
 
 def test_serve_ends_with_the_reason_a_model_failed_to_load(demo_checkpoint, tmp_path):

@@ -12,6 +12,7 @@ the same weights and the same tokenizer.
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import os
 import random
@@ -97,10 +98,11 @@ def _corpus(seed: int, lines: int) -> list[str]:
     """Deterministic pseudo-text with a Zipf-like word distribution and some non-ASCII."""
     rng = random.Random(seed)
     words = ["".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 4))) for _ in range(6000)]
-    weights = [1.0 / (rank + 1) for rank in range(len(words))]
+    # cumulative once: what `choices(words, weights)` would sum again on every call (same draws)
+    cumulative = list(itertools.accumulate(1.0 / (rank + 1) for rank in range(len(words))))
     out = []
     for _ in range(lines):
-        sentence = " ".join(rng.choices(words, weights, k=rng.randint(4, 24)))
+        sentence = " ".join(rng.choices(words, cum_weights=cumulative, k=rng.randint(4, 24)))
         if rng.random() < 0.1:
             sentence += " " + rng.choice(_EXTRA_TEXT)
         out.append(sentence.capitalize() + rng.choice([".", "?", "!", ":"]))

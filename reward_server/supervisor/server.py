@@ -20,14 +20,15 @@ from pathlib import Path
 
 from reward_server.pipeline import settings
 from reward_server.pipeline.drain import DrainState, read_metrics, settle_time_from_metrics
+from reward_server.pipeline.torch_engine import kernels
 from reward_server.supervisor import engines
 from reward_server.supervisor.demo_checkpoint import ensure_demo_checkpoint
 from reward_server.supervisor.mpi import WORKER_FLAGS, find_mpirun, mpirun_command, ranks
 from reward_server.supervisor.options import ServeOptions
 from reward_server.supervisor.ports import free_ports
 from reward_server.supervisor.repository import drain_dir, model_config, render_repository
-from reward_server.supervisor.trtllm_engine import check_host, open_engine
-from reward_server.supervisor.tritonserver import (ServerStartError, die_with_parent, find_tritonserver,
+from reward_server.supervisor.trtllm_engine import check_host, gpu_count, open_engine
+from reward_server.supervisor.tritonserver import (ConsoleFilter, ServerStartError, die_with_parent, find_tritonserver,
                                                    prepare_backends, server_environment, tee)
 from reward_server.supervisor.watchdog import Watchdog
 
@@ -58,6 +59,7 @@ class TritonServer:
         self.log_path: Path | None = None
         self.checkpoint: Path | None = None
         self.process_model = False  # a process reward model: responses are scored step by step
+        self._gpus = gpu_count()  # none: a CPU server (no pinned memory pool, no CUDA noise on the console)
         self.serving = None  # the opened engine directory, with --engine tensorrt_llm
         self._own_workdir = False
         self._shm_prefix = _shm_prefix()
@@ -104,6 +106,8 @@ class TritonServer:
             cmd += o.tls.flags() if o.tls else []
         else:
             cmd += list(WORKER_FLAGS)
+        if not self._gpus:  # no GPU to stage copies for or to watch: without these, errors that CUDA and NVML are missing
+            cmd += ["--pinned-memory-pool-byte-size=0", "--allow-gpu-metrics=false"]
         # A per-server (and per-rank) prefix keeps concurrent servers' shared-memory regions apart.
         cmd += ["--disable-auto-complete-config", f"--exit-timeout-secs={o.exit_timeout_s}",
                 f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}r{rank}_",
@@ -136,6 +140,8 @@ class TritonServer:
         elif o.engine_dir or o.world_size:
             raise ValueError("--engine-dir and --world-size apply to --engine tensorrt_llm only")
         else:
+            # a forced kernel build this CPU cannot run: said now, in one line, not after loading
+            kernels.choose(kernels.cpu_flags(), os.environ.get(kernels.ENV))
             self.checkpoint = Path(o.checkpoint) if o.checkpoint else ensure_demo_checkpoint(o.demo_size)
         if not (self.checkpoint / "config.json").exists():
             raise FileNotFoundError(f"{self.checkpoint} is not a Hugging Face checkpoint (no config.json)")
@@ -175,7 +181,8 @@ class TritonServer:
                                             stdout=subprocess.PIPE if console else output, stderr=subprocess.STDOUT,
                                             start_new_session=True, preexec_fn=die_with_parent)
         if console:  # to the console and to the log file
-            threading.Thread(target=tee, args=(self.process.stdout, output), daemon=True).start()
+            threading.Thread(target=tee, args=(self.process.stdout, output, ConsoleFilter(not self._gpus, self.log_path)),
+                             daemon=True).start()
         else:
             output.close()
         self.wait_ready(self.options.startup_timeout_s)

@@ -29,21 +29,68 @@ def die_with_parent() -> None:
         pass
 
 
-def tee(pipe, log) -> None:
-    """Copy a server's output to this process's stdout and to its log file until it ends. The pipe
-    is always drained (a full pipe would block the server), even once the console is gone."""
+# What a GPU build of tritonserver logs at every start where there is no GPU: its CUDA memory
+# pools and the ensembles' CUDA streams cannot be created. Harmless on a CPU server (nothing of it
+# runs on a GPU), alarming to read (E lines).
+CUDA_START_NOISE = (b"CudaDriverHelper has not been initialized", b"unable to create stream for ",
+                    b"Unable to allocate pinned system memory")
+
+
+class ConsoleFilter:
+    """tritonserver's output as the console shows it: without `CUDA_START_NOISE` lines when `no_gpu`;
+    the first one hidden becomes one line saying why (the log file keeps every line).
+
+    Called with each chunk read; returns what to print. Lines are whole: a partial last line waits
+    for the next chunk (or `flush`).
+    """
+
+    def __init__(self, no_gpu: bool, log_path: Path | str):
+        self.no_gpu = no_gpu
+        self._note = (f"reward-server: no GPU here, so tritonserver's CUDA start-up errors (memory pools, "
+                      f"ensemble streams) are harmless and left out of the console; they are in {log_path}\n").encode()
+        self._rest = b""
+
+    def __call__(self, chunk: bytes) -> bytes:
+        if not self.no_gpu:
+            return chunk
+        *lines, self._rest = (self._rest + chunk).split(b"\n")
+        kept = []
+        for line in lines:
+            if any(noise in line for noise in CUDA_START_NOISE):
+                kept.append(self._note)
+                self._note = b""
+            else:
+                kept.append(line + b"\n")
+        return b"".join(kept)
+
+    def flush(self) -> bytes:
+        rest, self._rest = self._rest, b""
+        return rest
+
+
+def tee(pipe, log, console_filter=None) -> None:
+    """Copy a server's output to this process's stdout (through `console_filter`, if given) and to its
+    log file until it ends. The pipe is always drained (a full pipe would block the server), even
+    once the console is gone."""
     console = getattr(sys.stdout, "buffer", sys.stdout)
+
+    def show(data: bytes) -> None:
+        nonlocal console
+        if console is None or not data:
+            return
+        try:
+            console.write(data if console is not sys.stdout else data.decode(errors="replace"))
+            console.flush()
+        except (OSError, ValueError):  # this process's stdout was closed
+            console = None
+
     with log:
         for chunk in iter(lambda: pipe.read1(1 << 16), b""):
             log.write(chunk)
             log.flush()
-            if console is None:
-                continue
-            try:
-                console.write(chunk if console is not sys.stdout else chunk.decode(errors="replace"))
-                console.flush()
-            except (OSError, ValueError):  # this process's stdout was closed
-                console = None
+            show(console_filter(chunk) if console_filter else chunk)
+        if console_filter:
+            show(console_filter.flush())
 
 
 def find_tritonserver() -> tuple[Path, Path | None]:
