@@ -1,6 +1,8 @@
 """Container images, checked from the Dockerfiles' text (no Docker engine can run here): pinned
-bases, non-root USER, no build tools in the final stage, the `reward-server serve` entrypoint,
-and agreement with what the manifests expect of them."""
+bases, non-root USER, no build tools in the final stage, the native kernels compiled into the wheel
+the image installs (and checked there), the `reward-server serve` entrypoint, and agreement with
+what the manifests expect of them. That the wheel carries a loadable build for every instruction
+set is tests/test_wheel.py's part."""
 
 from __future__ import annotations
 
@@ -79,7 +81,8 @@ def test_bases_are_pinned_by_full_version(dockerfile):
 
 def test_cpu_image_is_a_pinned_slim_python_311_and_gpu_image_the_pinned_ngc_tag():
     assert base_images(DOCKER / "cpu.Dockerfile") == ["python:3.11.14-slim-bookworm"] * 2
-    assert base_images(DOCKER / "gpu.Dockerfile") == [NGC_TAG]
+    # the wheel's kernels are compiled in a stage of the same image, against the torch it runs
+    assert base_images(DOCKER / "gpu.Dockerfile") == [NGC_TAG] * 2
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
@@ -94,27 +97,63 @@ def test_final_stage_runs_reward_server_serve_as_uid_1000(dockerfile):
     assert keywords.index("USER") > max(i for i, k in enumerate(keywords) if k in ("RUN", "COPY"))
 
 
-def test_cpu_image_builds_the_demo_checkpoint_in_a_build_stage_and_copies_no_tools():
+COMPILER = re.compile(r"\b(apt-get|apk|gcc|g\+\+|clang|build-essential|cpp_extension)\b")
+WHEEL = "reward_server-0.1.0-*-linux_x86_64.whl"  # the platform wheel hatch_build.py makes
+KERNELS_CHECK = "cd / && {python} -m reward_server.pipeline.torch_engine.kernels --check"
+
+
+def runs(stage: list[tuple[str, str]]) -> str:
+    return " ".join(rest for keyword, rest in stage if keyword == "RUN")
+
+
+def test_cpu_image_builds_wheel_kernels_and_checkpoint_in_a_build_stage_and_copies_no_tools():
     build, final = stages(DOCKER / "cpu.Dockerfile")
-    runs = " ".join(rest for keyword, rest in build if keyword == "RUN")
-    assert "-r /opt/reward-server/requirements.lock" in runs
-    assert "reward-server demo-checkpoint /models/demo --size small" in runs
+    commands = runs(build)
+    assert "-r /opt/reward-server/requirements.lock" in commands
+    assert "reward-server demo-checkpoint /models/demo --size small" in commands
+    # The compiler lives in the build stage: the wheel built there against the venv's pinned torch
+    # carries the kernels, the venv it is installed into is what the final stage copies.
+    assert "apt-get install -y --no-install-recommends g++" in commands
+    assert "/opt/venv/bin/pip wheel --no-deps --no-build-isolation -w /opt/dist /opt/reward-server" in commands
+    assert f"/opt/venv/bin/pip install --no-deps /opt/dist/{WHEEL}" in commands  # the wheel, not the tree
+    assert KERNELS_CHECK.format(python="/opt/venv/bin/python") in commands
+    assert commands.index("pip install --no-deps /opt/dist") < commands.index("--check") < \
+        commands.index("demo-checkpoint")
     assert [k for k, _ in final if k == "RUN"] == []
     copies = [rest for keyword, rest in final if keyword == "COPY"]
     assert copies == ["--from=build /opt/venv /opt/venv", "--from=build /models/demo /models/demo"]
-    assert "pip install --no-deps /opt/reward-server" in runs  # the wheel, not an editable tree
-    for _, rest in [*build, *final]:
-        assert not re.search(r"\b(apt-get|apk|gcc|build-essential)\b", rest), rest
+    for _, rest in final:
+        assert not COMPILER.search(rest), rest
 
 
-def test_gpu_image_adds_packages_without_changing_the_base():
-    runs = " ".join(rest for keyword, rest in instructions(DOCKER / "gpu.Dockerfile") if keyword == "RUN")
-    assert "pip list --format=freeze --exclude-editable > /tmp/base-constraints.txt" in runs
-    assert "-c /tmp/base-constraints.txt -r /opt/reward-server/deploy/docker/gpu-requirements.txt" in runs
-    assert "pip install --no-deps /opt/reward-server" in runs  # the wheel, not an editable tree
+def test_gpu_image_compiles_the_kernels_against_its_own_torch_and_adds_packages_without_changing_the_base():
+    build, final = stages(DOCKER / "gpu.Dockerfile")
+    commands = runs(build)
+    assert "apt-get install -y --no-install-recommends g++" in commands
+    # the container's torch, not the pinned CPU one build isolation would install
+    assert "python3 -m pip wheel --no-deps --no-build-isolation -w /opt/dist /opt/reward-server" in commands
+    assert "-c /opt/reward-server/requirements.lock hatchling setuptools" in commands
+    assert "torch" not in commands
+    commands = runs(final)
+    assert "pip list --format=freeze --exclude-editable > /tmp/base-constraints.txt" in commands
+    assert "-c /tmp/base-constraints.txt -r /opt/reward-server/deploy/docker/gpu-requirements.txt" in commands
+    assert ("COPY", "--from=build /opt/dist /opt/dist") in final
+    assert f"python3 -m pip install --no-deps /opt/dist/{WHEEL}" in commands  # the wheel, not the tree
+    assert KERNELS_CHECK.format(python="python3") in commands
+    for _, rest in final:
+        assert not COMPILER.search(rest), rest
     pins = [line for line in (DOCKER / "gpu-requirements.txt").read_text().splitlines()
             if line and not line.startswith("#")]
     assert pins and all(re.match(r"^[\w\[\],.-]+==\d", pin) for pin in pins), pins
+
+
+def test_images_build_their_own_kernels_not_the_hosts():
+    """The build context leaves out kernels compiled on the host (another torch, perhaps): the image's
+    wheel compiles every instruction set's build itself."""
+    for dockerfile in DOCKERFILES:
+        patterns = Path(f"{dockerfile}.dockerignore").read_text().splitlines()
+        assert "reward_server/pipeline/torch_engine/kernels/lib" in patterns
+        assert "!hatch_build.py" in patterns
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)

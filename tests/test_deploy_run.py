@@ -20,6 +20,7 @@ import pytest
 from reward_client import RewardClient
 from reward_server.supervisor.ports import free_ports
 from tests.test_deploy_manifests import only, rendered, server_container
+from tests.test_observability import kernel_info
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}],
@@ -95,13 +96,6 @@ def test_cpu_overlay_command_serves_probes_scores_and_stops_on_sigterm(cpu_overl
     for item in container["env"]:
         value = item["value"]
         env[item["name"]] = str(tmp_path / value.strip("/").replace("/", "_")) if value.startswith("/") else value
-    # The attention kernel `make setup` built, as an image that built it would carry it in its cache
-    # (otherwise this start would spend a minute compiling it).
-    from reward_server.pipeline.torch_engine.kernels import CACHE as KERNELS
-
-    if KERNELS.is_dir():
-        (Path(env["REWARD_SERVER_CACHE"]) / "kernels").parent.mkdir(parents=True, exist_ok=True)
-        (Path(env["REWARD_SERVER_CACHE"]) / "kernels").symlink_to(KERNELS, target_is_directory=True)
     executable = shutil.which(argv[0], path=path)
     assert executable, f"{argv[0]} is not installed in this environment"
     log = open(tmp_path / "serve.log", "wb")
@@ -126,6 +120,9 @@ def test_cpu_overlay_command_serves_probes_scores_and_stops_on_sigterm(cpu_overl
             got = [r.score for r in client.score(CONVERSATIONS)]
             expected = [r.score for r in reference.score(CONVERSATIONS)]
         assert got == pytest.approx(expected, rel=1e-4, abs=1e-5)
+        # the native kernels the installed package carries, not SDPA, nor a build at start-up
+        [kernel] = kernel_info(f"http://127.0.0.1:{ports['--metrics-port']}/metrics")
+        assert (kernel["attention"], kernel["origin"]) == ("native", "prebuilt"), kernel
         stopping = time.monotonic()
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=pod["terminationGracePeriodSeconds"])

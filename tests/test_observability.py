@@ -18,11 +18,17 @@ from tests.conversations import make_conversations
 
 
 def scrape(server) -> dict[tuple, float]:
-    """{(sample name, sorted labels): value} of every sample on the metrics endpoint."""
-    with urllib.request.urlopen(server.metrics_url, timeout=10) as reply:
+    """{(sample name, sorted labels): value} of every sample on the metrics endpoint (a server, or its URL)."""
+    with urllib.request.urlopen(getattr(server, "metrics_url", server), timeout=10) as reply:
         text = reply.read().decode()
     return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
             for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def kernel_info(server) -> list[dict[str, str]]:
+    """The labels of each `reward_engine_kernel_info` sample: what attention the engine runs."""
+    return [dict(labels) for (name, labels), value in scrape(server).items()
+            if name == "reward_engine_kernel_info" and value == 1]
 
 
 def value(samples, name, **labels) -> float:
@@ -110,9 +116,7 @@ def test_the_kernel_the_engine_runs_is_on_metrics_and_in_the_log(server):
     from reward_server.pipeline.torch_engine import kernels
 
     expected = kernels.choose(kernels.cpu_flags()).name
-    samples = scrape(server)
-    infos = {labels: v for (name, labels), v in samples.items() if name == "reward_engine_kernel_info"}
-    assert infos == {(("attention", "native"), ("isa", expected), ("model", "reward_engine"), ("origin", "prebuilt")): 1.0}
+    assert kernel_info(server) == [{"attention": "native", "isa": expected, "model": "reward_engine", "origin": "prebuilt"}]
     assert _log_has(server, f"reward_engine: attention: {expected} build (prebuilt, chosen from this CPU's flags)")
 
 

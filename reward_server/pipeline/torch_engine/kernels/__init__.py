@@ -178,9 +178,43 @@ def describe(module: Any) -> str:
             f"key blocks of {module.key_block}{pairs}")
 
 
+def check() -> int:
+    """`--check`: build nothing; 0 if `lib/` holds every variant, compiled from these sources against
+    this torch, and the one this CPU runs loads from it (an image build runs this after installing
+    the wheel); 1 with the reason otherwise."""
+    from reward_server.pipeline.torch_engine.kernels.build import up_to_date
+
+    if not up_to_date(LIBRARY):
+        manifest = read_manifest() or {}
+        print(f"error: {LIBRARY} does not hold every native kernel build for these sources and torch "
+              f"{torch_build()['torch']} (it has: {', '.join(manifest.get('modules', {})) or 'nothing'}, "
+              f"built against torch {manifest.get('build', {}).get('torch', '?')})", file=sys.stderr)
+        return 1
+    try:
+        module = attention(build=False)
+    except KernelUnavailable as exc:  # a build machine without AVX2: what ships is complete all the same
+        print(f"native kernels shipped in {LIBRARY} ({', '.join(v.name for v in VARIANTS)}); none loads on "
+              f"this CPU: {exc}")
+        return 0
+    except KernelRefused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"native kernels shipped in {LIBRARY} ({', '.join(v.name for v in VARIANTS)}); this CPU loads "
+          f"{describe(module)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m reward_server.pipeline.torch_engine.kernels`: build every variant into `lib/` (if it
-    is not up to date), then load the one this CPU runs."""
+    """`python -m reward_server.pipeline.torch_engine.kernels [--check]`: build every variant into `lib/`
+    (if it is not up to date), then load the one this CPU runs; with `--check`, see `check`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m reward_server.pipeline.torch_engine.kernels",
+                                     description="Build the native kernels for every instruction set, or check them.")
+    parser.add_argument("--check", action="store_true",
+                        help="build nothing: exit 1 unless the shipped kernels are complete and load here")
+    if parser.parse_args(argv).check:
+        return check()
     from reward_server.pipeline.torch_engine.kernels.build import build_all
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
