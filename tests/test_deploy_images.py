@@ -106,42 +106,41 @@ def runs(stage: list[tuple[str, str]]) -> str:
     return " ".join(rest for keyword, rest in stage if keyword == "RUN")
 
 
+def compiled_in_a_build_stage(dockerfile: Path, pip: str, python: str):
+    """Assert the image's kernels come in its wheel: compiled in the build stage (the only one with a
+    compiler) without build isolation, so against the image's own torch; the wheel installed, then
+    checked from / (the installed package, not the source tree). Returns (build, final) stages."""
+    build, final = stages(dockerfile)
+    assert "apt-get install -y --no-install-recommends g++" in runs(build)
+    assert f"{pip} wheel --no-deps --no-build-isolation -w /opt/dist /opt/reward-server" in runs(build)
+    commands = f"{runs(build)} {runs(final)}"
+    assert f"{pip} install --no-deps /opt/dist/{WHEEL}" in commands  # the wheel, not the tree
+    assert commands.index(f"install --no-deps /opt/dist/{WHEEL}") < commands.index(KERNELS_CHECK.format(python=python))
+    for _, rest in final:
+        assert not COMPILER.search(rest), rest
+    return build, final
+
+
 def test_cpu_image_builds_wheel_kernels_and_checkpoint_in_a_build_stage_and_copies_no_tools():
-    build, final = stages(DOCKER / "cpu.Dockerfile")
+    # against the venv's pinned torch; the venv the wheel is installed into is what the final stage copies
+    build, final = compiled_in_a_build_stage(DOCKER / "cpu.Dockerfile", "/opt/venv/bin/pip", "/opt/venv/bin/python")
     commands = runs(build)
     assert "-r /opt/reward-server/requirements.lock" in commands
-    assert "reward-server demo-checkpoint /models/demo --size small" in commands
-    # The compiler lives in the build stage: the wheel built there against the venv's pinned torch
-    # carries the kernels, the venv it is installed into is what the final stage copies.
-    assert "apt-get install -y --no-install-recommends g++" in commands
-    assert "/opt/venv/bin/pip wheel --no-deps --no-build-isolation -w /opt/dist /opt/reward-server" in commands
-    assert f"/opt/venv/bin/pip install --no-deps /opt/dist/{WHEEL}" in commands  # the wheel, not the tree
-    assert KERNELS_CHECK.format(python="/opt/venv/bin/python") in commands
-    assert commands.index("pip install --no-deps /opt/dist") < commands.index("--check") < \
-        commands.index("demo-checkpoint")
+    assert commands.index("--check") < commands.index("reward-server demo-checkpoint /models/demo --size small")
     assert [k for k, _ in final if k == "RUN"] == []
     copies = [rest for keyword, rest in final if keyword == "COPY"]
     assert copies == ["--from=build /opt/venv /opt/venv", "--from=build /models/demo /models/demo"]
-    for _, rest in final:
-        assert not COMPILER.search(rest), rest
 
 
 def test_gpu_image_compiles_the_kernels_against_its_own_torch_and_adds_packages_without_changing_the_base():
-    build, final = stages(DOCKER / "gpu.Dockerfile")
-    commands = runs(build)
-    assert "apt-get install -y --no-install-recommends g++" in commands
-    # the container's torch, not the pinned CPU one build isolation would install
-    assert "python3 -m pip wheel --no-deps --no-build-isolation -w /opt/dist /opt/reward-server" in commands
-    assert "-c /opt/reward-server/requirements.lock hatchling setuptools" in commands
-    assert "torch" not in commands
+    build, final = compiled_in_a_build_stage(DOCKER / "gpu.Dockerfile", "python3 -m pip", "python3")
+    # the container's torch, not the pinned CPU one: build isolation would install that one
+    assert "-c /opt/reward-server/requirements.lock hatchling setuptools" in runs(build)
+    assert "torch" not in runs(build)
     commands = runs(final)
     assert "pip list --format=freeze --exclude-editable > /tmp/base-constraints.txt" in commands
     assert "-c /tmp/base-constraints.txt -r /opt/reward-server/deploy/docker/gpu-requirements.txt" in commands
     assert ("COPY", "--from=build /opt/dist /opt/dist") in final
-    assert f"python3 -m pip install --no-deps /opt/dist/{WHEEL}" in commands  # the wheel, not the tree
-    assert KERNELS_CHECK.format(python="python3") in commands
-    for _, rest in final:
-        assert not COMPILER.search(rest), rest
     pins = [line for line in (DOCKER / "gpu-requirements.txt").read_text().splitlines()
             if line and not line.startswith("#")]
     assert pins and all(re.match(r"^[\w\[\],.-]+==\d", pin) for pin in pins), pins
