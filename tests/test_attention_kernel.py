@@ -95,9 +95,12 @@ def test_bfloat16_is_within_bf16_rounding_of_the_exact_answer(kernel, dim, windo
         assert error <= 2 ** -7 * expected.abs().max().item()  # about one bf16 step at the largest output
 
 
-def test_bf16_pairs_wherever_the_cpu_has_avx512_bf16(kernel):
-    """The loader picks the build with bf16-pair products exactly where the CPU has them."""
-    assert bool(kernel.bf16_pairs) == ("avx512_bf16" in kernels.cpu_flags()) == (kernel.variant == "avx512_bf16")
+def test_bf16_pairs_wherever_the_cpu_has_avx512_bf16_and_tiles_where_it_has_amx(kernel):
+    """The loader picks the build with bf16-pair products exactly where the CPU has them, and the one
+    with AMX tiles where it has those too (and the OS grants them)."""
+    flags = kernels.cpu_flags()
+    assert bool(kernel.bf16_pairs) == ("avx512_bf16" in flags) == (kernel.variant in ("amx", "avx512_bf16"))
+    assert bool(kernel.amx) == ({"amx_bf16", "amx_tile"} <= flags) == (kernel.variant == "amx")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -198,7 +201,7 @@ def test_every_build_this_cpu_runs_computes_the_same_bits_in_float32(monkeypatch
     """The builds differ in vector width (8 or 16 queries across lanes) and instructions, never in
     any query's arithmetic: in float32 each gives the same bits (and the right answer), so a
     server's scores do not depend on which build its machine picked. bf16 differs only where
-    AVX-512 BF16 pairs its products (a different, documented rounding)."""
+    AVX-512 BF16 pairs its products, or AMX tiles do (each a different, documented rounding)."""
     runnable = _runnable()
     assert "avx2" in runnable  # every machine the project supports
     lengths = [1, 31, 33, 100, 257]
@@ -218,9 +221,14 @@ def test_every_build_this_cpu_runs_computes_the_same_bits_in_float32(monkeypatch
     assert lanes["avx2"] == 8 and all(lanes[n] == 16 for n in runnable if n != "avx2")
     for name in runnable:
         assert torch.equal(outputs[name], outputs["avx2"]), name
+    loaded = kernels.attention.__globals__["_LOADED"]
     for name in runnable:
-        if not getattr(kernels.attention.__globals__["_LOADED"][name], "bf16_pairs", False):
+        if not getattr(loaded[name], "bf16_pairs", False):
             assert torch.equal(outputs[name + "/bf16"], outputs["avx2/bf16"]), name
+    if "amx" in runnable:  # tiles: the same products as the pairs, rounded in the instruction's own order
+        assert loaded["amx"].amx and not loaded["avx512_bf16"].amx
+        assert not torch.equal(outputs["amx/bf16"], outputs["avx512_bf16/bf16"])
+        torch.testing.assert_close(outputs["amx/bf16"].float(), outputs["avx512_bf16/bf16"].float(), rtol=0, atol=2e-2)
     torch.testing.assert_close(outputs["avx2"][:1].double(), _reference(q[:1], k[:1], v[:1], 0.125), rtol=0, atol=2e-6)
 
 
@@ -228,14 +236,19 @@ def test_the_best_build_the_cpu_runs_is_chosen_and_a_forced_one_it_lacks_is_refu
     avx2, avx512, bf16 = {"avx2", "fma", "f16c"}, {"avx512f", "avx512bw", "avx512vl", "avx512dq"}, {"avx512_bf16"}
     assert kernels.choose(avx2).name == "avx2"
     assert kernels.choose(avx2 | avx512).name == "avx512"
-    assert kernels.choose(avx2 | avx512 | bf16 | {"amx_bf16", "amx_tile"}).name == "avx512_bf16"
+    assert kernels.choose(avx2 | avx512 | bf16).name == "avx512_bf16"
+    assert kernels.choose(avx2 | avx512 | bf16 | {"amx_bf16", "amx_tile"}).name == "amx"
+    assert kernels.choose(avx2 | avx512 | bf16 | {"amx_bf16", "amx_tile"}, "avx512_bf16").name == "avx512_bf16"
     assert kernels.choose({"avx2", "fma"}) is None  # no f16c: no build runs (the engine uses SDPA)
     assert kernels.choose({"avx", "sse4_2"}) is None
     assert kernels.choose(avx2 | avx512 | bf16, "avx2").name == "avx2"
     with pytest.raises(kernels.KernelRefused, match=r"REWARD_SERVER_KERNELS=avx512_bf16: this CPU lacks avx512_bf16; "
                                                     r"it runs avx512, avx2 \(or unset REWARD_SERVER_KERNELS\)"):
         kernels.choose(avx2 | avx512, "avx512_bf16")
-    with pytest.raises(kernels.KernelRefused, match="no such kernel build; use one of auto, avx512_bf16, avx512, avx2"):
+    with pytest.raises(kernels.KernelRefused, match=r"REWARD_SERVER_KERNELS=amx: this CPU lacks amx_bf16 amx_tile; "
+                                                    r"it runs avx512_bf16, avx512, avx2"):
+        kernels.choose(avx2 | avx512 | bf16, "amx")
+    with pytest.raises(kernels.KernelRefused, match="no such kernel build; use one of auto, amx, avx512_bf16, avx512, avx2"):
         kernels.choose(avx2, "sse")
 
 

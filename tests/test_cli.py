@@ -138,10 +138,10 @@ def test_serve_says_why_a_checkpoint_cannot_load_in_one_line_before_starting(dem
 
 def test_serve_refuses_a_forced_kernel_build_in_one_line(tmp_path):
     result = subprocess.run([*CLI, "serve", "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0"],
-                            capture_output=True, text=True, timeout=120, env=dict(os.environ, REWARD_SERVER_KERNELS="amx"))
+                            capture_output=True, text=True, timeout=120, env=dict(os.environ, REWARD_SERVER_KERNELS="sse"))
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert "cannot serve: REWARD_SERVER_KERNELS=amx: no such kernel build; use one of auto, avx512_bf16, avx512, avx2" \
+    assert "cannot serve: REWARD_SERVER_KERNELS=sse: no such kernel build; use one of auto, amx, avx512_bf16, avx512, avx2" \
         in lines[-1], result.stderr
 
 

@@ -30,7 +30,7 @@ __all__ = ["ENV", "CACHE", "KernelUnavailable", "KernelRefused", "attention", "c
            "cpu_flags", "SOURCES", "HEADERS", "LIBRARY", "VARIANTS"]
 
 _LOGGER = logging.getLogger(__name__)
-ENV = "REWARD_SERVER_KERNELS"  # "auto" (default) or a variant's name: avx512_bf16, avx512, avx2
+ENV = "REWARD_SERVER_KERNELS"  # "auto" (default) or a variant's name: amx, avx512_bf16, avx512, avx2
 CACHE = Path(os.environ.get("REWARD_SERVER_CACHE", Path.home() / ".cache" / "reward-server")) / "kernels"
 _LOCK = threading.Lock()
 _LOADED: dict[str, Any] = {}
@@ -171,7 +171,8 @@ def describe(module: Any) -> str:
     """One line naming what the loaded kernels compute with (for logs and benchmarks); None: SDPA."""
     if module is None:
         return "torch SDPA (not the native kernels)"
-    pairs = ", bf16 products in AVX-512 BF16 pairs" if getattr(module, "bf16_pairs", False) else ""
+    pairs = (", bf16 products on AMX tiles" if getattr(module, "amx", False) else
+             ", bf16 products in AVX-512 BF16 pairs" if getattr(module, "bf16_pairs", False) else "")
     forced = os.environ.get(ENV, "auto").strip() not in ("", "auto")
     how = f"forced by {ENV}" if forced else "chosen from this CPU's flags"
     return (f"{module.variant} build ({module.origin}, {how}): {module.lanes} fp32 lanes, "

@@ -240,6 +240,79 @@ inline void interleave(uint32_t* out, const T* a, const T* b, int64_t dim) {
 #define RS_PAIRS 0
 #endif
 
+#if RS_PAIRS && defined(__AMX_TILE__) && defined(__AMX_BF16__) && !defined(RS_NO_AMX)
+// bf16 on a CPU with AMX: both products of a block on tiles (`tdpbf16ps`), the operands already in
+// the layouts the pairs use. Scores: St [keys][queries] = K [keys][dims] x Qp [dim pairs][queries];
+// values: Ot [dims][queries] += Vt [dims][key pairs] x Pp [key pairs][queries]. Every element of a
+// tile product is its own row of A and column of B summed in the instruction's fixed order, chunk
+// after chunk of 32 dims (or the block's 32 keys): no element depends on the rows or columns around
+// it, so the bits of a query do not depend on its tile mates, as in the other builds. The rounding
+// is the instruction's own (it differs from `vdpbf16ps` in the last bits).
+#define RS_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+static_assert(TILE == 32 && KEY_BLOCK == 32, "the AMX products tile 32 keys x 32 queries");
+
+// Linux hands out the tile registers on request only (once per process).
+bool amx_permitted() {
+  static const bool permitted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return permitted;
+}
+
+struct TileConfig {  // palette 1: 8 tiles of 16 rows x 64 bytes
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
+  uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
+};
+
+// Tiles 0-3: the scores (keys 0-15 / 16-31 x queries 0-15 / 16-31); 4-5: keys; 6-7: queries.
+inline void scores_amx(const uint32_t* K, const uint32_t* Qp, float* St, int half, vf* top, vf scale) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int e0 = 0; e0 < half; e0 += 16) {  // 16 pairs: 32 dims
+    _tile_loadd(4, K + e0, half * 4);
+    _tile_loadd(5, K + 16 * half + e0, half * 4);
+    _tile_loadd(6, Qp + e0 * TILE, TILE * 4);
+    _tile_loadd(7, Qp + e0 * TILE + 16, TILE * 4);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, St, TILE * 4);
+  _tile_stored(1, St + 16, TILE * 4);
+  _tile_stored(2, St + 16 * TILE, TILE * 4);
+  _tile_stored(3, St + 16 * TILE + 16, TILE * 4);
+  for (int i = 0; i < KEY_BLOCK; ++i)  // scaled in fp32 after the dot product, as the pairs do
+    for (int v = 0; v < VECS; ++v) {
+      const vf x = load(St + i * TILE + v * LANES) * scale;
+      store(St + i * TILE + v * LANES, x);
+      if (top) top[v] = vmax(top[v], x);
+    }
+}
+
+// Ot [dim][TILE] += Vt [dim][KEY_BLOCK / 2] x Pp [KEY_BLOCK / 2][TILE]. Tiles 0-1: 16 dims x queries
+// 0-15 / 16-31; 4: values; 6-7: probabilities.
+inline void accumulate_amx(const uint32_t* Vt, const uint32_t* Pp, float* Ot, int dim) {
+  _tile_loadd(6, Pp, TILE * 4);
+  _tile_loadd(7, Pp + 16, TILE * 4);
+  for (int d0 = 0; d0 < dim; d0 += 16) {
+    _tile_loadd(0, Ot + d0 * TILE, TILE * 4);
+    _tile_loadd(1, Ot + d0 * TILE + 16, TILE * 4);
+    _tile_loadd(4, Vt + d0 * (KEY_BLOCK / 2), KEY_BLOCK / 2 * 4);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_stored(0, Ot + d0 * TILE, TILE * 4);
+    _tile_stored(1, Ot + d0 * TILE + 16, TILE * 4);
+  }
+}
+#else
+#define RS_AMX 0
+inline bool amx_permitted() { return false; }
+#endif
+
 // A [tokens, heads, dim] view (any strides on the first two, dim contiguous).
 template <typename T>
 struct View {
@@ -286,7 +359,7 @@ struct Tile {
   // (the sum is of the unrounded ones, as there), so bf16 scores stay within an ulp of transformers'.
   template <bool PAIRS>
   void step(int64_t b, const void* K, const void* V, float* St, uint32_t* Pp, int dim, bool round, int64_t window,
-            float softcap, float scale) {
+            float softcap, float scale, bool amx = false) {
     const vf minus_inf = splat(-std::numeric_limits<float>::infinity());
     const int64_t j0 = b * KEY_BLOCK;
     const bool diagonal = j0 + KEY_BLOCK - 1 > position0;  // some key after some lane's query
@@ -296,6 +369,11 @@ struct Tile {
     vf top[VECS];
     for (int v = 0; v < VECS; ++v) top[v] = m[v];
     vf* running_top = masked || softcap > 0 ? nullptr : top;
+#if RS_AMX
+    if (PAIRS && amx)
+      scores_amx(static_cast<const uint32_t*>(K), Qp.data(), St, dim / 2, running_top, splat(scale));
+    else
+#endif
 #if RS_PAIRS
     if constexpr (PAIRS)
       scores_pairs(static_cast<const uint32_t*>(K), Qp.data(), St, dim / 2, running_top, splat(scale));
@@ -360,6 +438,12 @@ struct Tile {
           float* row = Ot.data() + d * TILE + v * LANES;
           store(row, load(row) * alpha[v]);
         }
+#if RS_AMX
+    if (PAIRS && amx) {  // V: [dim][KEY_BLOCK / 2] pairs
+      accumulate_amx(static_cast<const uint32_t*>(V), Pp, Ot.data(), dim);
+      return;
+    }
+#endif
 #if RS_PAIRS
     if constexpr (PAIRS) {
       accumulate_pairs(static_cast<const uint32_t*>(V), Pp, Ot.data(), dim);
@@ -397,7 +481,13 @@ void run(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value
 
   const float fscale = float(scale);
   constexpr bool PAIRS = RS_PAIRS && std::is_same<T, at::BFloat16>::value;
+  // AMX tiles take 32 dims at a time; other head sizes (and a kernel the OS refuses tiles) use the pairs
+  const bool amx = PAIRS && RS_AMX && dim % 32 == 0 && amx_permitted();
   at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t begin, int64_t end) {
+#if RS_AMX
+    const TileConfig config;
+    if (amx) _tile_loadconfig(&config);  // per thread: the tile state is a thread's own
+#endif
     std::vector<float> K(PAIRS ? 0 : KEY_BLOCK * dim), V(PAIRS ? 0 : KEY_BLOCK * dim), St(KEY_BLOCK * TILE);
     // pairs: the block's keys as stored ([KEY_BLOCK][dim] bf16 = [KEY_BLOCK][dim / 2] pairs), its values
     // as pairs of keys ([KEY_BLOCK / 2][dim]: (value of key 2e, of key 2e + 1) at each dim)
@@ -447,10 +537,14 @@ void run(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value
               std::memset(Kp.data() + i * (dim / 2), 0, 2 * dim);
             else
               std::memcpy(Kp.data() + i * (dim / 2), kr, 2 * dim);
-            if (i % 2 == 1)  // values of keys i - 1 and i interleaved: pair (key i - 1, key i) at each dim
-              interleave(Vp.data() + (i / 2) * dim, previous_value, past ? nullptr : vr, dim);
-            else
+            if (i % 2 == 0)
               previous_value = past ? nullptr : vr;
+            else if (amx)  // the same pairs, transposed: [dim][KEY_BLOCK / 2] (a tile's rows are dims)
+              for (int64_t d = 0; d < dim; ++d)
+                Vp[d * (KEY_BLOCK / 2) + i / 2] = (previous_value ? bits(previous_value, d) : 0u) |
+                                                  (past ? 0u : bits(vr, d)) << 16;
+            else  // values of keys i - 1 and i interleaved: pair (key i - 1, key i) at each dim
+              interleave(Vp.data() + (i / 2) * dim, previous_value, past ? nullptr : vr, dim);
           } else if (std::is_same<T, float>::value && !past) {  // fp32 rows copied as they are
             std::memcpy(K.data() + i * dim, kr, 4 * dim);
             std::memcpy(V.data() + i * dim, vr, 4 * dim);
@@ -465,7 +559,7 @@ void run(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value
           if (b >= tile.first_block && b < tile.blocks) {
             if constexpr (PAIRS)
               tile.step<true>(b, Kp.data(), Vp.data(), St.data(), Pp.data(), int(dim), true, window, float(softcap),
-                              fscale);
+                              fscale, amx);
             else
               tile.step<false>(b, K.data(), V.data(), St.data(), nullptr, int(dim), std::is_same<T, at::BFloat16>::value,
                                window, float(softcap), fscale);
@@ -478,6 +572,9 @@ void run(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value
           for (int64_t d = 0; d < dim; ++d) orow[d] = static_cast<T>(tile.Ot[d * TILE + lane] * inverse);
         }
     }
+#if RS_AMX
+    if (amx) _tile_release();  // back to the initial state: whoever uses tiles next configures them
+#endif
   });
 }
 
@@ -533,5 +630,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("prefix_values"), py::arg("scale"), py::arg("window") = 0, py::arg("softcap") = 0.0);
   m.attr("lanes") = LANES;
   m.attr("bf16_pairs") = bool(RS_PAIRS);  // bf16 products in AVX-512 BF16 pairs (vdpbf16ps)
+  m.attr("amx") = bool(RS_AMX) && amx_permitted();  // bf16 products on AMX tiles (head sizes of 32k)
   m.attr("key_block") = KEY_BLOCK;
 }

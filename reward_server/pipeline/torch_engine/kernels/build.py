@@ -50,11 +50,12 @@ class Variant:
         return f"reward_kernels_{self.name}"
 
 
-# Best first: the loader takes the first one the CPU can run. AMX CPUs run `avx512_bf16`: the
-# kernels have no AMX code of their own (torch's oneDNN products use AMX there by themselves).
+# Best first: the loader takes the first one the CPU can run. `amx` is `avx512_bf16` with attention's
+# bf16 products on AMX tiles (the rest, fp32 included, is the same code).
+_BF16 = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
 VARIANTS = (
-    Variant("avx512_bf16", ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"),
-            (*_AVX512, "-mavx512bf16")),
+    Variant("amx", (*_BF16, "amx_bf16", "amx_tile"), (*_AVX512, "-mavx512bf16", "-mamx-tile", "-mamx-bf16")),
+    Variant("avx512_bf16", _BF16, (*_AVX512, "-mavx512bf16")),
     Variant("avx512", ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq"), _AVX512),
     Variant("avx2", ("avx2", "fma", "f16c"), _AVX2),
 )
