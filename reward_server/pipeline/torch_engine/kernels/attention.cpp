@@ -573,7 +573,9 @@ void run(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value
         }
     }
 #if RS_AMX
-    if (amx) _tile_release();  // back to the initial state: whoever uses tiles next configures them
+    // back to the initial state, as oneDNN's primitives and torch's brgemm users leave it: whoever
+    // uses tiles next loads its own configuration (a product right after costs the same either way)
+    if (amx) _tile_release();
 #endif
   });
 }
