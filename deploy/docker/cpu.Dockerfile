@@ -22,7 +22,7 @@ COPY pyproject.toml README.md hatch_build.py /opt/reward-server/
 COPY reward_server /opt/reward-server/reward_server
 COPY model_repository /opt/reward-server/model_repository
 # The platform wheel: its build hook compiles the kernels for every instruction set (AVX2, AVX-512,
-# AVX-512 BF16) against the venv's pinned torch, hence no build isolation (it would fetch a torch of
+# AVX-512 BF16, AMX) against the venv's pinned torch, hence no build isolation (it would fetch a torch of
 # its own; the lock has the build backend). The wheel carries the package, its model repository and
 # the compiled kernels: the source tree stays in this stage. The check loads the installed kernels
 # (from /, not the source tree) and fails the build if any is missing.

@@ -4,8 +4,8 @@
 invariant, causal block skipping, shared-prefix keys read in place); `layers.cpp` the element-wise
 work of a decoder layer (RMSNorm with the residual, rotary embedding in place, SiLU x up).
 
-They are compiled ahead of time (`build.py`) once per instruction set, AVX2+FMA, AVX-512 and
-AVX-512 BF16, into `lib/` beside the sources: the wheel carries that folder (its build hook
+They are compiled ahead of time (`build.py`) once per instruction set, AVX2+FMA, AVX-512,
+AVX-512 BF16 and AMX, into `lib/` beside the sources: the wheel carries that folder (its build hook
 compiles it) and `make setup` builds it in a checkout. At load the best variant this CPU runs is
 taken from its cpuid flags (/proc/cpuinfo), or the one `REWARD_SERVER_KERNELS` names; no compiler
 is needed. Only where `lib/` was built from other sources (a developer edited them) is the chosen

@@ -18,8 +18,8 @@
 // transposed), so the softmax statistics of a key block are element-wise maxima and sums over
 // rows, never horizontal reductions. Work items (sequence, key head, chunk of queries) run on torch's
 // OpenMP threads (built with -fopenmp: at::parallel_for is inline, serial without it). Compiled
-// once per instruction set (build.py: AVX2+FMA, AVX-512, AVX-512 BF16; the loader picks one from
-// cpuid), with GCC vector extensions: 8 lanes under AVX2, 16 under AVX-512.
+// once per instruction set (build.py: AVX2+FMA, AVX-512, AVX-512 BF16, AMX; the loader picks one
+// from cpuid), with GCC vector extensions: 8 lanes under AVX2, 16 under AVX-512.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
