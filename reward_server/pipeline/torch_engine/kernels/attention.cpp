@@ -251,7 +251,7 @@ inline void interleave(uint32_t* out, const T* a, const T* b, int64_t dim) {
 #define RS_AMX 1
 #include <sys/syscall.h>
 #include <unistd.h>
-static_assert(TILE == 32 && KEY_BLOCK == 32, "the AMX products tile 32 keys x 32 queries");
+static_assert(TILE == 32 && KEY_BLOCK % 32 == 0, "the AMX products tile 32 keys x 32 queries");
 
 // Linux hands out the tile registers on request only (once per process).
 bool amx_permitted() {
@@ -265,26 +265,31 @@ struct TileConfig {  // palette 1: 8 tiles of 16 rows x 64 bytes
   uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
 };
 
-// Tiles 0-3: the scores (keys 0-15 / 16-31 x queries 0-15 / 16-31); 4-5: keys; 6-7: queries.
+// St [KEY_BLOCK][TILE], 32 keys at a time. Tiles 0-3: the scores (keys 0-15 / 16-31 x queries 0-15 /
+// 16-31); 4-5: keys; 6-7: queries.
 inline void scores_amx(const uint32_t* K, const uint32_t* Qp, float* St, int half, vf* top, vf scale) {
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
-  for (int e0 = 0; e0 < half; e0 += 16) {  // 16 pairs: 32 dims
-    _tile_loadd(4, K + e0, half * 4);
-    _tile_loadd(5, K + 16 * half + e0, half * 4);
-    _tile_loadd(6, Qp + e0 * TILE, TILE * 4);
-    _tile_loadd(7, Qp + e0 * TILE + 16, TILE * 4);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
+  for (int k0 = 0; k0 < KEY_BLOCK; k0 += 32) {
+    const uint32_t* Kk = K + k0 * half;
+    float* S = St + k0 * TILE;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int e0 = 0; e0 < half; e0 += 16) {  // 16 pairs: 32 dims
+      _tile_loadd(4, Kk + e0, half * 4);
+      _tile_loadd(5, Kk + 16 * half + e0, half * 4);
+      _tile_loadd(6, Qp + e0 * TILE, TILE * 4);
+      _tile_loadd(7, Qp + e0 * TILE + 16, TILE * 4);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, S, TILE * 4);
+    _tile_stored(1, S + 16, TILE * 4);
+    _tile_stored(2, S + 16 * TILE, TILE * 4);
+    _tile_stored(3, S + 16 * TILE + 16, TILE * 4);
   }
-  _tile_stored(0, St, TILE * 4);
-  _tile_stored(1, St + 16, TILE * 4);
-  _tile_stored(2, St + 16 * TILE, TILE * 4);
-  _tile_stored(3, St + 16 * TILE + 16, TILE * 4);
   for (int i = 0; i < KEY_BLOCK; ++i)  // scaled in fp32 after the dot product, as the pairs do
     for (int v = 0; v < VECS; ++v) {
       const vf x = load(St + i * TILE + v * LANES) * scale;
@@ -293,19 +298,31 @@ inline void scores_amx(const uint32_t* K, const uint32_t* Qp, float* St, int hal
     }
 }
 
-// Ot [dim][TILE] += Vt [dim][KEY_BLOCK / 2] x Pp [KEY_BLOCK / 2][TILE]. Tiles 0-1: 16 dims x queries
-// 0-15 / 16-31; 4: values; 6-7: probabilities.
+// Ot [dim][TILE] += Vt [dim][KEY_BLOCK / 2] x Pp [KEY_BLOCK / 2][TILE], 32 dims and 32 keys at a time
+// (dim is a multiple of 32). Tiles 0-3: dims 0-15 / 16-31 x queries 0-15 / 16-31 (four independent
+// sums, so one's load or store overlaps another's product); 4-5: values; 6-7: probabilities.
 inline void accumulate_amx(const uint32_t* Vt, const uint32_t* Pp, float* Ot, int dim) {
-  _tile_loadd(6, Pp, TILE * 4);
-  _tile_loadd(7, Pp + 16, TILE * 4);
-  for (int d0 = 0; d0 < dim; d0 += 16) {
-    _tile_loadd(0, Ot + d0 * TILE, TILE * 4);
-    _tile_loadd(1, Ot + d0 * TILE + 16, TILE * 4);
-    _tile_loadd(4, Vt + d0 * (KEY_BLOCK / 2), KEY_BLOCK / 2 * 4);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_stored(0, Ot + d0 * TILE, TILE * 4);
-    _tile_stored(1, Ot + d0 * TILE + 16, TILE * 4);
+  constexpr int PAIRS_PER_ROW = KEY_BLOCK / 2;
+  for (int d0 = 0; d0 < dim; d0 += 32) {
+    float* O = Ot + d0 * TILE;
+    _tile_loadd(0, O, TILE * 4);
+    _tile_loadd(1, O + 16, TILE * 4);
+    _tile_loadd(2, O + 16 * TILE, TILE * 4);
+    _tile_loadd(3, O + 16 * TILE + 16, TILE * 4);
+    for (int e0 = 0; e0 < PAIRS_PER_ROW; e0 += 16) {
+      _tile_loadd(4, Vt + d0 * PAIRS_PER_ROW + e0, PAIRS_PER_ROW * 4);
+      _tile_loadd(5, Vt + (d0 + 16) * PAIRS_PER_ROW + e0, PAIRS_PER_ROW * 4);
+      _tile_loadd(6, Pp + e0 * TILE, TILE * 4);
+      _tile_loadd(7, Pp + e0 * TILE + 16, TILE * 4);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, O, TILE * 4);
+    _tile_stored(1, O + 16, TILE * 4);
+    _tile_stored(2, O + 16 * TILE, TILE * 4);
+    _tile_stored(3, O + 16 * TILE + 16, TILE * 4);
   }
 }
 #else
