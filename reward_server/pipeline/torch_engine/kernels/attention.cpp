@@ -265,31 +265,41 @@ struct TileConfig {  // palette 1: 8 tiles of 16 rows x 64 bytes
   uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
 };
 
-// St [KEY_BLOCK][TILE], 32 keys at a time. Tiles 0-3: the scores (keys 0-15 / 16-31 x queries 0-15 /
-// 16-31); 4-5: keys; 6-7: queries.
-inline void scores_amx(const uint32_t* K, const uint32_t* Qp, float* St, int half, vf* top, vf scale) {
-  for (int k0 = 0; k0 < KEY_BLOCK; k0 += 32) {
-    const uint32_t* Kk = K + k0 * half;
-    float* S = St + k0 * TILE;
+// C (32 x TILE fp32, row stride TILE) += A (32 rows of `pairs` bf16 pairs, row stride `lda`) x B (`pairs`
+// rows of TILE pairs), 16 pairs (32 products) at a time; C starts at zero unless `accumulate`.
+// Tiles 0-3: C (rows 0-15 / 16-31 x columns 0-15 / 16-31: four independent sums, so one's load or
+// store overlaps another's product); 4-5: A; 6-7: B.
+inline void product_amx(const uint32_t* A, int lda, const uint32_t* B, int pairs, float* C, bool accumulate) {
+  if (accumulate) {
+    _tile_loadd(0, C, TILE * 4);
+    _tile_loadd(1, C + 16, TILE * 4);
+    _tile_loadd(2, C + 16 * TILE, TILE * 4);
+    _tile_loadd(3, C + 16 * TILE + 16, TILE * 4);
+  } else {
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
-    for (int e0 = 0; e0 < half; e0 += 16) {  // 16 pairs: 32 dims
-      _tile_loadd(4, Kk + e0, half * 4);
-      _tile_loadd(5, Kk + 16 * half + e0, half * 4);
-      _tile_loadd(6, Qp + e0 * TILE, TILE * 4);
-      _tile_loadd(7, Qp + e0 * TILE + 16, TILE * 4);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 4, 7);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
-    }
-    _tile_stored(0, S, TILE * 4);
-    _tile_stored(1, S + 16, TILE * 4);
-    _tile_stored(2, S + 16 * TILE, TILE * 4);
-    _tile_stored(3, S + 16 * TILE + 16, TILE * 4);
   }
+  for (int e0 = 0; e0 < pairs; e0 += 16) {
+    _tile_loadd(4, A + e0, lda * 4);
+    _tile_loadd(5, A + 16 * lda + e0, lda * 4);
+    _tile_loadd(6, B + e0 * TILE, TILE * 4);
+    _tile_loadd(7, B + e0 * TILE + 16, TILE * 4);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, C, TILE * 4);
+  _tile_stored(1, C + 16, TILE * 4);
+  _tile_stored(2, C + 16 * TILE, TILE * 4);
+  _tile_stored(3, C + 16 * TILE + 16, TILE * 4);
+}
+
+// St [KEY_BLOCK][TILE] = scale * K [keys][dim / 2 pairs] x Qp [dim / 2][TILE], 32 keys at a time.
+inline void scores_amx(const uint32_t* K, const uint32_t* Qp, float* St, int half, vf* top, vf scale) {
+  for (int k0 = 0; k0 < KEY_BLOCK; k0 += 32) product_amx(K + k0 * half, half, Qp, half, St + k0 * TILE, false);
   for (int i = 0; i < KEY_BLOCK; ++i)  // scaled in fp32 after the dot product, as the pairs do
     for (int v = 0; v < VECS; ++v) {
       const vf x = load(St + i * TILE + v * LANES) * scale;
@@ -298,32 +308,12 @@ inline void scores_amx(const uint32_t* K, const uint32_t* Qp, float* St, int hal
     }
 }
 
-// Ot [dim][TILE] += Vt [dim][KEY_BLOCK / 2] x Pp [KEY_BLOCK / 2][TILE], 32 dims and 32 keys at a time
-// (dim is a multiple of 32). Tiles 0-3: dims 0-15 / 16-31 x queries 0-15 / 16-31 (four independent
-// sums, so one's load or store overlaps another's product); 4-5: values; 6-7: probabilities.
+// Ot [dim][TILE] += Vt [dim][KEY_BLOCK / 2 pairs] x Pp [KEY_BLOCK / 2][TILE], 32 dims at a time (dim is
+// a multiple of 32).
 inline void accumulate_amx(const uint32_t* Vt, const uint32_t* Pp, float* Ot, int dim) {
   constexpr int PAIRS_PER_ROW = KEY_BLOCK / 2;
-  for (int d0 = 0; d0 < dim; d0 += 32) {
-    float* O = Ot + d0 * TILE;
-    _tile_loadd(0, O, TILE * 4);
-    _tile_loadd(1, O + 16, TILE * 4);
-    _tile_loadd(2, O + 16 * TILE, TILE * 4);
-    _tile_loadd(3, O + 16 * TILE + 16, TILE * 4);
-    for (int e0 = 0; e0 < PAIRS_PER_ROW; e0 += 16) {
-      _tile_loadd(4, Vt + d0 * PAIRS_PER_ROW + e0, PAIRS_PER_ROW * 4);
-      _tile_loadd(5, Vt + (d0 + 16) * PAIRS_PER_ROW + e0, PAIRS_PER_ROW * 4);
-      _tile_loadd(6, Pp + e0 * TILE, TILE * 4);
-      _tile_loadd(7, Pp + e0 * TILE + 16, TILE * 4);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 4, 7);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
-    }
-    _tile_stored(0, O, TILE * 4);
-    _tile_stored(1, O + 16, TILE * 4);
-    _tile_stored(2, O + 16 * TILE, TILE * 4);
-    _tile_stored(3, O + 16 * TILE + 16, TILE * 4);
-  }
+  for (int d0 = 0; d0 < dim; d0 += 32)
+    product_amx(Vt + d0 * PAIRS_PER_ROW, PAIRS_PER_ROW, Pp, PAIRS_PER_ROW, Ot + d0 * TILE, true);
 }
 #else
 #define RS_AMX 0
