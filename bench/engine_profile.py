@@ -36,12 +36,9 @@ ATTENTION_OPS = ("scaled_dot_product", "flash_attention", "reward_server::attent
 
 def cpu_flags() -> list[str]:
     """The vector-ISA flags that decide which kernels run (avx2, avx512f, avx512_bf16, amx...)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
-    return sorted(f for f in flags if f in ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni",
+    from reward_server.pipeline.torch_engine.kernels import cpu_flags as all_flags
+
+    return sorted(f for f in all_flags() if f in ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni",
                                             "amx_bf16", "amx_tile", "avx_ne_convert"))
 
 

@@ -181,8 +181,8 @@ class TritonServer:
                                             stdout=subprocess.PIPE if console else output, stderr=subprocess.STDOUT,
                                             start_new_session=True, preexec_fn=die_with_parent)
         if console:  # to the console and to the log file
-            threading.Thread(target=tee, args=(self.process.stdout, output, ConsoleFilter(not self._gpus, self.log_path)),
-                             daemon=True).start()
+            console_filter = None if self._gpus else ConsoleFilter(self.log_path)
+            threading.Thread(target=tee, args=(self.process.stdout, output, console_filter), daemon=True).start()
         else:
             output.close()
         self.wait_ready(self.options.startup_timeout_s)

@@ -37,22 +37,20 @@ CUDA_START_NOISE = (b"CudaDriverHelper has not been initialized", b"unable to cr
 
 
 class ConsoleFilter:
-    """tritonserver's output as the console shows it: without `CUDA_START_NOISE` lines when `no_gpu`;
-    the first one hidden becomes one line saying why (the log file keeps every line).
+    """tritonserver's output as the console shows it on a machine without a GPU: without
+    `CUDA_START_NOISE` lines; the first one hidden becomes one line saying why (the log file keeps
+    every line).
 
     Called with each chunk read; returns what to print. Lines are whole: a partial last line waits
     for the next chunk (or `flush`).
     """
 
-    def __init__(self, no_gpu: bool, log_path: Path | str):
-        self.no_gpu = no_gpu
+    def __init__(self, log_path: Path | str):
         self._note = (f"reward-server: no GPU here, so tritonserver's CUDA start-up errors (memory pools, "
                       f"ensemble streams) are harmless and left out of the console; they are in {log_path}\n").encode()
         self._rest = b""
 
     def __call__(self, chunk: bytes) -> bytes:
-        if not self.no_gpu:
-            return chunk
         *lines, self._rest = (self._rest + chunk).split(b"\n")
         kept = []
         for line in lines:
