@@ -3,7 +3,9 @@ with, wherever it sits in the batch, whatever the token budget, whether its prom
 its group or not, and across engine instances.
 
 What makes it hold (not the machine): every product of the fused layers runs on oneDNN-prepacked
-weights, which give a row the same bits whatever the number of rows around it; norms and the rotary
+weights, which give a row the same bits whatever the number of rows around it, except bf16 on AMX,
+where the native kernels compute the products in blocks of one fixed shape (oneDNN's bf16 blocking
+there follows the row count); norms and the rotary
 embedding work per row; the reward head is applied one row at a time; the native attention kernel
 sums each query's keys in one fixed order, in key blocks aligned to its sequence's start, whether
 the first keys were recorded in a shared-prompt pass or computed with the rest (its header comment
@@ -153,3 +155,47 @@ def test_prepacked_products_give_a_row_the_same_bits_among_any_rows(rows):
     for offset in (0, 5):
         if offset <= 5 < offset + rows:
             assert torch.equal(linear(x[offset:offset + rows])[5 - offset], alone)
+
+
+@pytest.mark.parametrize("rows", [1, 10, 20, 33, 64, 333, 2633, 3000])
+def test_the_engines_bf16_products_give_a_row_the_same_bits_among_any_rows(rows):
+    """bf16 at a real layer's shape (512 -> 2816), through the product the engine picks on this CPU
+    (`fused.product`: AMX tiles where it has them, else oneDNN). oneDNN's own bf16 matmul on an AMX
+    Xeon gave a row other bits among 10, 20, 33 or 2,633 rows than among 3,000."""
+    import torch
+
+    from reward_server.pipeline.torch_engine import kernels
+    from reward_server.pipeline.torch_engine.engine import cpu_has_fast_bf16
+    from reward_server.pipeline.torch_engine.fused import prepack_available, product
+
+    if not (cpu_has_fast_bf16() and prepack_available(torch.device("cpu"), torch.bfloat16)):
+        pytest.skip("bf16 is not computed in hardware here: bf16 scores are not claimed batch-invariant")
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(2816, 512, generator=generator).bfloat16()
+    x = torch.randn(4096, 512, generator=generator).bfloat16()
+    linear = product(weight, native=kernels.attention())
+    among_all = linear(x)
+    assert torch.equal(linear(x[:rows]), among_all[:rows])
+    shuffled = torch.randperm(4096, generator=generator)[:rows]
+    assert torch.equal(linear(x[shuffled]), among_all[shuffled])
+
+
+def test_bf16_scores_at_a_real_layer_width_are_the_same_in_any_batch(tmp_path):
+    """The `small` demo shape (hidden 512, MLP 1408, 8 layers), bf16: each of 24 conversations alone and
+    all together give the same bits (before the products ran on AMX tiles, 19 of 24 differed on an AMX
+    Xeon: the `tiny` shape of the tests above does not show it)."""
+    import torch
+
+    from reward_server.pipeline.torch_engine.engine import cpu_has_fast_bf16
+    from reward_server.pipeline.torch_engine.fused import prepack_available
+    from reward_server.supervisor.demo_checkpoint import build_checkpoint
+
+    if not (cpu_has_fast_bf16() and prepack_available(torch.device("cpu"), torch.bfloat16)):
+        pytest.skip("bf16 is not computed in hardware here: bf16 scores are not claimed batch-invariant")
+    checkpoint = build_checkpoint(tmp_path / "small", "small")
+    engine = RewardEngine.from_checkpoint(checkpoint, dtype="bfloat16", prefix_cache_mb=0, min_shared=0)
+    rng = np.random.default_rng(0)
+    conversations = [rng.integers(10, 30000, int(n)).tolist() for n in rng.integers(20, 900, 24)]
+    together = engine.score(conversations)
+    alone = np.concatenate([engine.score([c]) for c in conversations])
+    assert [i for i in range(24) if _bits(together[i]) != _bits(alone[i])] == []

@@ -31,8 +31,8 @@ from reward_server.pipeline.batching import (DEFAULT_MIN_SHARED, DEFAULT_TOKEN_B
                                              pack_sequences)
 from reward_server.pipeline.heads import (ProcessHead, RewardHead, decoder_layers, detect_head_type, parse_indices,
                                           process_head, process_layout, resolve_step_tag, split_model, tag_positions)
-from reward_server.pipeline.torch_engine.attention import (ATTENTION, Segment, attention_kernel, packed_row,
-                                                           register_attention)
+from reward_server.pipeline.torch_engine.attention import (ATTENTION, KVBuffer, Segment, attention_kernel,
+                                                           packed_row, register_attention)
 from reward_server.pipeline.torch_engine import kernels, prefix_cache
 from reward_server.pipeline.torch_engine.checkpoint import check_checkpoint
 
@@ -112,6 +112,16 @@ def _per_position(module, hidden) -> Any:
     import torch
 
     return torch.cat([module(hidden[j:j + 1]) for j in range(hidden.shape[0])])
+
+
+def _place(segment: Segment, source: KVBuffer | None) -> None:
+    """Where a recording segment's keys go: in place after its prefix's, in the buffer `source` that
+    holds them, when that buffer has room and nothing was written past the prefix yet; else in a new
+    buffer, the prefix copied first."""
+    if source is not None and source.claim(segment.offset, len(segment.ids)):
+        segment.buffer, segment.copy_prefix = source, False
+    else:
+        segment.buffer = KVBuffer(segment.offset + len(segment.ids))
 
 
 @dataclass
@@ -386,6 +396,9 @@ class RewardEngine:
         if self.cache is not None:
             for i, segment in enumerate(segments):
                 segment.record = ("row", i)
+                # its keys go where its prefix's end, when nothing was written there yet
+                _place(segment, prompts[segment.prefix].buffer if i in grouped else
+                       None if cached[i] is None else cached[i][2].buffer)
                 # a hit: the row continues cached keys, itself or through its group's prompt
                 hit = cached[i] is not None or (i in grouped and prompts[segment.prefix].prefix is not None)
                 self.cache.stats.hits += hit
@@ -418,12 +431,12 @@ class RewardEngine:
                 hidden = self._run([prompts[-1 - i] if i < 0 else segments[i] for i in indices], store)
                 for i, h in zip(indices, hidden):
                     if i >= 0:
-                        result[i] = self._keep_row(i, rows[i], reads[i], cached[i], h, store)
+                        result[i] = self._keep_row(i, rows[i], reads[i], cached[i], h, store, segments[i].buffer)
         return result
 
-    def _from_cache(self, i: int, row: list[int], read: list[int], store: dict) -> tuple[int, list] | None:
-        """(prefix length, hidden states read inside it) when the cache holds a prefix of row `i` worth
-        reusing, its keys and values put in `store` as ("cache", i); else None."""
+    def _from_cache(self, i: int, row: list[int], read: list[int], store: dict) -> tuple[int, list, Any] | None:
+        """(prefix length, hidden states read inside it, the entry) when the cache holds a prefix of row
+        `i` worth reusing, its keys and values put in `store` as ("cache", i); else None."""
         if self.cache is None:
             return None
         try:
@@ -441,20 +454,25 @@ class RewardEngine:
         if length < prefix_cache.BLOCK:
             return None
         store["cache", i] = {layer: (k[:length], v[:length]) for layer, (k, v) in entry.layers.items()}
-        return length, [entry.hidden[r] for r in read if r < length]
+        return length, [entry.hidden[r] for r in read if r < length], entry
 
     def _prompt(self, key: int, ids: list[int], store: dict) -> Segment:
         """Group `key`'s prompt as a segment recording its keys under `key`: from where the cache's
         keys end, when it holds a prefix of it worth reusing."""
         found = self._from_cache(-1 - key, ids, [], store)
         if found is None:
-            return Segment(ids, record=key)
+            segment = Segment(ids, record=key)
+            if self.cache is not None:
+                _place(segment, None)
+            return segment
         length = found[0]
         self.cache.stats.reused_tokens += length
-        return Segment(ids[length:], prefix=("cache", -1 - key), offset=length, record=key)
+        segment = Segment(ids[length:], prefix=("cache", -1 - key), offset=length, record=key)
+        _place(segment, found[2].buffer)
+        return segment
 
-    def _keep_row(self, i: int, row: list[int], read: list[int], cached: tuple[int, list] | None, hidden,
-                  store: dict) -> Any:
+    def _keep_row(self, i: int, row: list[int], read: list[int], cached: tuple[int, list, Any] | None, hidden,
+                  store: dict, buffer: KVBuffer | None = None) -> Any:
         """Row `i`'s hidden states at its reads (those the cache held first); the cache keeps the row."""
         import torch
 
@@ -464,7 +482,7 @@ class RewardEngine:
             layers = store.pop(("row", i))
             store.pop(("cache", i), None)
             try:
-                self.cache.insert(row, layers, dict(zip(read, hidden.unbind(0))))
+                self.cache.insert(row, layers, dict(zip(read, hidden.unbind(0))), buffer)
             except Exception:  # noqa: BLE001 - the cache saves work; it must never fail a request
                 _LOGGER.exception("prefix cache insert failed; the sequence is not kept")
         return hidden

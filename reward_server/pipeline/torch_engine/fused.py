@@ -12,7 +12,9 @@ A transformers decoder layer of a known family (`FAMILIES`) is replaced, at load
 - on CPU, every weight prepacked for oneDNN (`PackedLinear`) where torch and the CPU allow it:
   MKL's sgemm takes a slow path on some CPUs (DESIGN.md: 172 against 440 GFLOP/s on an AVX-512
   AMD EPYC; 72 against 68 on an AVX2 one), and oneDNN gives each row the same bits whatever the
-  number of rows computed with it (batch invariance; MKL does not).
+  number of rows computed with it (batch invariance; MKL does not);
+- except bf16 on AMX, where oneDNN's blocking, and so a row's bits, follow the row count: there
+  the native kernels compute the products (`TileLinear`) on the tiles in blocks of one fixed shape.
 Attention is `attention.packed_attention`, unchanged. Layers of other families, or with
 features this module does not implement (see `fusable`), keep transformers' forward (the reason
 is logged), with their linear layers' products on prepacked weights too (`PrepackedLinear`), so
@@ -86,6 +88,39 @@ class PackedLinear:
         return y.view(*x.shape[:-1], self.out_features)
 
 
+class TileLinear:
+    """y = x W^T (+ b) in bf16 on AMX tiles through the native kernels (`kernels/layers.cpp`,
+    `product`): blocks of a fixed shape, so a row gets the same bits in any batch, which oneDNN's bf16
+    matmul on AMX does not give (its blocking follows the row count)."""
+
+    def __init__(self, weight, bias, native):
+        self.out_features = weight.shape[0]
+        self.native, self.weight, self.bias = native, native.pack_product(weight.contiguous()), bias
+
+    def __call__(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.stride(-1) != 1:
+            flat = flat.contiguous()
+        y = torch.empty(flat.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+        with torch.profiler.record_function("reward_server::product"):  # named in profiles (bench.engine_profile)
+            self.native.product(flat, self.weight, self.bias, y)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+def tiles_apply(native: Any, dtype) -> bool:
+    """The native bf16 products (`TileLinear`) run here: bf16, the native kernels loaded, AMX tiles."""
+    return native is not None and dtype == torch.bfloat16 and hasattr(native, "products_on_tiles") \
+        and native.products_on_tiles()
+
+
+def product(weight, bias=None, prepack: bool = True, native: Any = None):
+    """The product a layer's weight runs through: on AMX tiles in bf16 where `tiles_apply`, else
+    oneDNN on a prepacked weight where `prepack`, else torch's default."""
+    if tiles_apply(native, weight.dtype) and weight.shape[1] % 2 == 0:
+        return TileLinear(weight, bias, native)
+    return PackedLinear(weight, bias) if prepack else PlainLinear(weight, bias)
+
+
 class PlainLinear:
     """y = x W^T (+ b) through torch's default matrix product."""
 
@@ -97,25 +132,26 @@ class PlainLinear:
 
 
 class PrepackedLinear(torch.nn.Module):
-    """A transformers layer's `nn.Linear`, its product on a oneDNN-prepacked weight (`PackedLinear`)."""
+    """A transformers layer's `nn.Linear`, its product on a prepacked weight (`product`: AMX tiles or
+    oneDNN)."""
 
-    def __init__(self, linear):
+    def __init__(self, linear, native: Any = None):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         bias = None if linear.bias is None else linear.bias.detach()
-        self.product = PackedLinear(linear.weight.detach(), bias)
+        self.product = product(linear.weight.detach(), bias, native=native)
 
     def forward(self, x):
         return self.product(x)
 
 
-def prepack_linears(module) -> int:
+def prepack_linears(module, native: Any = None) -> int:
     """Replace every `nn.Linear` inside `module` by a `PrepackedLinear`; returns how many."""
     replaced = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, torch.nn.Linear):
-                setattr(parent, name, PrepackedLinear(child))
+                setattr(parent, name, PrepackedLinear(child, native))
                 replaced += 1
     return replaced
 
@@ -153,7 +189,7 @@ class FusedDecoderLayer(torch.nn.Module):
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.scaling = attn.scaling
-        make = PackedLinear if prepack else PlainLinear
+        make = functools.partial(product, prepack=prepack, native=native)
         with torch.no_grad():
             qkv_bias = None
             if attn.q_proj.bias is not None:
@@ -227,14 +263,17 @@ class FusedLayers:
     """What `fuse_layers` did, for the log and for benchmarks."""
 
     def __init__(self, fused: int, total: int, prepacked: bool, reason: str | None, seconds: float,
-                 native: bool = False):
+                 native: bool = False, tiles: bool = False):
         self.fused, self.total, self.prepacked, self.reason, self.seconds = fused, total, prepacked, reason, seconds
-        self.native = native
+        self.native, self.tiles = native, tiles
 
     def __repr__(self) -> str:
         text = f"{self.fused}/{self.total} decoder layers fused"
         text += " (element-wise steps in the native kernels)" if self.native and self.fused else ""
-        text += ", weights prepacked for oneDNN (every layer's)" if self.prepacked else ""
+        if self.tiles:
+            text += ", bf16 products on AMX tiles in blocks of a fixed shape (native)"
+        elif self.prepacked:
+            text += ", weights prepacked for oneDNN (every layer's)"
         return text + (f" (others: {self.reason})" if self.reason else "") + f" in {self.seconds:.1f}s"
 
 
@@ -253,6 +292,7 @@ def fuse_layers(backbone, attention, device, dtype, prepack: bool = True, native
     started = time.perf_counter()
     layers = decoder_layers(backbone)
     prepack = prepack and prepack_available(device, dtype)
+    tiles = tiles_apply(native, dtype)
     reason, fused = None, 0
     for i, layer in enumerate(layers):
         why = fusable(layer)
@@ -261,8 +301,8 @@ def fuse_layers(backbone, attention, device, dtype, prepack: bool = True, native
             continue
         layers[i] = FusedDecoderLayer(layer, attention, prepack, native)
         fused += 1
-    if prepack:  # the layers left as they are: their products on prepacked weights too
+    if prepack or tiles:  # the layers left as they are: their products on prepacked weights too
         for layer in layers:
             if not isinstance(layer, FusedDecoderLayer):
-                prepack_linears(layer)
-    return FusedLayers(fused, len(layers), prepack, reason, time.perf_counter() - started, native is not None)
+                prepack_linears(layer, native)
+    return FusedLayers(fused, len(layers), prepack, reason, time.perf_counter() - started, native is not None, tiles)

@@ -53,6 +53,7 @@ class Entry:
     hidden: dict[int, Any]
     hashes: list[int] = field(default_factory=list)
     nbytes: int = 0
+    buffer: Any = None  # the attention.KVBuffer its keys and values are views of, if any (later turns grow it)
 
 
 def block_hashes(ids: Sequence[int] | np.ndarray) -> list[int]:
@@ -126,12 +127,14 @@ class PrefixCache:
             self._entries.move_to_end(id(best))
         return best, best_length
 
-    def insert(self, ids: Sequence[int], layers: dict[int, tuple[Any, Any]], hidden: dict[int, Any]) -> Entry | None:
+    def insert(self, ids: Sequence[int], layers: dict[int, tuple[Any, Any]], hidden: dict[int, Any],
+               buffer: Any = None) -> Entry | None:
         """Keep a computed sequence (keys and values of every position, hidden states at `hidden`'s
         positions); returns its entry, or None when it alone exceeds the bound. Entries it extends
-        are dropped and their reads kept in it; the least recently used go until it fits."""
+        are dropped and their reads kept in it; the least recently used go until it fits. `buffer`:
+        the attention.KVBuffer `layers` are views of; its whole size, room included, is what counts."""
         ids = np.asarray(ids, dtype=np.int64)
-        kv_bytes = sum(_nbytes(k) + _nbytes(v) for k, v in layers.values())
+        kv_bytes = buffer.nbytes if buffer is not None else sum(_nbytes(k) + _nbytes(v) for k, v in layers.values())
         if kv_bytes > self.max_bytes:
             return None
         hashes = block_hashes(ids)
@@ -157,7 +160,7 @@ class PrefixCache:
             self.stats.evictions += 1
         if self.stats.bytes + nbytes > self.max_bytes:
             return None
-        entry = Entry(ids, layers, hidden, hashes, nbytes)
+        entry = Entry(ids, layers, hidden, hashes, nbytes, buffer)
         self._entries[id(entry)] = entry
         for h in entry.hashes:
             self._index.setdefault(h, {})[id(entry)] = entry

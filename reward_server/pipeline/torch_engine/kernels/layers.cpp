@@ -1,6 +1,7 @@
 // The element-wise work of a decoder layer in one pass each, fp32 or bf16, on CPU: RMSNorm (with
 // the residual addition before it), the rotary embedding of q and k in place on the fused q/k/v
-// product (with Qwen3's per-head RMSNorm before it), and SiLU(gate) x up.
+// product (with Qwen3's per-head RMSNorm before it), and SiLU(gate) x up. And, on AMX, the layer's
+// bf16 matrix products (`product`, at the end: why they are here).
 //
 // The arithmetic is transformers': the norm's statistics in fp32, the normalised value rounded to
 // the dtype before the weight multiplies it; every product and sum of the rotary embedding and of
@@ -17,6 +18,7 @@
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 
 #include <c10/util/Optional.h>
 
@@ -279,6 +281,86 @@ void silu_mul(const at::Tensor& gate_up, at::Tensor out) {
     TORCH_CHECK(false, "silu_mul: float32 or bfloat16 only");
 }
 
+// ---- bf16 matrix products on AMX tiles, the same bits for a row in any batch -----------------------
+//
+// oneDNN's bf16 matmul chooses its blocking, and with it the order of the sums over K, from the number
+// of rows: on an AMX Xeon a row of a 512 x 2816 product gave different bits in a call of 2,633 rows
+// than in one of 3,000 (measured; its fp32 products and the AVX-512 BF16 ones of an EPYC kept their
+// bits). So bf16 products on AMX go through oneDNN's batch-reduce kernel (torch's cpublas::brgemm)
+// called on blocks of exactly PRODUCT_ROWS rows and PRODUCT_COLS columns, the last rows copied into
+// a zero-padded block: one kernel shape for every call, and an AMX tile computes each row of its
+// result from that row of A alone, over K in one fixed order. A fixed shape also means no kernel is
+// generated per request length (oneDNN's primitives are per shape: a new row count cost 8 ms a call).
+
+constexpr int64_t PRODUCT_ROWS = 32;
+constexpr int64_t PRODUCT_COLS = 256;
+
+bool products_on_tiles() { return at::native::cpublas::could_pack(at::kBFloat16); }
+
+// weight [N, K] bf16 -> [ceil(N / PRODUCT_COLS), K, PRODUCT_COLS] in the kernel's VNNI layout (pairs
+// along K), columns past N zero.
+at::Tensor pack_product(const at::Tensor& weight) {
+  TORCH_CHECK(products_on_tiles(), "pack_product: this CPU has no AMX bf16 tiles");
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16, "pack_product: a 2-d bf16 weight [N, K]");
+  const int64_t n = weight.size(0), k = weight.size(1), blocks = (n + PRODUCT_COLS - 1) / PRODUCT_COLS;
+  TORCH_CHECK(k % 2 == 0, "pack_product: K must be even (bf16 pairs), got ", k);
+  at::Tensor t = at::zeros({k, blocks * PRODUCT_COLS}, weight.options());
+  t.narrow(1, 0, n).copy_(weight.t());
+  // block j, pair p: [column][the pair's two values of K]
+  return t.view({k / 2, 2, blocks, PRODUCT_COLS}).permute({2, 0, 3, 1}).contiguous().view({blocks, k, PRODUCT_COLS});
+}
+
+// out [T, N] = x [T, K] W^T (+ bias), W packed by pack_product; sums in fp32, rounded to bf16 once.
+void product(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias, at::Tensor out) {
+  check_rows(x, "x");
+  check_rows(out, "out");
+  const int64_t rows = x.size(0), k = x.size(1), n = out.size(1), blocks = packed.size(0);
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16 &&
+              packed.scalar_type() == at::kBFloat16, "product: bf16 tensors only");
+  TORCH_CHECK(packed.dim() == 3 && packed.size(1) == k && packed.size(2) == PRODUCT_COLS &&
+              blocks * PRODUCT_COLS >= n && (blocks - 1) * PRODUCT_COLS < n && out.size(0) == rows,
+              "product: x [T, K], packed [ceil(N/", PRODUCT_COLS, "), K, ", PRODUCT_COLS, "], out [T, N]");
+  const at::BFloat16* b = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->is_contiguous() && bias->numel() == n && bias->scalar_type() == at::kBFloat16,
+                "product: bias must be [N] bf16");
+    b = bias->data_ptr<at::BFloat16>();
+  }
+  const at::BFloat16* xs = x.data_ptr<at::BFloat16>();
+  const at::BFloat16* ws = packed.data_ptr<at::BFloat16>();
+  at::BFloat16* os = out.data_ptr<at::BFloat16>();
+  const int64_t xr = x.stride(0), orr = out.stride(0), tiles = (rows + PRODUCT_ROWS - 1) / PRODUCT_ROWS;
+  // items column block by column block: a thread's consecutive items reuse one block of W
+  at::parallel_for(0, blocks * tiles, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float acc[PRODUCT_ROWS * PRODUCT_COLS];
+    std::vector<at::BFloat16> tail;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t j = item / tiles, i = item % tiles, first = i * PRODUCT_ROWS;
+      const int64_t m = std::min(PRODUCT_ROWS, rows - first), cols = std::min(PRODUCT_COLS, n - j * PRODUCT_COLS);
+      const at::BFloat16* a = xs + first * xr;
+      int64_t lda = xr;
+      if (m < PRODUCT_ROWS) {  // the last rows, in a block of the same shape as every other
+        tail.assign(PRODUCT_ROWS * k, at::BFloat16(0.0f));
+        for (int64_t r = 0; r < m; ++r) std::memcpy(tail.data() + r * k, a + r * xr, 2 * k);
+        a = tail.data();
+        lda = k;
+      }
+      at::native::cpublas::brgemm(PRODUCT_ROWS, PRODUCT_COLS, k, lda, PRODUCT_COLS, PRODUCT_COLS, false, a,
+                                  ws + j * k * PRODUCT_COLS, acc, true);
+      for (int64_t r = 0; r < m; ++r) {
+        at::BFloat16* row = os + (first + r) * orr + j * PRODUCT_COLS;
+        const float* c = acc + r * PRODUCT_COLS;
+        for (int64_t col = 0; col < cols; col += W) {
+          vf v = load(c + col, cols - col);
+          if (b) v += load(b + j * PRODUCT_COLS + col, cols - col);
+          store(row + col, v, cols - col);
+        }
+      }
+    }
+    at::native::cpublas::brgemm_release(true);
+  });
+}
+
 }  // namespace
 
 void register_layers(pybind11::module& m) {
@@ -289,5 +371,9 @@ void register_layers(pybind11::module& m) {
         py::call_guard<py::gil_scoped_release>(),
         py::arg("qkv"), py::arg("cos"), py::arg("sin"), py::arg("heads"), py::arg("kv_heads"), py::arg("dim"),
         py::arg("q_weight"), py::arg("k_weight"), py::arg("eps"));
+  m.def("products_on_tiles", &products_on_tiles, "bf16 products on AMX tiles run here (`product`)");
+  m.def("pack_product", &pack_product, "A bf16 weight [N, K] packed for `product`", py::arg("weight"));
+  m.def("product", &product, "out = x W^T (+ bias) in bf16 on AMX tiles, the same bits for a row in any batch",
+        py::call_guard<py::gil_scoped_release>(), py::arg("x"), py::arg("packed"), py::arg("bias"), py::arg("out"));
   m.def("silu_mul", &silu_mul, "SiLU(gate) x up", py::call_guard<py::gil_scoped_release>(), py::arg("gate_up"), py::arg("out"));
 }
