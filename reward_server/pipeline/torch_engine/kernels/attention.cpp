@@ -54,7 +54,7 @@ constexpr int VECS = RS_VECS;             // vectors of queries per tile
 constexpr int TILE = LANES * VECS;        // queries per tile
 constexpr int KEY_BLOCK = RS_KEY_BLOCK;   // keys per softmax step; also the alignment of the blocks
 constexpr int ROWS = 6;                   // keys (or dims) per register block: 6 x 2 accumulators, as in sgemm
-constexpr int CHUNK_TILES = 8;            // tiles per work item (bounds the keys packed per item)
+constexpr int CHUNK_TILES = 16;            // tiles per work item (bounds the keys packed per item)
 
 typedef float vf __attribute__((vector_size(LANES * 4)));
 typedef int32_t vi __attribute__((vector_size(LANES * 4)));
