@@ -148,13 +148,14 @@ def test_prepacked_products_give_a_row_the_same_bits_among_any_rows(rows):
     if not prepack_available(torch.device("cpu"), torch.float32):
         pytest.fail("torch here cannot prepack for oneDNN: scores would not be batch-invariant")
     generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(1536, 512, generator=generator)
-    x = torch.randn(2048 + 5, 512, generator=generator)
-    linear = PackedLinear(weight, rows_hint=4096)
-    alone = linear(x[5:6])[0]
-    for offset in (0, 5):
-        if offset <= 5 < offset + rows:
-            assert torch.equal(linear(x[offset:offset + rows])[5 - offset], alone)
+    for n, k in ((1536, 512), (512, 1408)):  # 512 x 1408 (a down projection): a lone row took another path
+        weight = torch.randn(n, k, generator=generator)
+        x = torch.randn(2048 + 5, k, generator=generator)
+        linear = PackedLinear(weight, rows_hint=4096)
+        among_many = linear(x[:1024])[5]
+        for offset in (0, 5):
+            if offset <= 5 < offset + rows:
+                assert torch.equal(linear(x[offset:offset + rows])[5 - offset], among_many), (n, k, offset)
 
 
 @pytest.mark.parametrize("rows", [1, 10, 20, 33, 64, 333, 2633, 3000])

@@ -84,8 +84,10 @@ class PackedLinear:
 
     def __call__(self, x):
         flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] == 1:  # oneDNN sums a lone row in another order (fp32, 512 x 1408: other bits); two rows don't
+            flat = torch.cat([flat, flat.new_zeros(flat.shape)])
         y = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
-        return y.view(*x.shape[:-1], self.out_features)
+        return y[: x.numel() // x.shape[-1]].view(*x.shape[:-1], self.out_features)
 
 
 class TileLinear:
