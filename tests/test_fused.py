@@ -101,3 +101,32 @@ def test_rms_norm_is_transformers_rms_norm():
     assert torch.equal(rms_norm(x, norm.weight.detach(), 1e-5), norm(x).detach())
     xb = x.bfloat16()
     assert torch.equal(rms_norm(xb, norm.weight.detach().bfloat16(), 1e-5), norm.bfloat16()(xb).detach())
+
+
+@pytest.mark.parametrize("cache_mb", [0, 64], ids=["no-cache", "prefix-cache"])
+def test_the_last_layer_computes_only_the_rows_that_are_read(family_checkpoint, monkeypatch, cache_mb):
+    """The last layer's attention output, o projection and MLP are computed for the read rows only (one
+    per conversation here), with every row's keys still recorded; the scores keep their bits (the same
+    as with every row computed), sliding windows and shared prompts included."""
+    from reward_server.pipeline.torch_engine import fused
+
+    family, path, _ = family_checkpoint
+    engine = RewardEngine.from_checkpoint(path, device="cpu", token_budget=512, min_shared=16, prefix_cache_mb=cache_mb)
+    if engine.kernel is None:
+        pytest.skip("no native kernel build runs here: every row goes through every layer")
+    rows_seen = []
+    for layer in (engine.backbone.layers[0], engine.backbone.layers[-1]):
+        product = layer.down
+        layer.down = lambda x, product=product: (rows_seen.append(x.shape[0]), product(x))[1]
+    rng = np.random.default_rng(4)
+    prefix = rng.integers(1, 300, 40).tolist()
+    ids = [prefix + rng.integers(1, 300, n).tolist() for n in (3, 25)] + [rng.integers(1, 300, n).tolist()
+                                                                          for n in (5, 60, 130)]
+    scores = engine.score(ids)
+    assert rows_seen == [40 + 3 + 25 + 5 + 60 + 130, len(ids)], family
+    later = engine.score([seq + [7, 8, 9] for seq in ids])  # through the cache, when it is on
+    monkeypatch.setattr(fused, "read_rows", lambda: None)
+    every_row = RewardEngine.from_checkpoint(path, device="cpu", token_budget=512, min_shared=16,
+                                             prefix_cache_mb=cache_mb)
+    assert every_row.score(ids).tobytes() == scores.tobytes()
+    assert every_row.score([seq + [7, 8, 9] for seq in ids]).tobytes() == later.tobytes()

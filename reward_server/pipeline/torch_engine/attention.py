@@ -120,6 +120,7 @@ class _Pack:
     bounds: list[tuple[int, int]]
     store: dict[Hashable, dict[int, tuple[Any, Any]]]  # prefix key -> layer -> (keys, values) [length, heads, dim]
     kernel: Any = None  # the native attention module (torch_engine.kernels), or None: torch's SDPA
+    reads: list[list[int]] | None = None  # per segment, the rows whose final hidden states are read
     masks: dict[tuple, Any] = field(default_factory=dict)  # (segment, first query, window) -> mask
     table: Any = None  # the native kernel's segment table, made at the first layer
 
@@ -128,10 +129,12 @@ _ACTIVE = threading.local()
 
 
 @contextlib.contextmanager
-def packed_row(segments: list[Segment], bounds: list[tuple[int, int]], store: dict, kernel: Any):
+def packed_row(segments: list[Segment], bounds: list[tuple[int, int]], store: dict, kernel: Any,
+               reads: list[list[int]] | None = None):
     """While a forward pass over one packed row runs: what `packed_attention` needs to know about
-    it (the segments and where they lie, the prefix store, the kernel)."""
-    _ACTIVE.pack = _Pack(segments, bounds, store, kernel)
+    it (the segments and where they lie, the prefix store, the kernel, and which of each segment's
+    rows are read: the last layer may compute only those, `read_rows`)."""
+    _ACTIVE.pack = _Pack(segments, bounds, store, kernel, reads)
     try:
         yield
     finally:
@@ -187,6 +190,53 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     if pack.kernel is not None:
         return _native_attention(pack, layer, query, key, value, scaling, window, softcap), None
     return _sdpa_attention(pack, layer, query, key, value, scaling, window, softcap), None
+
+
+def read_rows() -> list[list[int]] | None:
+    """Per segment of the row being computed, the rows (segment-relative, ascending) whose final
+    hidden states are read, where the last layer may compute only those (`attention_at_reads`: the
+    native kernel); else None."""
+    pack = getattr(_ACTIVE, "pack", None)
+    return None if pack is None or pack.kernel is None else pack.reads
+
+
+def attention_at_reads(module, query, key, value, scaling: float, window: int | None = None):
+    """`packed_attention` for the read rows' queries only (`read_rows`), for the last layer: no later
+    layer needs the other rows. Every row's keys and values are recorded as there. Returns the
+    attention output [1, R, heads, dim] and the rows' indices in the packed row [R].
+
+    Each query gets the bits it gets in `packed_attention`: it is computed alone in a segment of one
+    query at its own position, its earlier keys read from its sequence's keys from position 0, and the
+    native kernel sums a query's keys in blocks aligned to position 0 whatever their source and
+    whatever the queries around it.
+    """
+    import torch
+
+    pack: _Pack = _ACTIVE.pack
+    layer = module.layer_idx
+    query, key, value = (t[0].transpose(0, 1) for t in (query, key, value))
+    keys, values, table, picked = [], [], [], []
+    for n, ((start, end), segment) in enumerate(zip(pack.bounds, pack.segments)):
+        if segment.record is not None:
+            pack.store.setdefault(segment.record, {})[layer] = _recorded(pack, segment, layer, key[start:end],
+                                                                         value[start:end])
+            whole = pack.store[segment.record][layer]
+        elif segment.prefix is not None:
+            whole = _recorded(pack, segment, layer, key[start:end], value[start:end])
+        else:
+            whole = key[start:end], value[start:end]
+        keys.append(whole[0])
+        values.append(whole[1])
+        for r in pack.reads[n]:  # one query at its position: keys before it from `whole`, its own from the row
+            table.append((len(picked), 1, segment.offset + r, n))
+            picked.append(start + r)
+    index = torch.tensor(picked, dtype=torch.int64, device=query.device)
+    out = torch.empty(1, len(picked), *query.shape[1:], dtype=query.dtype, device=query.device)
+    with torch.profiler.record_function("reward_server::attention"):
+        pack.kernel.packed_attention(query[index], key[index], value[index], out[0],
+                                     torch.tensor(table, dtype=torch.int64), keys, values, float(scaling),
+                                     int(window or 0), 0.0)
+    return out, index
 
 
 def _recorded(pack: _Pack, segment: Segment, layer: int, key, value) -> tuple[Any, Any]:

@@ -461,13 +461,13 @@ class RewardEngine:
         keys end, when it holds a prefix of it worth reusing."""
         found = self._from_cache(-1 - key, ids, [], store)
         if found is None:
-            segment = Segment(ids, record=key)
+            segment = Segment(ids, record=key, reads=[])  # a prompt: its keys are what is wanted
             if self.cache is not None:
                 _place(segment, None)
             return segment
         length = found[0]
         self.cache.stats.reused_tokens += length
-        segment = Segment(ids[length:], prefix=("cache", -1 - key), offset=length, record=key)
+        segment = Segment(ids[length:], prefix=("cache", -1 - key), offset=length, record=key, reads=[])
         _place(segment, found[2].buffer)
         return segment
 
@@ -499,7 +499,9 @@ class RewardEngine:
             ids.extend(segment.ids)
             positions.extend(range(segment.offset, segment.offset + len(segment.ids)))
             at += len(segment.ids)
-        with packed_row(segments, bounds, store, self.kernel):
+        reads = [[end - start - 1] if segment.reads is None else segment.reads
+                 for (start, end), segment in zip(bounds, segments)]
+        with packed_row(segments, bounds, store, self.kernel, reads if any(reads) else None):
             hidden = self.backbone(input_ids=torch.tensor([ids], device=self.device),
                                    position_ids=torch.tensor([positions], device=self.device),
                                    use_cache=False).last_hidden_state
@@ -507,5 +509,8 @@ class RewardEngine:
         self.stats.padded_tokens += at
         self.stats.microbatches += 1
         self.stats.forward_seconds += time.perf_counter() - start
-        return [hidden[0, [start + r for r in (segment.reads or [end - start - 1])]]
-                for (start, end), segment in zip(bounds, segments)]
+        if hidden.shape[1] == at:  # every row came out
+            return [hidden[0, [start + r for r in read]] for (start, _), read in zip(bounds, reads)]
+        # the last layer computed the read rows only (fused layers with the native kernel), in order
+        ends = np.cumsum([len(read) for read in reads]).tolist()
+        return [hidden[0, end - len(read):end] for end, read in zip(ends, reads)]

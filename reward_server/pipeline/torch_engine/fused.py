@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from reward_server.pipeline.heads import decoder_layers
+from reward_server.pipeline.torch_engine.attention import attention_at_reads, read_rows
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -180,9 +181,10 @@ class FusedDecoderLayer(torch.nn.Module):
     build it on the device and in the dtype the engine runs in.
     """
 
-    def __init__(self, layer, attention, prepack: bool, native: Any = None):
+    def __init__(self, layer, attention, prepack: bool, native: Any = None, last: bool = False):
         super().__init__()
         self.native = native  # the native kernels module (element-wise steps), or None: torch's operations
+        self.last = last  # the model's last decoder layer: computes only the rows that are read (`read_rows`)
         attn, mlp = layer.self_attn, layer.mlp
         config = attn.config
         self.layer_idx = attn.layer_idx
@@ -248,13 +250,20 @@ class FusedDecoderLayer(torch.nn.Module):
         step("rotary", qkv, cos, sin, self.heads, self.kv_heads, self.head_dim, q_norm[0], k_norm[0], q_norm[1])
         heads = qkv.view(batch, length, self.heads + 2 * self.kv_heads, self.head_dim).transpose(1, 2)
         q, k, v = heads.split([self.heads, self.kv_heads, self.kv_heads], dim=1)
-        out, _ = self.attention(self, q, k, v, None, scaling=self.scaling, sliding_window=self.sliding_window)
-        step("rms_norm", rows, self.o(out.reshape(batch * length, -1)), self.norm_post[0], self.norm_post[1], normed)
+        reads = read_rows() if self.last and batch == 1 else None
+        if reads is None:
+            out, _ = self.attention(self, q, k, v, None, scaling=self.scaling, sliding_window=self.sliding_window)
+        else:  # no later layer: the rows nobody reads end here (their keys and values are recorded)
+            out, index = attention_at_reads(self, q, k, v, self.scaling, self.sliding_window)
+            x = rows = rows[index]
+            normed = normed[: len(index)]
+        count = rows.shape[0]
+        step("rms_norm", rows, self.o(out.reshape(count, -1)), self.norm_post[0], self.norm_post[1], normed)
         gate_up = self.gate_up(normed)
-        act = torch.empty(batch * length, self.intermediate, dtype=x.dtype, device=x.device)
+        act = torch.empty(count, self.intermediate, dtype=x.dtype, device=x.device)
         step("silu_mul", gate_up, act)
         rows.add_(self.down(act))
-        return x
+        return x if reads is None else x.view(1, count, hidden)
 
     def _native_step(self, name: str, *args) -> None:
         with torch.profiler.record_function(f"reward_server::{name}"):  # named in profiles (bench.engine_profile)
@@ -301,7 +310,7 @@ def fuse_layers(backbone, attention, device, dtype, prepack: bool = True, native
         if why is not None:
             reason = reason or why
             continue
-        layers[i] = FusedDecoderLayer(layer, attention, prepack, native)
+        layers[i] = FusedDecoderLayer(layer, attention, prepack, native, last=i == len(layers) - 1)
         fused += 1
     if prepack or tiles:  # the layers left as they are: their products on prepacked weights too
         for layer in layers:
