@@ -127,7 +127,7 @@ def _development_build(variant: Variant, build: bool) -> Any:
 
 def attention(build: bool = True) -> Any:
     """The native kernels module for this CPU: `packed_attention`, `rms_norm`, `rotary`, `silu_mul`,
-    and `lanes`, `key_block`, `bf16_pairs`, `variant`, `origin` describing it.
+    and `lanes`, `key_block`, `amx_key_block`, `bf16_pairs`, `variant`, `origin` describing it.
 
     The prebuilt build of the chosen variant (`lib/`); where that folder is missing or built from other
     sources, a development build (compiled now when `build` is true).
@@ -171,7 +171,8 @@ def describe(module: Any) -> str:
     """One line naming what the loaded kernels compute with (for logs and benchmarks); None: SDPA."""
     if module is None:
         return "torch SDPA (not the native kernels)"
-    pairs = (", bf16 products on AMX tiles" if getattr(module, "amx", False) else
+    tiles = getattr(module, "amx_key_block", module.key_block)
+    pairs = (f", bf16 products on AMX tiles (key blocks of {tiles})" if getattr(module, "amx", False) else
              ", bf16 products in AVX-512 BF16 pairs" if getattr(module, "bf16_pairs", False) else "")
     forced = os.environ.get(ENV, "auto").strip() not in ("", "auto")
     how = f"forced by {ENV}" if forced else "chosen from this CPU's flags"

@@ -10,6 +10,9 @@
 // sliding window, blocks entirely before its first query's window; a block that is masked for some
 // lanes of a tile is an exact no-op for them (probability 0, rescale 1).
 //
+// The amx build's bf16 takes key blocks of AMX_KEY_BLOCK (its bits are its own in bf16 anyway);
+// fp32 takes KEY_BLOCK in every build, so fp32 results are the same bits whichever build runs.
+//
 // Two per-layer options, as transformers' eager attention applies them: a sliding window W (a query
 // at position p sees keys at positions p - W + 1 .. p; 0: none) and logit softcapping C (a score s
 // becomes C * tanh(s / C) before the softmax; 0: none).
@@ -53,6 +56,9 @@ constexpr int LANES = RS_LANES;
 constexpr int VECS = RS_VECS;             // vectors of queries per tile
 constexpr int TILE = LANES * VECS;        // queries per tile
 constexpr int KEY_BLOCK = RS_KEY_BLOCK;   // keys per softmax step; also the alignment of the blocks
+// bf16 on AMX tiles: keys per softmax step there (fewer softmax passes per product; measured 11-12%
+// more attention per second than 32). fp32 keeps KEY_BLOCK in every build, so its bits match across them.
+constexpr int AMX_KEY_BLOCK = 64;
 constexpr int ROWS = 6;                   // keys (or dims) per register block: 6 x 2 accumulators, as in sgemm
 constexpr int CHUNK_TILES = 16;            // tiles per work item (bounds the keys packed per item)
 
@@ -251,7 +257,7 @@ inline void interleave(uint32_t* out, const T* a, const T* b, int64_t dim) {
 #define RS_AMX 1
 #include <sys/syscall.h>
 #include <unistd.h>
-static_assert(TILE == 32 && KEY_BLOCK % 32 == 0, "the AMX products tile 32 keys x 32 queries");
+static_assert(TILE == 32 && KEY_BLOCK % 32 == 0 && AMX_KEY_BLOCK % 32 == 0, "the AMX products tile 32 keys x 32 queries");
 
 // Linux hands out the tile registers on request only (once per process).
 bool amx_permitted() {
@@ -297,10 +303,11 @@ inline void product_amx(const uint32_t* A, int lda, const uint32_t* B, int pairs
   _tile_stored(3, C + 16 * TILE + 16, TILE * 4);
 }
 
-// St [KEY_BLOCK][TILE] = scale * K [keys][dim / 2 pairs] x Qp [dim / 2][TILE], 32 keys at a time.
+// St [KB][TILE] = scale * K [keys][dim / 2 pairs] x Qp [dim / 2][TILE], 32 keys at a time.
+template <int KB>
 inline void scores_amx(const uint32_t* K, const uint32_t* Qp, float* St, int half, vf* top, vf scale) {
-  for (int k0 = 0; k0 < KEY_BLOCK; k0 += 32) product_amx(K + k0 * half, half, Qp, half, St + k0 * TILE, false);
-  for (int i = 0; i < KEY_BLOCK; ++i)  // scaled in fp32 after the dot product, as the pairs do
+  for (int k0 = 0; k0 < KB; k0 += 32) product_amx(K + k0 * half, half, Qp, half, St + k0 * TILE, false);
+  for (int i = 0; i < KB; ++i)  // scaled in fp32 after the dot product, as the pairs do
     for (int v = 0; v < VECS; ++v) {
       const vf x = load(St + i * TILE + v * LANES) * scale;
       store(St + i * TILE + v * LANES, x);
@@ -308,10 +315,11 @@ inline void scores_amx(const uint32_t* K, const uint32_t* Qp, float* St, int hal
     }
 }
 
-// Ot [dim][TILE] += Vt [dim][KEY_BLOCK / 2 pairs] x Pp [KEY_BLOCK / 2][TILE], 32 dims at a time (dim is
+// Ot [dim][TILE] += Vt [dim][KB / 2 pairs] x Pp [KB / 2][TILE], 32 dims at a time (dim is
 // a multiple of 32).
+template <int KB>
 inline void accumulate_amx(const uint32_t* Vt, const uint32_t* Pp, float* Ot, int dim) {
-  constexpr int PAIRS_PER_ROW = KEY_BLOCK / 2;
+  constexpr int PAIRS_PER_ROW = KB / 2;
   for (int d0 = 0; d0 < dim; d0 += 32)
     product_amx(Vt + d0 * PAIRS_PER_ROW, PAIRS_PER_ROW, Pp, PAIRS_PER_ROW, Ot + d0 * TILE, true);
 }
@@ -339,6 +347,8 @@ struct Segment {
 };
 
 // The running softmax of one tile: TILE queries of one head, across lanes.
+// KB: keys per softmax step (KEY_BLOCK, or AMX_KEY_BLOCK for bf16 on AMX tiles).
+template <int KB>
 struct Tile {
   int64_t head, first, count, position0;  // position0: the first query's position in its sequence
   int64_t first_block, blocks;             // key blocks it needs: from its first query's window to its last query
@@ -348,8 +358,8 @@ struct Tile {
 
   Tile(int64_t head, int64_t first, int64_t count, int64_t position0, int64_t dim, int64_t window, bool pairs)
       : head(head), first(first), count(count), position0(position0),
-        first_block(window > 0 ? std::max<int64_t>(0, position0 - window + 1) / KEY_BLOCK : 0),
-        blocks((position0 + count - 1) / KEY_BLOCK + 1), Qt(pairs ? 0 : dim * TILE, 0.0f), Ot(dim * TILE, 0.0f),
+        first_block(window > 0 ? std::max<int64_t>(0, position0 - window + 1) / KB : 0),
+        blocks((position0 + count - 1) / KB + 1), Qt(pairs ? 0 : dim * TILE, 0.0f), Ot(dim * TILE, 0.0f),
         Qp(pairs ? dim / 2 * TILE : 0, 0u) {
     for (int v = 0; v < VECS; ++v) {
       m[v] = splat(-std::numeric_limits<float>::infinity());
@@ -359,17 +369,17 @@ struct Tile {
     }
   }
 
-  // Fold key block b into the softmax. K, V: [KEY_BLOCK][dim] floats; with PAIRS, K [KEY_BLOCK][dim / 2]
-  // and V [KEY_BLOCK / 2][dim] bf16 pairs (see scores_pairs, accumulate_pairs), Pp scratch
-  // [KEY_BLOCK / 2][TILE]. St is scratch [KEY_BLOCK][TILE].
+  // Fold key block b into the softmax. K, V: [KB][dim] floats; with PAIRS, K [KB][dim / 2]
+  // and V [KB / 2][dim] bf16 pairs (see scores_pairs, accumulate_pairs), Pp scratch
+  // [KB / 2][TILE]. St is scratch [KB][TILE].
   // round: the probabilities meet the values rounded to bf16, as torch's kernel does in bf16
   // (the sum is of the unrounded ones, as there), so bf16 scores stay within an ulp of transformers'.
   template <bool PAIRS>
   void step(int64_t b, const void* K, const void* V, float* St, uint32_t* Pp, int dim, bool round, int64_t window,
             float softcap, float scale, bool amx = false) {
     const vf minus_inf = splat(-std::numeric_limits<float>::infinity());
-    const int64_t j0 = b * KEY_BLOCK;
-    const bool diagonal = j0 + KEY_BLOCK - 1 > position0;  // some key after some lane's query
+    const int64_t j0 = b * KB;
+    const bool diagonal = j0 + KB - 1 > position0;  // some key after some lane's query
     // some key at or before p - W for some lane p (the tile's padded lanes included: they are discarded)
     const bool behind = window > 0 && j0 + window <= position0 + TILE - 1;
     const bool masked = diagonal || behind;
@@ -378,7 +388,7 @@ struct Tile {
     vf* running_top = masked || softcap > 0 ? nullptr : top;
 #if RS_AMX
     if (PAIRS && amx)
-      scores_amx(static_cast<const uint32_t*>(K), Qp.data(), St, dim / 2, running_top, splat(scale));
+      scores_amx<KB>(static_cast<const uint32_t*>(K), Qp.data(), St, dim / 2, running_top, splat(scale));
     else
 #endif
 #if RS_PAIRS
@@ -390,7 +400,7 @@ struct Tile {
     if (masked || softcap > 0) {  // capped; masked keys -inf, and out of the lane's maximum
       const vf cap = splat(softcap), inverse_cap = splat(softcap > 0 ? 1.0f / softcap : 0.0f);
       const vf span = splat(float(window));
-      for (int i = 0; i < KEY_BLOCK; ++i) {
+      for (int i = 0; i < KB; ++i) {
         const vf key_position = splat(float(j0 + i));
         for (int v = 0; v < VECS; ++v) {
           vf s = load(St + i * TILE + v * LANES);
@@ -419,7 +429,7 @@ struct Tile {
     };
     if constexpr (PAIRS) {  // summed in key order as below; stored as bf16 pairs of keys
 #if RS_PAIRS
-      for (int i = 0; i < KEY_BLOCK; i += 2)
+      for (int i = 0; i < KB; i += 2)
         for (int v = 0; v < VECS; ++v) {
           const vf even = probability(i, v), odd = probability(i + 1, v);
           sum[v] += even;
@@ -428,7 +438,7 @@ struct Tile {
         }
 #endif
     } else {
-      for (int i = 0; i < KEY_BLOCK; ++i)
+      for (int i = 0; i < KB; ++i)
         for (int v = 0; v < VECS; ++v) {
           const vf p = probability(i, v);
           sum[v] += p;
@@ -446,8 +456,8 @@ struct Tile {
           store(row, load(row) * alpha[v]);
         }
 #if RS_AMX
-    if (PAIRS && amx) {  // V: [dim][KEY_BLOCK / 2] pairs
-      accumulate_amx(static_cast<const uint32_t*>(V), Pp, Ot.data(), dim);
+    if (PAIRS && amx) {  // V: [dim][KB / 2] pairs
+      accumulate_amx<KB>(static_cast<const uint32_t*>(V), Pp, Ot.data(), dim);
       return;
     }
 #endif
@@ -461,10 +471,11 @@ struct Tile {
   }
 };
 
-template <typename T>
-void run(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, at::Tensor& out,
-         const std::vector<Segment>& segments, const std::vector<at::Tensor>& prefix_keys,
-         const std::vector<at::Tensor>& prefix_values, double scale, int64_t window, double softcap) {
+template <typename T, int KB>
+void run_blocks(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, at::Tensor& out,
+                const std::vector<Segment>& segments, const std::vector<at::Tensor>& prefix_keys,
+                const std::vector<at::Tensor>& prefix_values, double scale, int64_t window, double softcap,
+                bool amx) {
   const int64_t heads = query.size(1), kv_heads = key.size(1), dim = query.size(2);
   const int64_t group = heads / kv_heads;
   const View<T> q = view_of<T>(query), k = view_of<T>(key), v = view_of<T>(value);
@@ -488,18 +499,16 @@ void run(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value
 
   const float fscale = float(scale);
   constexpr bool PAIRS = RS_PAIRS && std::is_same<T, at::BFloat16>::value;
-  // AMX tiles take 32 dims at a time; other head sizes (and a kernel the OS refuses tiles) use the pairs
-  const bool amx = PAIRS && RS_AMX && dim % 32 == 0 && amx_permitted();
   at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t begin, int64_t end) {
 #if RS_AMX
     const TileConfig config;
     if (amx) _tile_loadconfig(&config);  // per thread: the tile state is a thread's own
 #endif
-    std::vector<float> K(PAIRS ? 0 : KEY_BLOCK * dim), V(PAIRS ? 0 : KEY_BLOCK * dim), St(KEY_BLOCK * TILE);
-    // pairs: the block's keys as stored ([KEY_BLOCK][dim] bf16 = [KEY_BLOCK][dim / 2] pairs), its values
-    // as pairs of keys ([KEY_BLOCK / 2][dim]: (value of key 2e, of key 2e + 1) at each dim)
-    std::vector<uint32_t> Kp(PAIRS ? KEY_BLOCK * dim / 2 : 0), Vp(PAIRS ? KEY_BLOCK / 2 * dim : 0),
-        Pp(PAIRS ? KEY_BLOCK / 2 * TILE : 0);
+    std::vector<float> K(PAIRS ? 0 : KB * dim), V(PAIRS ? 0 : KB * dim), St(KB * TILE);
+    // pairs: the block's keys as stored ([KB][dim] bf16 = [KB][dim / 2] pairs), its values
+    // as pairs of keys ([KB / 2][dim]: (value of key 2e, of key 2e + 1) at each dim)
+    std::vector<uint32_t> Kp(PAIRS ? KB * dim / 2 : 0), Vp(PAIRS ? KB / 2 * dim : 0),
+        Pp(PAIRS ? KB / 2 * TILE : 0);
     auto bits = [](const T* x, int64_t d) -> uint32_t {
       uint16_t b;
       std::memcpy(&b, x + d, 2);
@@ -508,11 +517,11 @@ void run(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value
     for (int64_t n = begin; n < end; ++n) {
       const Item& item = items[n];
       const Segment& seg = segments[item.segment];
-      std::vector<Tile> tiles;
+      std::vector<Tile<KB>> tiles;
       for (int64_t h = item.kv_head * group; h < (item.kv_head + 1) * group; ++h)
         for (int64_t t0 = item.first; t0 < item.last; t0 += TILE) {
           tiles.emplace_back(h, t0, std::min<int64_t>(TILE, item.last - t0), seg.offset + t0, dim, window, PAIRS);
-          Tile& tile = tiles.back();
+          Tile<KB>& tile = tiles.back();
           for (int64_t lane = 0; lane < tile.count; ++lane) {
             const T* qr = q.at(seg.start + t0 + lane, h);
             if constexpr (PAIRS)
@@ -525,13 +534,13 @@ void run(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value
       // them are zeros (not garbage: a masked key's value is still multiplied by 0). Under a window,
       // blocks before the item's first query's window are neither read nor computed.
       const int64_t visible = seg.offset + item.last;
-      const int64_t blocks = (visible - 1) / KEY_BLOCK + 1;
+      const int64_t blocks = (visible - 1) / KB + 1;
       const int64_t first_block = tiles.front().first_block;  // the item's first query is its first tile's
       const T zeros[1] = {T(0.0f)};
       const T* previous_value = nullptr;  // pairs: the even key's value row, or null past the keys
       for (int64_t b = first_block; b < blocks; ++b) {
-        for (int64_t i = 0; i < KEY_BLOCK; ++i) {
-          const int64_t j = b * KEY_BLOCK + i;
+        for (int64_t i = 0; i < KB; ++i) {
+          const int64_t j = b * KB + i;
           const bool past = j >= visible;
           const T* kr = past ? zeros : j < seg.offset ? pk[seg.prefix].at(j, item.kv_head)
                                                       : k.at(seg.start + j - seg.offset, item.kv_head);
@@ -546,9 +555,9 @@ void run(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value
               std::memcpy(Kp.data() + i * (dim / 2), kr, 2 * dim);
             if (i % 2 == 0)
               previous_value = past ? nullptr : vr;
-            else if (amx)  // the same pairs, transposed: [dim][KEY_BLOCK / 2] (a tile's rows are dims)
+            else if (amx)  // the same pairs, transposed: [dim][KB / 2] (a tile's rows are dims)
               for (int64_t d = 0; d < dim; ++d)
-                Vp[d * (KEY_BLOCK / 2) + i / 2] = (previous_value ? bits(previous_value, d) : 0u) |
+                Vp[d * (KB / 2) + i / 2] = (previous_value ? bits(previous_value, d) : 0u) |
                                                   (past ? 0u : bits(vr, d)) << 16;
             else  // values of keys i - 1 and i interleaved: pair (key i - 1, key i) at each dim
               interleave(Vp.data() + (i / 2) * dim, previous_value, past ? nullptr : vr, dim);
@@ -562,17 +571,17 @@ void run(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value
             }
           }
         }
-        for (Tile& tile : tiles)
+        for (Tile<KB>& tile : tiles)
           if (b >= tile.first_block && b < tile.blocks) {
             if constexpr (PAIRS)
-              tile.step<true>(b, Kp.data(), Vp.data(), St.data(), Pp.data(), int(dim), true, window, float(softcap),
+              tile.template step<true>(b, Kp.data(), Vp.data(), St.data(), Pp.data(), int(dim), true, window, float(softcap),
                               fscale, amx);
             else
-              tile.step<false>(b, K.data(), V.data(), St.data(), nullptr, int(dim), std::is_same<T, at::BFloat16>::value,
+              tile.template step<false>(b, K.data(), V.data(), St.data(), nullptr, int(dim), std::is_same<T, at::BFloat16>::value,
                                window, float(softcap), fscale);
           }
       }
-      for (const Tile& tile : tiles)
+      for (const Tile<KB>& tile : tiles)
         for (int64_t lane = 0; lane < tile.count; ++lane) {
           const float inverse = 1.0f / tile.l[lane / LANES][lane % LANES];
           T* orow = o + (seg.start + tile.first + lane) * o_token + tile.head * o_head;
@@ -585,6 +594,20 @@ void run(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value
     if (amx) _tile_release();
 #endif
   });
+}
+
+template <typename T>
+void run(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, at::Tensor& out,
+         const std::vector<Segment>& segments, const std::vector<at::Tensor>& prefix_keys,
+         const std::vector<at::Tensor>& prefix_values, double scale, int64_t window, double softcap) {
+  constexpr bool PAIRS = RS_PAIRS && std::is_same<T, at::BFloat16>::value;
+  // AMX tiles take 32 dims at a time; other head sizes (and a kernel the OS refuses tiles) use the pairs
+  const bool amx = PAIRS && RS_AMX && query.size(2) % 32 == 0 && amx_permitted();
+  if constexpr (PAIRS && RS_AMX)
+    if (amx)  // bf16 on tiles, in larger key blocks (the block's other products take 32 keys: AMX only)
+      return run_blocks<T, AMX_KEY_BLOCK>(query, key, value, out, segments, prefix_keys, prefix_values, scale,
+                                          window, softcap, true);
+  run_blocks<T, KEY_BLOCK>(query, key, value, out, segments, prefix_keys, prefix_values, scale, window, softcap, amx);
 }
 
 // query [T, heads, dim], key/value [T, kv_heads, dim] (one packed row; dim contiguous); out
@@ -641,4 +664,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("bf16_pairs") = bool(RS_PAIRS);  // bf16 products in AVX-512 BF16 pairs (vdpbf16ps)
   m.attr("amx") = bool(RS_AMX) && amx_permitted();  // bf16 products on AMX tiles (head sizes of 32k)
   m.attr("key_block") = KEY_BLOCK;
+  m.attr("amx_key_block") = RS_AMX ? AMX_KEY_BLOCK : KEY_BLOCK;  // bf16 on AMX tiles
 }
