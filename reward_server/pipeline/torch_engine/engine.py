@@ -4,7 +4,9 @@ Sequences are packed, without padding, into rows of at most `token_budget` token
 is one forward pass whose linear layers see the whole row at once, while attention runs per
 sequence (`attention.packed_attention`), causal within it. The reward head is applied only at each
 sequence's pooled position (never full-vocabulary logits at every position), and sequences
-are cut just after that position: in a causal model later tokens cannot change it.
+are cut just after that position: in a causal model later tokens cannot change it. The last
+decoder layer computes only the positions that are read (fused layers with the native kernel:
+`attention.attention_at_reads`); every position's keys and values are still recorded.
 
 Sequences that share a long prefix (one prompt, many responses) compute it once: a first
 pass over the prefixes records their keys and values, and each member's own suffix then
