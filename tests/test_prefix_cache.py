@@ -139,3 +139,28 @@ def test_after_eviction_scores_are_computed_again_with_the_same_bits(engines):
     again = small.score(sequences)  # the last two kept are reused (all but their last token), the rest computed
     assert small.cache.stats.reused_tokens == 2 * 199 and small.cache.stats.hits == 2
     assert first.tobytes() == again.tobytes() == cold.score(sequences).tobytes()
+
+
+def test_a_growing_conversation_appends_its_keys_in_place(engines):
+    """Turn after turn, a conversation's new keys go after the cached ones in one buffer (no copy of the
+    prefix), with room only where a sequence extends a whole cached one; the bits stay the cold ones."""
+    cached, cold = engines
+    cached.cache.clear()
+    rng = np.random.default_rng(9)
+    turns = [_conversation(rng, 200)]
+    for n in (60, 40, 30):
+        turns.append(turns[-1] + _conversation(rng, n))
+    buffers = []
+    for turn in turns:
+        assert cached.score([turn]).tobytes() == cold.score([turn]).tobytes()
+        entry, length = cached.cache.lookup(turn, touch=False)
+        assert length == len(turn) and entry.buffer is not None
+        buffers.append(entry.buffer)
+    assert buffers[0].capacity == len(turns[0])  # a first sequence: exactly its length
+    assert buffers[1] is not buffers[0] and buffers[1].capacity >= 1.5 * len(turns[1])  # extended: room to grow
+    assert buffers[3] is buffers[2] is buffers[1]  # the next turns wrote in place
+    # a sequence that only shares a prompt with a cached one gets no room
+    other = turns[0][:100] + _conversation(rng, 50)
+    cached.score([other])
+    entry, _ = cached.cache.lookup(other, touch=False)
+    assert entry.buffer.capacity == len(other)

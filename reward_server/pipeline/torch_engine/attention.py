@@ -61,13 +61,14 @@ class KVBuffer:
     sequence continuing it from its end writes its own keys there in place, where a copy of the
     whole prefix would otherwise be made for every new turn of a conversation (multi-turn scoring
     spent 10% of its time in those copies). Positions are handed out once (`claim`), so nothing
-    another record or cache entry reads is ever written over."""
+    another record or cache entry reads is ever written over. `room`: hold GROWTH times the length
+    (a sequence expected to grow), else exactly the length."""
 
     GROWTH = 1.5  # room for this share of the sequence again, so a conversation grows in few copies
     ALIGN = 32
 
-    def __init__(self, length: int):
-        self.capacity = -(-int(length * self.GROWTH) // self.ALIGN) * self.ALIGN
+    def __init__(self, length: int, room: bool = True):
+        self.capacity = -(-int(length * self.GROWTH) // self.ALIGN) * self.ALIGN if room else length
         self.used = length
         self.layers: dict[int, tuple[Any, Any]] = {}  # layer -> (keys, values) [capacity, kv heads, dim]
 

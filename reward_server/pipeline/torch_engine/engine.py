@@ -116,14 +116,16 @@ def _per_position(module, hidden) -> Any:
     return torch.cat([module(hidden[j:j + 1]) for j in range(hidden.shape[0])])
 
 
-def _place(segment: Segment, source: KVBuffer | None) -> None:
+def _place(segment: Segment, source: KVBuffer | None, grows: bool = False) -> None:
     """Where a recording segment's keys go: in place after its prefix's, in the buffer `source` that
     holds them, when that buffer has room and nothing was written past the prefix yet; else in a new
-    buffer, the prefix copied first."""
+    buffer, the prefix copied first, with room to grow when `grows` (the segment extends a whole
+    cached sequence: a conversation's next turn, a solution's next step, which come back longer
+    again; a sequence that only shares a prompt gets none, so the cache holds more of those)."""
     if source is not None and source.claim(segment.offset, len(segment.ids)):
         segment.buffer, segment.copy_prefix = source, False
     else:
-        segment.buffer = KVBuffer(segment.offset + len(segment.ids))
+        segment.buffer = KVBuffer(segment.offset + len(segment.ids), room=grows)
 
 
 @dataclass
@@ -399,8 +401,12 @@ class RewardEngine:
             for i, segment in enumerate(segments):
                 segment.record = ("row", i)
                 # its keys go where its prefix's end, when nothing was written there yet
-                _place(segment, prompts[segment.prefix].buffer if i in grouped else
-                       None if cached[i] is None else cached[i][2].buffer)
+                if i in grouped:
+                    _place(segment, prompts[segment.prefix].buffer)
+                elif cached[i] is not None:
+                    _place(segment, cached[i][2].buffer, grows=cached[i][0] == len(cached[i][2].ids))
+                else:
+                    _place(segment, None)
                 # a hit: the row continues cached keys, itself or through its group's prompt
                 hit = cached[i] is not None or (i in grouped and prompts[segment.prefix].prefix is not None)
                 self.cache.stats.hits += hit
@@ -470,7 +476,7 @@ class RewardEngine:
         length = found[0]
         self.cache.stats.reused_tokens += length
         segment = Segment(ids[length:], prefix=("cache", -1 - key), offset=length, record=key, reads=[])
-        _place(segment, found[2].buffer)
+        _place(segment, found[2].buffer, grows=length == len(found[2].ids))
         return segment
 
     def _keep_row(self, i: int, row: list[int], read: list[int], cached: tuple[int, list, Any] | None, hidden,
