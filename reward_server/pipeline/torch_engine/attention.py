@@ -184,10 +184,7 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     # [T, heads, dim] views: the layout the native kernel reads and the prefix store keeps
     query, key, value = (t[0].transpose(0, 1) for t in (query, key, value))
-    for (start, end), segment in zip(pack.bounds, pack.segments):
-        if segment.record is not None:
-            pack.store.setdefault(segment.record, {})[layer] = _recorded(pack, segment, layer, key[start:end],
-                                                                         value[start:end])
+    _record(pack, layer, key, value)
     if pack.kernel is not None:
         return _native_attention(pack, layer, query, key, value, scaling, window, softcap), None
     return _sdpa_attention(pack, layer, query, key, value, scaling, window, softcap), None
@@ -216,11 +213,10 @@ def attention_at_reads(module, query, key, value, scaling: float, window: int | 
     pack: _Pack = _ACTIVE.pack
     layer = module.layer_idx
     query, key, value = (t[0].transpose(0, 1) for t in (query, key, value))
+    _record(pack, layer, key, value)
     keys, values, table, picked = [], [], [], []
     for n, ((start, end), segment) in enumerate(zip(pack.bounds, pack.segments)):
         if segment.record is not None:
-            pack.store.setdefault(segment.record, {})[layer] = _recorded(pack, segment, layer, key[start:end],
-                                                                         value[start:end])
             whole = pack.store[segment.record][layer]
         elif segment.prefix is not None:
             whole = _recorded(pack, segment, layer, key[start:end], value[start:end])
@@ -238,6 +234,15 @@ def attention_at_reads(module, query, key, value, scaling: float, window: int | 
                                      torch.tensor(table, dtype=torch.int64), keys, values, float(scaling),
                                      int(window or 0), 0.0)
     return out, index
+
+
+def _record(pack: _Pack, layer: int, key, value) -> None:
+    """Put each recording segment's keys and values of this layer ([T, heads, dim] views of the row) in
+    the prefix store, under its record key."""
+    for (start, end), segment in zip(pack.bounds, pack.segments):
+        if segment.record is not None:
+            pack.store.setdefault(segment.record, {})[layer] = _recorded(pack, segment, layer, key[start:end],
+                                                                         value[start:end])
 
 
 def _recorded(pack: _Pack, segment: Segment, layer: int, key, value) -> tuple[Any, Any]:

@@ -85,10 +85,11 @@ class PackedLinear:
 
     def __call__(self, x):
         flat = x.reshape(-1, x.shape[-1])
-        if flat.shape[0] == 1:  # oneDNN sums a lone row in another order (fp32, 512 x 1408: other bits); two rows don't
+        rows = flat.shape[0]
+        if rows == 1:  # oneDNN sums a lone row in another order (fp32, 512 x 1408: other bits); two rows don't
             flat = torch.cat([flat, flat.new_zeros(flat.shape)])
         y = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
-        return y[: x.numel() // x.shape[-1]].view(*x.shape[:-1], self.out_features)
+        return y[:rows].view(*x.shape[:-1], self.out_features)
 
 
 class TileLinear:
@@ -112,8 +113,7 @@ class TileLinear:
 
 def tiles_apply(native: Any, dtype) -> bool:
     """The native bf16 products (`TileLinear`) run here: bf16, the native kernels loaded, AMX tiles."""
-    return native is not None and dtype == torch.bfloat16 and hasattr(native, "products_on_tiles") \
-        and native.products_on_tiles()
+    return native is not None and dtype == torch.bfloat16 and native.products_on_tiles()
 
 
 def product(weight, bias=None, prepack: bool = True, native: Any = None):
